@@ -67,14 +67,6 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    defaults: list[Any] = field(
-        default_factory=lambda: [
-            {"task": "pick_place"},
-            {"policy": "diffusion"},
-            {"denoiser": "unet1d"},
-            "_self_",
-        ]
-    )
     task: TaskConfig = MISSING
     policy: Any = MISSING
     denoiser: Any = MISSING
@@ -91,10 +83,7 @@ class EvalMainConfig:
     checkpoint: str = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"
-    overrides: dict[str, Any] = field(default_factory=dict)  # e.g. +overrides.policy.num_inference_steps=4
-
-
-_HYDRA_QUIET = {"hydra": {"run": {"dir": "."}, "output_subdir": None, "job": {"chdir": False}}}
+    policy: dict[str, Any] = field(default_factory=dict)  # inference-time overrides, e.g. +policy.num_inference_steps=4
 
 
 def register_configs() -> ConfigStore:

@@ -35,3 +35,26 @@ class Policy(nn.Module, abc.ABC):
 
 
 POLICIES: Registry[Policy] = Registry("policy")
+
+
+def check_obs(obs: dict[str, torch.Tensor], shapes: dict[str, list[int]], obs_horizon: int) -> int:
+    """Validate an observation dict against the policy's specs; returns the batch size.
+
+    Raises ValueError naming the key for a missing key, a wrong shape or a non-finite value.
+    """
+    batch = None
+    for key, shape in shapes.items():
+        if key not in obs:
+            raise ValueError(f"observation is missing key {key!r}; got keys {sorted(obs)}")
+        x = obs[key]
+        expected = (obs_horizon, *shape)
+        if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"observation {key!r} has shape {tuple(x.shape)}, expected (B, {', '.join(map(str, expected))})")
+        if batch is not None and x.shape[0] != batch:
+            raise ValueError(f"observation {key!r} has batch {x.shape[0]}, other keys have {batch}")
+        batch = x.shape[0]
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+            raise ValueError(f"observation {key!r} has a non-finite value at index {bad}")
+    assert batch is not None, "policy has no observation keys"
+    return batch

@@ -1,0 +1,176 @@
+"""Checkpoints: one safetensors file per checkpoint, JSON metadata in its header.
+
+Tensors:   ``ema/<param>`` (weights used for evaluation and deployment), ``model/<param>``,
+           ``optim/<param index>/<state name>``, ``rng/torch``.
+Metadata:  ``rtpolicy`` -> JSON {schema_version, step, config (resolved), shapes, num_tasks,
+           optim_groups, lr_scheduler, metrics}. Normalizer stats are buffers inside ``ema/`` and
+           ``model/``, so a checkpoint evaluates without its dataset.
+Writes go to a temporary file in the same folder and are moved into place with ``os.replace``,
+so a killed writer never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+SCHEMA_VERSION = 1
+_META_KEY = "rtpolicy"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _migrate(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Bring older metadata up to SCHEMA_VERSION; each step is one small function."""
+    version = meta.get("schema_version")
+    if version is None:
+        raise CheckpointError(f"{path}: metadata has no schema_version; not an rtpolicy checkpoint")
+    if version > SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{path}: schema_version {version} is newer than this rtpolicy understands ({SCHEMA_VERSION}); upgrade rtpolicy"
+        )
+    while version < SCHEMA_VERSION:
+        meta = _MIGRATIONS[version](meta)
+        version = meta["schema_version"]
+    return meta
+
+
+def _v0_to_v1(meta: dict[str, Any]) -> dict[str, Any]:
+    # v0 (pre-release) stored no task count; single-task policies are the v0 default.
+    return {**meta, "num_tasks": meta.get("num_tasks", 0), "schema_version": 1}
+
+
+_MIGRATIONS = {0: _v0_to_v1}
+
+
+def _flat_optim(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    tensors = {}
+    for idx, st in state["state"].items():
+        for name, val in st.items():
+            tensors[f"optim/{idx}/{name}"] = torch.as_tensor(val)
+    return tensors, state["param_groups"]
+
+
+def _unflat_optim(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, val in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = val
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    ema: torch.nn.Module,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scheduler: Any = None,
+    step: int,
+    config: dict[str, Any],
+    shapes: dict[str, list[int]],
+    num_tasks: int = 0,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"ema/{k}": v.detach().cpu().contiguous().clone() for k, v in ema.state_dict().items()}
+    meta: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "step": step,
+        "config": config,
+        "shapes": shapes,
+        "num_tasks": num_tasks,
+        "metrics": metrics or {},
+    }
+    if model is not None:
+        tensors |= {f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if optimizer is not None:
+        opt_tensors, meta["optim_groups"] = _flat_optim(optimizer.state_dict())
+        tensors |= {k: v.cpu().contiguous() for k, v in opt_tensors.items()}
+    if lr_scheduler is not None:
+        meta["lr_scheduler"] = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
+    tensors["rng/torch"] = torch.get_rng_state()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps({k: v for k, v in meta.items() if k != "optim_groups"}, indent=2))
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """-> (metadata, tensors); raises CheckpointError naming the file for anything unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from e
+    if _META_KEY not in header:
+        raise CheckpointError(f"{path}: safetensors file has no '{_META_KEY}' metadata; not an rtpolicy checkpoint")
+    try:
+        meta = json.loads(header[_META_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata is not valid JSON ({e})") from e
+    return _migrate(meta, path), tensors
+
+
+def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
+
+
+def restore_training(path, model, ema, optimizer, lr_scheduler) -> dict[str, Any]:
+    """Load model, EMA, optimizer, LR schedule and RNG state in place; returns the metadata."""
+    meta, tensors = read_checkpoint(path)
+    model.load_state_dict(_sub(tensors, "model"))
+    ema.load_state_dict(_sub(tensors, "ema"))
+    optimizer.load_state_dict(_unflat_optim(tensors, meta["optim_groups"]))
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    torch.set_rng_state(tensors["rng/torch"])
+    return meta
+
+
+def load_policy(path: str | Path, device: str | torch.device = "cpu", policy_overrides: dict[str, Any] | None = None):
+    """Build the policy from a checkpoint's own config and load its EMA weights.
+
+    ``policy_overrides`` changes inference-only fields (e.g. ``num_inference_steps``, ``sampler``).
+    Returns (policy in eval mode, metadata).
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rtpolicy.config import register_configs
+    from rtpolicy.policies import build_policy
+
+    register_configs()
+    meta, tensors = read_checkpoint(path)
+    cfg = meta["config"]
+    try:
+        from hydra.core.config_store import ConfigStore
+
+        repo = ConfigStore.instance().repo
+        pol_schema = repo["policy"][f"{cfg['policy']['name']}.yaml"].node
+        den_schema = repo["denoiser"][f"{cfg['denoiser']['name']}.yaml"].node
+        pol = OmegaConf.merge(pol_schema, cfg["policy"], policy_overrides or {})
+        den = OmegaConf.merge(den_schema, cfg["denoiser"])
+    except (KeyError, OmegaConfBaseException) as e:
+        raise CheckpointError(f"{path}: config does not match this rtpolicy's schemas ({e})") from e
+    policy = build_policy(pol, den, meta["shapes"], meta.get("num_tasks", 0))
+    missing, unexpected = policy.load_state_dict(_sub(tensors, "ema"), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the policy: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return policy.to(device).eval(), meta

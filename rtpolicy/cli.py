@@ -1,0 +1,64 @@
+"""Hydra entry points behind ``train.py`` / ``eval.py`` and the ``rtpolicy-train`` / ``rtpolicy-eval`` scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "osmesa")
+
+import hydra  # noqa: E402
+
+from rtpolicy.config import TaskConfig, register_configs  # noqa: E402
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+REPORT_KEYS = ("success", "ci95", "episodes", "chunk_ms_p50", "chunk_ms_p95")
+
+register_configs()
+
+
+def _report(results: dict) -> None:
+    print(json.dumps({k: results[k] for k in REPORT_KEYS if k in results}))
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def _train(cfg) -> None:
+    from rtpolicy.training import train
+
+    results = train(cfg)
+    lo, hi = results["ci95"]
+    print(
+        f"\nsuccess {results['success']:.2f} (95% CI {lo:.2f}-{hi:.2f}) over {results['episodes']} episodes; "
+        f"chunk latency p50 {results['chunk_ms_p50']:.1f} ms, p95 {results['chunk_ms_p95']:.1f} ms (batch 1); "
+        f"trained in {results['train_seconds']:.0f} s"
+    )
+    _report(results)
+    ckpt = results["checkpoint"]
+    print(f"checkpoint: {ckpt}\nnext:\n  python eval.py checkpoint={ckpt} eval.episodes=50 eval.out=results.json")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
+def _eval(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from rtpolicy.checkpoint import load_policy
+    from rtpolicy.envs.runner import evaluate
+    from rtpolicy.training import resolve_device
+
+    device = resolve_device(cfg.device)
+    policy, meta = load_policy(cfg.checkpoint, device, OmegaConf.to_container(cfg.policy))
+    task_cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), meta["config"]["task"])
+    video_dir = Path(cfg.eval.out).parent / "videos" if cfg.eval.out else Path("eval_videos")
+    results = evaluate(policy, task_cfg, cfg.eval, device=device, video_dir=video_dir)
+    _report(results)
+    if cfg.eval.out:
+        print(f"results: {cfg.eval.out}")
+
+
+def train_main() -> None:
+    _train()
+
+
+def eval_main() -> None:
+    _eval()

@@ -1,0 +1,188 @@
+"""The training loop: AdamW + warmup/cosine LR, EMA weights for evaluation, gradient clipping,
+periodic validation loss, rollout evaluation and atomic checkpoints; ``resume=true`` continues."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from rtpolicy.checkpoint import restore_training, save_checkpoint
+from rtpolicy.datasets.replay_buffer import ReplayBuffer
+from rtpolicy.datasets.sampler import SequenceDataset, split_episodes
+from rtpolicy.policies import build_policy
+
+
+class EMA:
+    """Exponential moving average of a model's weights, decay warmed up as (1+n)/(10+n)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_p = list(self.model.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - d)
+        for eb, b in zip(self.model.buffers(), model.buffers()):
+            eb.copy_(b)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_run_dir(cfg) -> Path:
+    base = Path("runs") / cfg.task.name / f"{cfg.policy.name}-{cfg.denoiser.name}"
+    if cfg.run_dir is not None:
+        return Path(cfg.run_dir)
+    if cfg.resume:
+        runs = sorted(p.parent.parent for p in base.glob("*/checkpoints/last.safetensors"))
+        if not runs:
+            raise FileNotFoundError(f"resume=true but no run with a checkpoint under {base}; pass run_dir=...")
+        return runs[-1]
+    return base / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+
+
+def ensure_dataset(task_cfg) -> ReplayBuffer:
+    path = Path(task_cfg.dataset)
+    if not path.exists():
+        from rtpolicy.datasets.collect import collect_demos
+
+        print(f"[rtpolicy] no dataset at {path}: collecting {task_cfg.demos} scripted demos of {task_cfg.name}")
+        collect_demos(task_cfg, path, task_cfg.demos, task_cfg.demo_seed, action_noise=task_cfg.action_noise)
+    return ReplayBuffer.open(path)
+
+
+def _loop(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def validation_loss(policy, loader: DataLoader, device, max_batches: int = 20) -> float:
+    losses = [policy.compute_loss(_to(b, device))[0].item() for _, b in zip(range(max_batches), loader)]
+    return float(np.mean(losses))
+
+
+def train(cfg) -> dict[str, Any]:
+    """Train the configured policy; returns the final evaluation results (plus checkpoint path)."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    device = resolve_device(cfg.device)
+    run_dir = resolve_run_dir(cfg)
+    ckpt_path = run_dir / "checkpoints" / "last.safetensors"
+    if ckpt_path.exists() and not cfg.resume:
+        raise FileExistsError(f"{run_dir} already holds a checkpoint; pass resume=true to continue it or another run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["run_dir"] = str(run_dir)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+
+    buffer = ensure_dataset(cfg.task)
+    keys = [*cfg.task.obs_keys, cfg.task.action_key]
+    shapes = {k: list(buffer.shape(k)) for k in cfg.task.obs_keys} | {"action": list(buffer.shape(cfg.task.action_key))}
+    train_mask, val_mask = split_episodes(buffer.n_episodes, cfg.train.val_fraction, cfg.train.seed)
+    p = cfg.policy
+    ds_kw = dict(obs_keys=list(cfg.task.obs_keys), action_key=cfg.task.action_key, obs_horizon=p.obs_horizon,
+                 horizon=p.horizon, action_horizon=p.action_horizon)
+    train_ds = SequenceDataset(buffer, episode_mask=train_mask, **ds_kw)
+    loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.train.batch_size,
+                        num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
+    val_loader = None
+    if val_mask.any():
+        val_loader = DataLoader(SequenceDataset(buffer, episode_mask=val_mask, **ds_kw), batch_size=cfg.train.batch_size)
+
+    policy = build_policy(cfg.policy, cfg.denoiser, shapes, cfg.task.num_tasks)
+    data = buffer.load(keys)
+    policy.normalizer.fit({k: data[k] for k in cfg.task.obs_keys} | {"action": data[cfg.task.action_key]})
+    policy.to(device)
+    ema = EMA(policy, cfg.train.ema_decay)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    lr_sched = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps, cfg.train.steps)
+    step = 0
+    if cfg.resume and ckpt_path.exists():
+        step = restore_training(ckpt_path, policy, ema.model, optimizer, lr_sched)["step"]
+        ema.updates = step
+        print(f"[rtpolicy] resumed {run_dir} at step {step}")
+
+    n_params = sum(q.numel() for q in policy.parameters())
+    print(f"[rtpolicy] run_dir={run_dir} device={device} params={n_params / 1e6:.2f}M "
+          f"episodes={buffer.n_episodes} (val {int(val_mask.sum())}) windows={len(train_ds)}")
+    writer = SummaryWriter(str(run_dir / "tb"))
+
+    def checkpoint(metrics=None):
+        return save_checkpoint(ckpt_path, ema=ema.model, model=policy, optimizer=optimizer, lr_scheduler=lr_sched,
+                               step=step, config=resolved, shapes=shapes, num_tasks=cfg.task.num_tasks, metrics=metrics)
+
+    batches = _loop(loader)
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
+    policy.train()
+    while step < cfg.train.steps:
+        loss, metrics = policy.compute_loss(_to(next(batches), device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), o.grad_clip)
+        optimizer.step()
+        lr_sched.step()
+        ema.update(policy)
+        step += 1
+        bar.update(1)
+        if step % cfg.train.log_every == 0:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            writer.add_scalar("train/loss", metrics["loss"], step)
+            writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            writer.add_scalar("train/lr", lr_sched.get_last_lr()[0], step)
+        if val_loader is not None and step % cfg.train.val_every == 0:
+            writer.add_scalar("val/loss", validation_loss(ema.model, val_loader, device), step)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            for k, v in _evaluate(ema.model, cfg, device, run_dir / f"eval_{step}").items():
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(f"eval/{k}", v, step)
+        if step % cfg.train.ckpt_every == 0:
+            checkpoint()
+    bar.close()
+    train_s = time.perf_counter() - t0
+    val = validation_loss(ema.model, val_loader, device) if val_loader is not None else None
+    results = _evaluate(ema.model, cfg, device, run_dir / "eval")
+    results |= {"train_seconds": round(train_s, 1), "val_loss": val, "step": step}
+    path = checkpoint(results)
+    results["checkpoint"] = str(path)
+    for k in ("success", "chunk_ms_p50", "chunk_ms_p95"):
+        writer.add_scalar(f"eval/{k}", results[k], step)
+    writer.close()
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _evaluate(policy, cfg, device, out_dir: Path) -> dict[str, Any]:
+    from rtpolicy.envs.runner import evaluate
+
+    policy.eval()
+    eval_cfg = OmegaConf.merge(cfg.eval, {"out": str(out_dir / "results.json")})
+    return evaluate(policy, cfg.task, eval_cfg, device=device, video_dir=out_dir / "videos")
