@@ -170,7 +170,8 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", policy_ove
     except (KeyError, OmegaConfBaseException) as e:
         raise CheckpointError(f"{path}: config does not match this rtpolicy's schemas ({e})") from e
     policy = build_policy(pol, den, meta["shapes"], meta.get("num_tasks", 0))
-    missing, unexpected = policy.load_state_dict(_sub(tensors, "ema"), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the policy: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        policy.load_state_dict(_sub(tensors, "ema"))
+    except RuntimeError as e:  # missing/unexpected keys or size mismatches, all listed by torch
+        raise CheckpointError(f"{path}: weights do not match the policy built from its config: {e}") from e
     return policy.to(device).eval(), meta

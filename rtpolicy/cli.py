@@ -27,6 +27,10 @@ def _train(cfg) -> None:
     from rtpolicy.training import train
 
     results = train(cfg)
+    ckpt = results["checkpoint"]
+    if "success" not in results:  # eval.episodes=0: training only
+        print(f"trained in {results['train_seconds']:.0f} s; checkpoint: {ckpt}")
+        return
     lo, hi = results["ci95"]
     print(
         f"\nsuccess {results['success']:.2f} (95% CI {lo:.2f}-{hi:.2f}) over {results['episodes']} episodes; "
@@ -34,7 +38,6 @@ def _train(cfg) -> None:
         f"trained in {results['train_seconds']:.0f} s"
     )
     _report(results)
-    ckpt = results["checkpoint"]
     print(f"checkpoint: {ckpt}\nnext:\n  python eval.py checkpoint={ckpt} eval.episodes=50 eval.out=results.json")
 
 

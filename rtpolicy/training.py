@@ -169,12 +169,13 @@ def train(cfg) -> dict[str, Any]:
     bar.close()
     train_s = time.perf_counter() - t0
     val = validation_loss(ema.model, val_loader, device) if val_loader is not None else None
-    results = _evaluate(ema.model, cfg, device, run_dir / "eval")
-    results |= {"train_seconds": round(train_s, 1), "val_loss": val, "step": step}
+    results = _evaluate(ema.model, cfg, device, run_dir / "eval") if cfg.eval.episodes > 0 else {}
+    results |= {"head": f"{cfg.policy.name}/{cfg.denoiser.name}", "train_seconds": round(train_s, 1), "val_loss": val, "step": step}
     path = checkpoint(results)
     results["checkpoint"] = str(path)
     for k in ("success", "chunk_ms_p50", "chunk_ms_p95"):
-        writer.add_scalar(f"eval/{k}", results[k], step)
+        if k in results:
+            writer.add_scalar(f"eval/{k}", results[k], step)
     writer.close()
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results

@@ -1,0 +1,46 @@
+"""Seeded golden cases: one per (head, denoiser, sampler). Regenerate after an intended change with
+``python tests/golden/regenerate.py`` and commit the .safetensors files it rewrites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+HERE = Path(__file__).parent
+SHAPES = {"state": [6], "action": [3]}
+SMALL_DENOISERS = {"unet1d": {"down_dims": [16, 32]}, "transformer": {"n_layer": 1, "n_head": 2, "n_emb": 16}}
+# (head, denoiser, head overrides)
+CASES = [
+    ("diffusion", den, {"sampler": sampler, "num_inference_steps": steps})
+    for den in SMALL_DENOISERS
+    for sampler, steps in (("ddpm", 100), ("ddim", 10))
+]
+
+
+def case_name(head: str, den: str, over: dict) -> str:
+    return "_".join([head, den, *(f"{k}-{v}" for k, v in sorted(over.items()))])
+
+
+def run_case(head: str, den: str, over: dict) -> dict[str, torch.Tensor]:
+    from rtpolicy.policies import build_policy, load_all
+    from rtpolicy.policies.base import POLICIES
+    from rtpolicy.policies.denoisers.base import DENOISERS
+
+    load_all()
+    pol = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config),
+                          {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16}, over)
+    dcfg = OmegaConf.merge(OmegaConf.structured(DENOISERS.get(den).config), SMALL_DENOISERS[den])
+    torch.manual_seed(0)
+    policy = build_policy(pol, dcfg, SHAPES)
+    g = torch.Generator().manual_seed(1)
+    policy.normalizer.fit({"state": torch.randn(64, 6, generator=g), "action": torch.rand(64, 3, generator=g) * 2 - 1})
+    obs = {"state": torch.randn(2, 2, 6, generator=g)}
+    batch = {"obs": obs, "action": torch.rand(2, 8, 3, generator=g) * 2 - 1}
+    torch.manual_seed(2)
+    loss, _ = policy.compute_loss(batch)
+    policy.eval()
+    torch.manual_seed(3)
+    chunk = policy.predict_chunk(obs)
+    return {"loss": loss.detach().reshape(1), "chunk": chunk.detach()}
