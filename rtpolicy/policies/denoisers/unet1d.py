@@ -19,7 +19,8 @@ from rtpolicy.policies.denoisers.base import DENOISERS, Denoiser, SinusoidalEmbe
 @dataclass
 class UNet1DConfig:
     name: str = "unet1d"
-    down_dims: list[int] = field(default_factory=lambda: [64, 128, 256])  # channels per level; T halves between levels
+    # channels per level, T halves between levels; CPU-sized (diffusion_policy uses [256, 512, 1024])
+    down_dims: list[int] = field(default_factory=lambda: [32, 64, 128])
     kernel_size: int = 5
     n_groups: int = 8  # GroupNorm groups; must divide every entry of down_dims
     step_embed_dim: int = 128  # width of the noise-level embedding
