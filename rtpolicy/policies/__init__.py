@@ -8,6 +8,7 @@ _MODULES = (
     "rtpolicy.policies.denoisers.unet1d",
     "rtpolicy.policies.denoisers.transformer",
     "rtpolicy.policies.diffusion",
+    "rtpolicy.policies.edm",
 )
 
 

@@ -12,11 +12,14 @@ HERE = Path(__file__).parent
 SHAPES = {"state": [6], "action": [3]}
 SMALL_DENOISERS = {"unet1d": {"down_dims": [16, 32]}, "transformer": {"n_layer": 1, "n_head": 2, "n_emb": 16}}
 # (head, denoiser, head overrides)
-CASES = [
-    ("diffusion", den, {"sampler": sampler, "num_inference_steps": steps})
-    for den in SMALL_DENOISERS
-    for sampler, steps in (("ddpm", 100), ("ddim", 10))
+HEAD_SETTINGS = [
+    ("diffusion", {"sampler": "ddpm", "num_inference_steps": 100}),
+    ("diffusion", {"sampler": "ddim", "num_inference_steps": 10}),
+    ("edm", {"sampler": "euler", "num_inference_steps": 4}),
+    ("edm", {"sampler": "heun", "num_inference_steps": 3}),
+    ("edm", {"sampler": "dpmpp_2m", "num_inference_steps": 4}),
 ]
+CASES = [(head, den, over) for den in SMALL_DENOISERS for head, over in HEAD_SETTINGS]
 
 
 def case_name(head: str, den: str, over: dict) -> str:

@@ -1,0 +1,91 @@
+"""The shared body of every denoising head: normalizer + observation encoder + denoiser.
+
+A head subclasses :class:`DenoisingHead` and writes two things:
+    sample(cond (B, N, Dc)) -> normalized action window (B, H, Da)
+    denoise_loss(x0 (B, H, Da), cond (B, N, Dc)) -> (scalar loss, metrics)
+Everything else (validation, normalization, the window convention, task ids) lives here once.
+
+Window convention (per training sample and per inference call):
+    obs      steps t-To+1 .. t          (B, To, Do)
+    actions  steps t-To+1 .. t-To+H     (B, H, Da)   predicted by the denoiser
+    executed steps t .. t+Ha-1          (B, Ha, Da)  returned by predict_chunk
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rtpolicy.datasets.normalizer import Normalizer
+from rtpolicy.policies.base import Policy, check_obs
+from rtpolicy.policies.denoisers.base import DENOISERS
+from rtpolicy.policies.encoders.state import StateEncoder
+
+
+def validate_horizons(cfg) -> None:
+    if cfg.obs_horizon < 1:
+        raise ValueError(f"policy.obs_horizon must be >= 1, got {cfg.obs_horizon}")
+    if cfg.horizon < cfg.obs_horizon:
+        raise ValueError(f"policy.horizon ({cfg.horizon}) must be >= policy.obs_horizon ({cfg.obs_horizon})")
+    if not 1 <= cfg.action_horizon <= cfg.horizon - cfg.obs_horizon + 1:
+        raise ValueError(
+            f"policy.action_horizon must be in [1, horizon - obs_horizon + 1] = [1, {cfg.horizon - cfg.obs_horizon + 1}],"
+            f" got {cfg.action_horizon}"
+        )
+
+
+class DenoisingHead(Policy):
+    """cfg needs obs_horizon, horizon, action_horizon, normalizer ('minmax'|'meanstd'), cond_dim."""
+
+    def __init__(self, cfg, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0):
+        super().__init__()
+        validate_horizons(cfg)
+        if "action" not in shapes:
+            raise ValueError(f"shapes must include 'action'; got {sorted(shapes)}")
+        self.cfg = cfg
+        self.obs_horizon, self.horizon, self.action_horizon = cfg.obs_horizon, cfg.horizon, cfg.action_horizon
+        self.obs_shapes = {k: list(v) for k, v in shapes.items() if k != "action"}
+        self.action_dim = int(shapes["action"][0])
+        self.num_tasks = num_tasks
+        modes = {k: cfg.normalizer for k in self.obs_shapes} | {"action": "minmax"}
+        self.normalizer = Normalizer({k: list(v) for k, v in shapes.items()}, modes=modes)
+        self.encoder = StateEncoder(self.obs_shapes, cfg.obs_horizon, cfg.cond_dim, num_tasks)
+        self.denoiser = DENOISERS.build(
+            denoiser_cfg.name, denoiser_cfg, self.action_dim, cfg.horizon, cfg.cond_dim, self.encoder.n_tokens
+        )
+
+    def reset(self) -> None:
+        """Stateless between chunks: nothing to reset."""
+
+    def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Raw obs -> condition tokens (B, N, Dc); validates keys, shapes and finiteness."""
+        check_obs(obs, self.obs_shapes, self.obs_horizon)
+        norm = {k: self.normalizer.normalize(k, obs[k].float()) for k in self.obs_shapes}
+        return self.encoder(norm, obs.get("task_id"))
+
+    @torch.no_grad()
+    def predict_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.to_chunk(self.sample(self.encode(obs)))
+
+    def to_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized window (B, H, Da) -> the raw actions to execute from now (B, Ha, Da)."""
+        start = self.obs_horizon - 1
+        return self.normalizer.unnormalize("action", x[:, start : start + self.action_horizon])
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        actions = batch["action"]
+        if actions.shape[1:] != (self.horizon, self.action_dim):
+            raise ValueError(f"batch['action'] has shape {tuple(actions.shape)}, expected (B, {self.horizon}, {self.action_dim})")
+        obs = dict(batch["obs"])
+        if "task_id" in batch:
+            task_id = batch["task_id"]
+            p_drop = getattr(self.cfg, "cond_dropout", 0.0)
+            if self.training and p_drop > 0:  # classifier-free guidance: learn the task-free model too
+                task_id = torch.where(torch.rand(task_id.shape, device=task_id.device) < p_drop, -1, task_id)
+            obs["task_id"] = task_id
+        return self.denoise_loss(self.normalizer.normalize("action", actions), self.encode(obs))
+
+    def sample(self, cond: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def denoise_loss(self, x0: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover
+        raise NotImplementedError
