@@ -9,6 +9,8 @@ _MODULES = (
     "rtpolicy.policies.denoisers.transformer",
     "rtpolicy.policies.diffusion",
     "rtpolicy.policies.edm",
+    "rtpolicy.policies.streaming",
+    "rtpolicy.policies.truncated",
 )
 
 

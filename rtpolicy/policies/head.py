@@ -43,6 +43,7 @@ class DenoisingHead(Policy):
             raise ValueError(f"shapes must include 'action'; got {sorted(shapes)}")
         self.cfg = cfg
         self.obs_horizon, self.horizon, self.action_horizon = cfg.obs_horizon, cfg.horizon, cfg.action_horizon
+        self.data_horizon = cfg.horizon  # action steps per training window, from t-To+1
         self.obs_shapes = {k: list(v) for k, v in shapes.items() if k != "action"}
         self.action_dim = int(shapes["action"][0])
         self.num_tasks = num_tasks
@@ -73,8 +74,10 @@ class DenoisingHead(Policy):
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         actions = batch["action"]
-        if actions.shape[1:] != (self.horizon, self.action_dim):
-            raise ValueError(f"batch['action'] has shape {tuple(actions.shape)}, expected (B, {self.horizon}, {self.action_dim})")
+        if actions.shape[1:] != (self.data_horizon, self.action_dim):
+            raise ValueError(
+                f"batch['action'] has shape {tuple(actions.shape)}, expected (B, {self.data_horizon}, {self.action_dim})"
+            )
         obs = dict(batch["obs"])
         if "task_id" in batch:
             task_id = batch["task_id"]
@@ -83,6 +86,9 @@ class DenoisingHead(Policy):
                 task_id = torch.where(torch.rand(task_id.shape, device=task_id.device) < p_drop, -1, task_id)
             obs["task_id"] = task_id
         return self.denoise_loss(self.normalizer.normalize("action", actions), self.encode(obs))
+
+    def prepare(self, windows: torch.Tensor) -> None:
+        """Fit data-dependent state (e.g. anchors) on normalized training windows (N, data_horizon, Da)."""
 
     def sample(self, cond: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

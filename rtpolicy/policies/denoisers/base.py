@@ -2,7 +2,8 @@
 
 forward(x, t, cond):
     x     (B, T, Da)   noisy action chunk (normalized units)
-    t     (B,)         noise level: integer DDPM step or continuous sigma, as float
+    t     (B,) or (B, T)  noise level (integer DDPM step or continuous sigma, as float), one per sample or,
+                       for streaming heads, one per action position
     cond  (B, N, Dc)   observation tokens from the encoder
     ->    (B, T, Da)   prediction (epsilon, sample, or a preconditioned output: the head decides)
 Constructor: cls(cfg, action_dim, horizon, cond_dim, n_cond_tokens).
@@ -36,7 +37,8 @@ class SinusoidalEmbedding(nn.Module):
         self.dim = dim
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """(*S) float -> (*S, dim)."""
         half = self.dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
-        args = t.float()[:, None] * freqs[None]
+        args = t.float()[..., None] * freqs
         return torch.cat([args.sin(), args.cos()], dim=-1)

@@ -28,9 +28,14 @@ class TransformerConfig:
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * n_emb
 
 
+def per_token(v: torch.Tensor) -> torch.Tensor:
+    """(B, E) -> (B, 1, E) broadcast over tokens; (B, T, E) per-token values pass through."""
+    return v if v.ndim == 3 else v[:, None]
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (B, T, E), shift/scale (B, E) -> (B, T, E)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """x (B, T, E), shift/scale (B, E) or (B, T, E) -> (B, T, E)."""
+    return x * (1 + per_token(scale)) + per_token(shift)
 
 
 def zero_linear(d_in: int, d_out: int) -> nn.Linear:
@@ -41,7 +46,7 @@ def zero_linear(d_in: int, d_out: int) -> nn.Linear:
 
 
 class DiTBlock(nn.Module):
-    """x (B, T, E), ctx (B, N, E), c (B, E) -> (B, T, E)."""
+    """x (B, T, E), ctx (B, N, E), c (B, E) or per-token (B, T, E) -> (B, T, E)."""
 
     def __init__(self, n_emb: int, n_head: int, mlp_ratio: float, dropout: float):
         super().__init__()
@@ -70,8 +75,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.drop(self.attend(modulate(self.norm1(x), shift1, scale1), ctx))
-        return x + gate2[:, None] * self.drop(self.mlp(modulate(self.norm2(x), shift2, scale2)))
+        x = x + per_token(gate1) * self.drop(self.attend(modulate(self.norm1(x), shift1, scale1), ctx))
+        return x + per_token(gate2) * self.drop(self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
 @DENOISERS.register("transformer", config=TransformerConfig)
@@ -94,9 +99,10 @@ class DiTDenoiser(Denoiser):
         self.out = zero_linear(e, action_dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (B, T, Da), t (B,), cond (B, N, Dc) -> (B, T, Da)."""
+        """x (B, T, Da), t (B,) or per-position (B, T), cond (B, N, Dc) -> (B, T, Da)."""
         ctx = self.cond_in(cond)  # (B, N, E)
-        c = self.step_embed(t) + ctx.mean(dim=1)  # (B, E)
+        pooled = ctx.mean(dim=1)  # (B, E)
+        c = self.step_embed(t) + (pooled if t.ndim == 1 else pooled[:, None])  # (B, E) or (B, T, E)
         ctx = self.drop(self.cond_norm(ctx + self.cond_pos))
         h = self.drop(self.action_in(x) + self.action_pos)
         for block in self.blocks:

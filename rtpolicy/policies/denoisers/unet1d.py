@@ -1,7 +1,8 @@
 """1D temporal convolutional UNet with FiLM conditioning (the Chi et al. 2023 diffusion-policy denoiser).
 
 The action chunk (B, T, Da) is treated as a Da-channel sequence of length T. Every residual block is
-FiLM-modulated by a global condition [MLP(sinusoidal(t)) ; flattened obs tokens (B, N*Dc)].
+FiLM-modulated by a global condition [MLP(sinusoidal(t)) ; flattened obs tokens (B, N*Dc)], or, when t
+carries one noise level per action step (streaming heads), by a per-step condition pooled to each level.
 The down path halves T at every level but the last, so T must be divisible by
 2 ** (len(down_dims) - 1); the constructor checks this and raises a ValueError otherwise.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rtpolicy.policies.denoisers.base import DENOISERS, Denoiser, SinusoidalEmbedding
@@ -47,7 +49,13 @@ class FiLMResBlock(nn.Module):
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        scale, bias = self.film(c)[..., None].chunk(2, dim=1)
+        """c: (B, Dcond), or per position (B, T0, Dcond), averaged down to this block's length."""
+        if c.ndim == 3:
+            if c.shape[1] != x.shape[-1]:
+                c = F.adaptive_avg_pool1d(c.transpose(1, 2), x.shape[-1]).transpose(1, 2)
+            scale, bias = self.film(c).transpose(1, 2).chunk(2, dim=1)
+        else:
+            scale, bias = self.film(c)[..., None].chunk(2, dim=1)
         h = self.block1(x) * scale + bias
         return self.block2(h) + self.skip(x)
 
@@ -90,8 +98,11 @@ class ConditionalUNet1D(Denoiser):
         self.final = nn.Sequential(ConvBlock(dims[0], dims[0], k, g), nn.Conv1d(dims[0], action_dim, 1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (B, T, Da), t (B,), cond (B, N, Dc) -> (B, T, Da)."""
-        c = torch.cat([self.step_embed(t), cond.flatten(1)], dim=-1)
+        """x (B, T, Da), t (B,) or per-position (B, T), cond (B, N, Dc) -> (B, T, Da)."""
+        obs = cond.flatten(1)
+        if t.ndim == 2:  # per-position noise levels: a FiLM condition per action step
+            obs = obs[:, None].expand(-1, t.shape[1], -1)
+        c = torch.cat([self.step_embed(t), obs], dim=-1)
         h = x.transpose(1, 2)  # (B, Da, T)
         skips = []
         for res1, res2, downsample in self.down:
