@@ -105,10 +105,10 @@ def train(cfg) -> dict[str, Any]:
     buffer = ensure_dataset(cfg.task)
     keys = [*cfg.task.obs_keys, cfg.task.action_key]
     shapes = {k: list(buffer.shape(k)) for k in cfg.task.obs_keys} | {"action": list(buffer.shape(cfg.task.action_key))}
+    policy = build_policy(cfg.policy, cfg.denoiser, shapes, cfg.task.num_tasks)
     train_mask, val_mask = split_episodes(buffer.n_episodes, cfg.train.val_fraction, cfg.train.seed)
-    p = cfg.policy
-    ds_kw = dict(obs_keys=list(cfg.task.obs_keys), action_key=cfg.task.action_key, obs_horizon=p.obs_horizon,
-                 horizon=p.horizon, action_horizon=p.action_horizon)
+    ds_kw = dict(obs_keys=list(cfg.task.obs_keys), action_key=cfg.task.action_key, obs_horizon=policy.obs_horizon,
+                 horizon=policy.data_horizon, action_horizon=policy.action_horizon)
     train_ds = SequenceDataset(buffer, episode_mask=train_mask, **ds_kw)
     loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.train.batch_size,
                         num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
@@ -116,9 +116,10 @@ def train(cfg) -> dict[str, Any]:
     if val_mask.any():
         val_loader = DataLoader(SequenceDataset(buffer, episode_mask=val_mask, **ds_kw), batch_size=cfg.train.batch_size)
 
-    policy = build_policy(cfg.policy, cfg.denoiser, shapes, cfg.task.num_tasks)
     data = buffer.load(keys)
     policy.normalizer.fit({k: data[k] for k in cfg.task.obs_keys} | {"action": data[cfg.task.action_key]})
+    windows = torch.cat([b["action"] for b in DataLoader(train_ds, batch_size=4096)])
+    policy.prepare(policy.normalizer.normalize("action", windows))  # data-dependent state, e.g. anchors
     policy.to(device)
     ema = EMA(policy, cfg.train.ema_decay)
     o = cfg.optim
