@@ -18,6 +18,9 @@ HEAD_SETTINGS = [
     ("edm", {"sampler": "euler", "num_inference_steps": 4}),
     ("edm", {"sampler": "heun", "num_inference_steps": 3}),
     ("edm", {"sampler": "dpmpp_2m", "num_inference_steps": 4}),
+    ("truncated", {"num_anchors": 4, "num_inference_steps": 1}),
+    ("truncated", {"num_anchors": 4, "num_inference_steps": 2}),
+    ("streaming", {"action_horizon": 1, "steps_per_tick": 1, "warmup_steps": 3}),
 ]
 CASES = [(head, den, over) for den in SMALL_DENOISERS for head, over in HEAD_SETTINGS]
 
@@ -32,18 +35,19 @@ def run_case(head: str, den: str, over: dict) -> dict[str, torch.Tensor]:
     from rtpolicy.policies.denoisers.base import DENOISERS
 
     load_all()
-    pol = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config),
-                          {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16}, over)
+    base = {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16}
+    pol = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config), base, over)
     dcfg = OmegaConf.merge(OmegaConf.structured(DENOISERS.get(den).config), SMALL_DENOISERS[den])
     torch.manual_seed(0)
     policy = build_policy(pol, dcfg, SHAPES)
     g = torch.Generator().manual_seed(1)
     policy.normalizer.fit({"state": torch.randn(64, 6, generator=g), "action": torch.rand(64, 3, generator=g) * 2 - 1})
     obs = {"state": torch.randn(2, 2, 6, generator=g)}
-    batch = {"obs": obs, "action": torch.rand(2, 8, 3, generator=g) * 2 - 1}
+    batch = {"obs": obs, "action": torch.rand(2, policy.data_horizon, 3, generator=g) * 2 - 1}
+    policy.prepare(torch.rand(16, policy.data_horizon, 3, generator=g) * 2 - 1)
     torch.manual_seed(2)
     loss, _ = policy.compute_loss(batch)
     policy.eval()
     torch.manual_seed(3)
-    chunk = policy.predict_chunk(obs)
-    return {"loss": loss.detach().reshape(1), "chunk": chunk.detach()}
+    chunks = [policy.predict_chunk(obs) for _ in range(2)]  # two calls: streaming carries its buffer over
+    return {"loss": loss.detach().reshape(1), "chunk": torch.cat(chunks, dim=1)}
