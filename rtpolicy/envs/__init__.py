@@ -1,0 +1,62 @@
+"""Simulation environments for demonstration collection and policy evaluation.
+
+Each environment family (``task.env`` in the config) registers a ``gymnasium.Env`` subclass in
+:data:`ENVS`; :func:`make_env` builds one task of a family. Every family's env takes
+``(task_cfg, seed=None, render=False, max_episode_steps=None)`` and returns observation dicts
+``{"state": (D,) float32, ...}`` (plus ``"task_id"`` for multi-task configs), terminates on success
+(``info["success"]``, a bool) and is absorbing once an episode has ended, so vectorized batches of
+episodes of different lengths are safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import gymnasium
+
+from rtpolicy.registry import Registry
+
+ENVS: Registry[gymnasium.Env] = Registry("env family")
+
+# the fields of a TaskConfig that the environments read
+TASK_FIELDS = ("env", "name", "max_episode_steps", "num_tasks")
+
+
+def task_fields(task_cfg: Any) -> dict[str, Any]:
+    """The env-relevant fields of a task config (dataclass, DictConfig or mapping) as plain Python values.
+
+    The result is picklable and holds no interpolations, so it can travel to simulator worker processes.
+    """
+    out = {}
+    for key in TASK_FIELDS:
+        if isinstance(task_cfg, Mapping):
+            value = task_cfg.get(key, None)
+        else:
+            value = getattr(task_cfg, key, None)
+        if value is None and key in ("env", "name"):
+            raise ValueError(f"task config has no {key!r}; got {task_cfg!r:.200}")
+        out[key] = value
+    out["max_episode_steps"] = int(out["max_episode_steps"] if out["max_episode_steps"] is not None else 200)
+    out["num_tasks"] = int(out["num_tasks"] or 0)
+    out["env"], out["name"] = str(out["env"]), str(out["name"])
+    return out
+
+
+def make_env(task_cfg: Any, seed: int | None = None, render: bool = False, **kwargs: Any) -> gymnasium.Env:
+    """Build the environment of ``task_cfg.env`` (a registered family) for task ``task_cfg.name``.
+
+    ``render=True`` enables offscreen RGB rendering (``env.render()`` -> (H, W, 3) uint8);
+    extra keyword arguments (e.g. ``max_episode_steps``, ``width``, ``height``) go to the family's env.
+    """
+    fields = task_fields(task_cfg)
+    return ENVS.build(fields["env"], fields, seed=seed, render=render, **kwargs)
+
+
+def env_factory(fields: dict[str, Any], seed: int | None, render: bool, kwargs: dict[str, Any]) -> gymnasium.Env:
+    """Top-level (picklable by reference) builder for worker processes; use with ``functools.partial``."""
+    return make_env(fields, seed=seed, render=render, **kwargs)
+
+
+# families register themselves on import; their simulator libraries are imported lazily
+from rtpolicy.envs import metaworld as _metaworld  # noqa: E402,F401

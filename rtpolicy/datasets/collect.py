@@ -1,0 +1,193 @@
+"""Scripted-expert demonstrations into a zarr replay buffer.
+
+    python -m rtpolicy.datasets.collect --task pick-place-v3 --episodes 50 --out data/metaworld/pick-place-v3.zarr
+
+Per step the store holds ``data/state`` (T, 39) float32 (the observation the action was chosen from)
+and ``data/action`` (T, 4) float32 (the executed, clipped action), plus ``data/task_id`` (T,) int64 for
+multi-task configs. Only successful episodes are kept; an episode ends at its first success step.
+Episode ``k`` of a store (counting failed attempts) uses layout seed ``seed + k``, and its action
+noise comes from an RNG seeded by that layout seed, so the same arguments give identical stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from rtpolicy.datasets.replay_buffer import ReplayBuffer
+from rtpolicy.envs import make_env, task_fields
+
+MAX_ATTEMPTS_FACTOR = 3  # give up after this many attempts per missing success
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0) -> tuple[dict[str, np.ndarray], bool]:
+    """One expert episode on the layout of ``seed`` -> ({"state": (T, Ds), "action": (T, Da), ...}, success)."""
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset(seed=seed)
+    steps: dict[str, list[np.ndarray]] = {key: [] for key in obs}
+    steps["action"] = []
+    terminated = truncated = False
+    while not (terminated or truncated):
+        action = expert(obs)
+        if action_noise > 0:
+            action = action + rng.normal(0.0, action_noise, size=action.shape)
+        action = np.clip(action, -1.0, 1.0).astype(np.float32)
+        for key, value in obs.items():
+            steps[key].append(value)
+        steps["action"].append(action)
+        obs, _, terminated, truncated, _ = env.step(action)
+    episode = {key: np.stack(values) for key, values in steps.items()}
+    return episode, bool(terminated)
+
+
+def collect_demos(
+    task_cfg: Any,
+    path: str | Path,
+    episodes: int,
+    seed: int,
+    action_noise: float = 0.0,
+    progress: bool = True,
+    max_episode_steps: int | None = None,
+) -> dict[str, Any]:
+    """Collect ``episodes`` successful scripted-expert episodes of ``task_cfg`` into the replay buffer at ``path``.
+
+    An existing store with >= ``episodes`` episodes is left as is; one with fewer gets the remainder,
+    from the next unused seeds (its recorded ``next_seed``), with its own recorded action noise.
+    Raises RuntimeError when fewer than ``episodes`` succeed within 3x as many attempts (the
+    episodes collected so far stay in the store). Returns the store's attrs plus ``path``,
+    ``episodes``, ``steps`` and ``new_episodes``.
+    """
+    fields = task_fields(task_cfg)
+    episodes = _check_int("episodes", episodes, 1)
+    seed = _check_int("seed", seed, 0)
+    action_noise = float(action_noise)
+    if not math.isfinite(action_noise) or action_noise < 0:
+        raise ValueError(f"action_noise must be a finite float >= 0, got {action_noise!r}")
+    steps_limit = _check_int("max_episode_steps", max_episode_steps or fields["max_episode_steps"], 1)
+
+    env = make_env(fields, seed=seed, max_episode_steps=steps_limit)  # validates the task before touching the store
+    try:
+        return _collect(env, fields, Path(path), episodes, seed, action_noise, steps_limit, progress)
+    finally:
+        env.close()
+
+
+def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progress) -> dict[str, Any]:
+    buf = ReplayBuffer.open_or_create(path)
+    attrs = dict(buf.attrs)
+    if buf.n_episodes > 0:
+        if attrs.get("collector") != "rtpolicy.collect_demos":
+            raise ValueError(
+                f"{path} holds {buf.n_episodes} episodes not written by collect_demos (no collector attrs); "
+                "refusing to append expert demos of unknown seeds to it; choose another path"
+            )
+        stored = (attrs.get("env"), attrs.get("task"))
+        if stored != (fields["env"], fields["name"]):
+            raise ValueError(f"{path} holds demos of {stored[0]}/{stored[1]}, not {fields['env']}/{fields['name']}")
+        if float(attrs.get("action_noise", 0.0)) != action_noise:
+            raise ValueError(
+                f"{path} was collected with action_noise={attrs.get('action_noise')}, not {action_noise}; "
+                "use the same noise to extend it, or another path"
+            )
+        if len(attrs.get("seeds", [])) != buf.n_episodes:
+            raise ValueError(
+                f"{path}: attrs list {len(attrs.get('seeds', []))} seeds for {buf.n_episodes} episodes "
+                "(an interrupted write?); cannot tell which seeds are used"
+            )
+    else:
+        attrs = {
+            "collector": "rtpolicy.collect_demos",
+            "env": fields["env"],
+            "task": fields["name"],
+            "num_tasks": fields["num_tasks"],
+            "seed": seed,
+            "next_seed": seed,
+            "action_noise": action_noise,
+            "max_episode_steps": steps_limit,
+            "obs_keys": ["state"] + (["task_id"] if fields["num_tasks"] > 0 else []),
+            "action_key": "action",
+            "seeds": [],
+            "failed_seeds": [],
+            "attempts": 0,
+            "successes": 0,
+        }
+        buf.attrs.update(attrs)
+
+    def info(new: int) -> dict[str, Any]:
+        return dict(buf.attrs) | {"path": str(path), "episodes": buf.n_episodes, "steps": buf.n_steps, "new_episodes": new}
+
+    missing = episodes - buf.n_episodes
+    if missing <= 0:
+        return info(0)
+
+    expert = env.expert()
+    cap = MAX_ATTEMPTS_FACTOR * missing
+    added = attempts = 0
+    bar = tqdm(total=episodes, initial=buf.n_episodes, desc=f"collect {fields['name']}", unit="ep", disable=not progress)
+    try:
+        while added < missing:
+            if attempts >= cap:
+                raise RuntimeError(
+                    f"the scripted expert succeeded in only {added} of {attempts} attempts on {fields['name']} "
+                    f"(action_noise={action_noise}, max_episode_steps={steps_limit}); {buf.n_episodes} of {episodes} "
+                    f"episodes are in {path}. Lower the action noise or raise max_episode_steps."
+                )
+            ep_seed = int(attrs["next_seed"])
+            episode, success = run_expert_episode(env, expert, ep_seed, action_noise)
+            attempts += 1
+            attrs["next_seed"] = ep_seed + 1
+            attrs["attempts"] += 1
+            if success:
+                buf.add_episode(episode)
+                added += 1
+                attrs["seeds"].append(ep_seed)
+                attrs["successes"] += 1
+                bar.update(1)
+            else:
+                attrs["failed_seeds"].append(ep_seed)
+            buf.attrs.update(attrs)
+            bar.set_postfix(success_rate=f"{attrs['successes'] / max(1, attrs['attempts']):.2f}")
+    finally:
+        bar.close()
+    return info(added)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from rtpolicy.config import TaskConfig
+
+    parser = argparse.ArgumentParser(prog="python -m rtpolicy.datasets.collect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True, help="task name, e.g. pick-place-v3")
+    parser.add_argument("--env", default="metaworld", help="environment family (default: metaworld)")
+    parser.add_argument("--episodes", type=int, default=50, help="successful episodes to have in the store")
+    parser.add_argument("--out", default=None, help="zarr store path (default: data/<env>/<task>.zarr)")
+    parser.add_argument("--seed", type=int, default=0, help="first layout seed")
+    parser.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to expert actions")
+    parser.add_argument("--max-steps", type=int, default=200, help="episode step limit")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    out = args.out or f"data/{args.env}/{args.task}.zarr"
+    task = TaskConfig(env=args.env, name=args.task, max_episode_steps=args.max_steps)
+    try:
+        result = collect_demos(task, out, args.episodes, args.seed, action_noise=args.noise, progress=not args.no_progress)
+    except (ValueError, RuntimeError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(
+        f"{result['episodes']} episodes ({result['steps']} steps) of {result['task']} in {out}; "
+        f"added {result['new_episodes']}; expert success {result['successes']}/{result['attempts']} attempts"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

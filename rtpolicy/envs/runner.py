@@ -1,0 +1,279 @@
+"""Closed-loop evaluation of a Policy in parallel simulator processes.
+
+Episodes run in rounds of ``num_envs`` (gymnasium AsyncVectorEnv). Episode ``i`` uses layout seed
+``eval.seed + i``. Each env keeps an observation history of the last ``policy.obs_horizon`` steps
+(the first observation repeated at reset); every ``policy.action_horizon`` steps the policy is
+called once for the whole batch and its chunk is executed one action per step (receding horizon).
+Envs are absorbing once their episode ends, so finished envs simply idle until the round ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rtpolicy.envs import env_factory, task_fields
+
+Z95 = 1.959963984540054
+WORKER_PRELOAD = ("rtpolicy.envs", "metaworld.env_dict", "metaworld.policies")
+LATENCY_WARMUP = 3
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (lo, hi) of a binomial proportion ``successes / n`` (95% for the default z)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if isinstance(successes, bool) or not isinstance(successes, (int, np.integer)) or not 0 <= successes <= n:
+        raise ValueError(f"successes must be an int in [0, {n}], got {successes!r}")
+    p = successes / n
+    denom = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if successes == 0 else max(0.0, center - half)
+    hi = 1.0 if successes == n else min(1.0, center + half)
+    return lo, hi
+
+
+def _start_method(context: str | None) -> str:
+    """The workers' start method: forkserver by default (fork would copy torch's thread pools, a CUDA
+    context and logger threads into the workers), spawn where there is no forkserver."""
+    methods = multiprocessing.get_all_start_methods()
+    if context is None:
+        context = "forkserver" if "forkserver" in methods else "spawn"
+    if context not in methods:
+        raise ValueError(f"multiprocessing start method {context!r} is not available here; choose one of {methods}")
+    if context == "forkserver":
+        # if this process starts the fork server, it imports the simulator once and every worker forks from it
+        multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
+    return context
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Start spawn/forkserver workers without re-running the main script in each of them.
+
+    Workers need nothing from ``__main__`` (the env factories live in :mod:`rtpolicy.envs`), but
+    multiprocessing re-imports the main script in every spawned child by default: for ``train.py``
+    that is torch, hydra and every policy head, ~5 s per worker. Without ``__file__``/``__spec__`` on
+    ``__main__`` (as in an interactive session) the children skip it.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    spec, missing = getattr(main, "__spec__", None), object()
+    file = main.__dict__.get("__file__", missing)
+    try:
+        main.__spec__ = None
+        if file is not missing:
+            del main.__file__
+        yield
+    finally:
+        main.__spec__ = spec
+        if file is not missing:
+            main.__file__ = file
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _to_torch(hist: dict[str, np.ndarray], task_id: np.ndarray | None, device: torch.device, rows=slice(None)) -> dict[str, torch.Tensor]:
+    """Histories {key: (B, To, *shape)} (+ task ids (B,)) -> the policy's obs dict, rows selected, on ``device``."""
+    obs = {k: torch.from_numpy(np.ascontiguousarray(v[rows])).to(device) for k, v in hist.items()}
+    if task_id is not None:
+        obs["task_id"] = torch.from_numpy(np.ascontiguousarray(task_id[rows])).long().to(device)
+    return obs
+
+
+def _predict(policy, obs: dict[str, torch.Tensor], batch: int, action_dim: int) -> np.ndarray:
+    """policy.predict_chunk -> checked numpy chunk (B, Ha, Da) float32."""
+    with torch.inference_mode():
+        chunk = policy.predict_chunk(obs)
+    if not isinstance(chunk, torch.Tensor):
+        raise TypeError(f"predict_chunk must return a tensor (B, Ha, Da), got {type(chunk).__name__}")
+    chunk = chunk.detach().float().cpu().numpy()
+    ha = policy.action_horizon
+    if chunk.ndim != 3 or chunk.shape[0] != batch or chunk.shape[1] < ha or chunk.shape[2] != action_dim:
+        raise ValueError(
+            f"predict_chunk returned shape {chunk.shape}, expected ({batch}, >={ha}, {action_dim}) = (B, action_horizon, Da)"
+        )
+    if not np.isfinite(chunk).all():
+        raise ValueError("predict_chunk returned a non-finite action")
+    return chunk
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: int) -> None:
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with imageio.get_writer(path, fps=fps, codec="libx264", quality=7, macro_block_size=8, ffmpeg_log_level="error") as writer:
+        for frame in frames:
+            writer.append_data(frame)
+
+
+def evaluate(
+    policy,
+    task_cfg: Any,
+    eval_cfg: Any,
+    device: str | torch.device = "cpu",
+    video_dir: str | Path | None = None,
+    progress: bool = True,
+    context: str | None = None,
+) -> dict[str, Any]:
+    """Roll out ``policy`` for ``eval_cfg.episodes`` episodes of ``task_cfg``; returns JSON-able results.
+
+    Keys: ``success`` (mean), ``ci95`` ([lo, hi], Wilson), ``episodes``, ``successes``, ``mean_length``,
+    ``chunk_ms_p50``/``chunk_ms_p95`` (batch-1 predict_chunk latency on real observations, after
+    warm-up), ``rollout_chunk_ms_p50`` (batched calls during the rollouts), ``per_episode``
+    ([{seed, success, length}]), ``videos`` (mp4 paths; the first ``eval_cfg.video`` episodes when
+    ``video_dir`` is given), and a few settings. Written as JSON to ``eval_cfg.out`` when set.
+    ``context``: multiprocessing start method of the simulator workers (default forkserver).
+    """
+    fields = task_fields(task_cfg)
+    episodes = int(eval_cfg.episodes)
+    num_envs = int(eval_cfg.num_envs)
+    reps = int(eval_cfg.latency_reps)
+    max_steps = int(eval_cfg.max_episode_steps or fields["max_episode_steps"])
+    n_video = int(eval_cfg.video or 0) if video_dir is not None else 0
+    base_seed = int(eval_cfg.seed)
+    checks = [("episodes", episodes, 1), ("num_envs", num_envs, 1), ("latency_reps", reps, 1),
+              ("max_episode_steps", max_steps, 1), ("seed", base_seed, 0), ("video", n_video, 0)]  # fmt: skip
+    for name, value, low in checks:
+        if value < low:
+            raise ValueError(f"eval.{name} must be >= {low}, got {value}")
+    To, Ha = int(policy.obs_horizon), int(policy.action_horizon)
+    if To < 1 or Ha < 1:
+        raise ValueError(f"policy.obs_horizon and policy.action_horizon must be >= 1, got {To}, {Ha}")
+    device = torch.device(device)
+    n = min(num_envs, episodes)
+    n_video = min(n_video, episodes)
+    # policy sampling noise is seeded too (the caller's RNG state is restored afterwards)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(base_seed)
+        results = _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_video, video_dir, device, progress, context)
+    if getattr(eval_cfg, "out", None):
+        out = Path(eval_cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_video, video_dir, device, progress, context) -> dict[str, Any]:
+    """The rollouts (rounds of n envs) and the latency measurement; see :func:`evaluate`."""
+    import gymnasium
+    from gymnasium.vector import AutoresetMode
+
+    fns = [
+        functools.partial(env_factory, fields, base_seed + i, n_video > 0, {"max_episode_steps": max_steps}) for i in range(n)
+    ]
+    per_episode: list[dict[str, Any]] = []
+    videos: list[str] = []
+    rollout_ms: list[float] = []
+    latency_obs: list[dict[str, torch.Tensor]] = []  # consecutive batch-1 observations of env 0
+    bar = tqdm(total=episodes, desc=f"eval {fields['name']}", unit="ep", disable=not progress)
+    t_start = time.perf_counter()
+    start_method = _start_method(context)
+    with _main_module_hidden() if start_method != "fork" else contextlib.nullcontext():
+        envs = gymnasium.vector.AsyncVectorEnv(fns, context=start_method, autoreset_mode=AutoresetMode.DISABLED)
+    startup_s = time.perf_counter() - t_start
+    try:
+        action_dim = int(envs.single_action_space.shape[0])
+        fps = int(envs.get_attr("metadata")[0].get("render_fps", 30)) if n_video else 30
+        for start in range(0, episodes, n):
+            active = min(n, episodes - start)
+            seeds = [base_seed + start + j for j in range(n)]  # extra envs of a short last round run unrecorded
+            if n_video:
+                envs.set_attr("record_frames", [start + j < n_video for j in range(n)])
+            policy.reset()
+            obs, _ = envs.reset(seed=seeds)
+            task_id = obs.pop("task_id", None)
+            hist = {k: np.repeat(v[:, None], To, axis=1) for k, v in obs.items()}  # (n, To, *shape)
+            done = np.arange(n) >= active
+            success = np.zeros(n, dtype=bool)
+            length = np.zeros(n, dtype=np.int64)
+            chunk = None
+            t = 0
+            while not done.all():
+                if t % Ha == 0:
+                    batch_obs = _to_torch(hist, task_id, device)
+                    tic = time.perf_counter()
+                    chunk = _predict(policy, batch_obs, n, action_dim)
+                    rollout_ms.append((time.perf_counter() - tic) * 1e3)
+                    if not done[0] and len(latency_obs) < reps + LATENCY_WARMUP:
+                        latency_obs.append(_to_torch(hist, task_id, device, slice(0, 1)))
+                action = chunk[:, t % Ha]
+                obs, _, terminated, truncated, _ = envs.step(action)
+                obs.pop("task_id", None)
+                t += 1
+                ended = (terminated | truncated) & ~done
+                success |= ended & terminated
+                length[ended] = t
+                done |= ended
+                for k, v in obs.items():
+                    hist[k] = np.concatenate([hist[k][:, 1:], v[:, None]], axis=1)
+                if t > max_steps:
+                    raise RuntimeError(f"episodes did not end within max_episode_steps={max_steps}; the env ignores its limit")
+            if n_video and start < n_video:
+                all_frames = envs.call("pop_frames")
+                for j in range(active):
+                    i = start + j
+                    if i < n_video:
+                        path = Path(video_dir) / f"episode_{i:03d}_seed_{seeds[j]}.mp4"
+                        _write_video(path, list(all_frames[j]), fps)
+                        videos.append(str(path))
+            for j in range(active):
+                per_episode.append({"seed": seeds[j], "success": bool(success[j]), "length": int(length[j])})
+            bar.update(active)
+            bar.set_postfix(success=f"{np.mean([e['success'] for e in per_episode]):.2f}")
+    finally:
+        bar.close()
+        envs.close()
+
+    # batch-1 latency on real observations from the rollouts, after warm-up calls
+    policy.reset()
+    latency_ms = []
+    for r in range(LATENCY_WARMUP + reps):
+        obs1 = latency_obs[r % len(latency_obs)]
+        _sync(device)
+        tic = time.perf_counter()
+        _predict(policy, obs1, 1, action_dim)
+        _sync(device)
+        if r >= LATENCY_WARMUP:
+            latency_ms.append((time.perf_counter() - tic) * 1e3)
+    policy.reset()
+
+    successes = sum(e["success"] for e in per_episode)
+    lo, hi = wilson_interval(successes, episodes)
+    return {
+        "task": fields["name"],
+        "success": successes / episodes,
+        "ci95": [lo, hi],
+        "episodes": episodes,
+        "successes": int(successes),
+        "mean_length": float(np.mean([e["length"] for e in per_episode])),
+        "chunk_ms_p50": float(np.percentile(latency_ms, 50)),
+        "chunk_ms_p95": float(np.percentile(latency_ms, 95)),
+        "rollout_chunk_ms_p50": float(np.percentile(rollout_ms, 50)),
+        "num_envs": n,
+        "max_episode_steps": max_steps,
+        "seed": base_seed,
+        "device": str(device),
+        "env_startup_s": startup_s,
+        "wall_s": time.perf_counter() - t_start,
+        "per_episode": per_episode,
+        "videos": videos,
+    }
