@@ -139,7 +139,8 @@ def restore_training(path, model, ema, optimizer, lr_scheduler) -> dict[str, Any
     model.load_state_dict(_sub(tensors, "model"))
     ema.load_state_dict(_sub(tensors, "ema"))
     optimizer.load_state_dict(_unflat_optim(tensors, meta["optim_groups"]))
-    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    # The schedule's lambdas are code, not state: rebuilt by the caller, never stored (no pickle).
+    lr_scheduler.load_state_dict({**meta["lr_scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     torch.set_rng_state(tensors["rng/torch"])
     return meta
 

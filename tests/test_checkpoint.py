@@ -38,6 +38,7 @@ def test_resume_state_round_trip(tmp_path, small_cfgs):
 
     pol, dens = small_cfgs
     policy = build_policy(pol, dens["unet1d"], SHAPES)
+    policy.normalizer.fit({"state": torch.randn(50, 5), "action": torch.rand(50, 3)})
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     sched = get_cosine_schedule_with_warmup(opt, 2, 10)
     for _ in range(3):

@@ -15,8 +15,8 @@ SMALL = {"unet1d": {"down_dims": [16, 32]}, "transformer": {"n_layer": 1, "n_hea
 
 
 def make(head, den="unet1d", num_tasks=0, **over):
-    pol = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config),
-                          {"horizon": 8, "obs_horizon": 2, "cond_dim": 16}, over)
+    base = {"horizon": 8, "obs_horizon": 2, "cond_dim": 16, "action_horizon": 1 if head == "streaming" else 4}
+    pol = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config), base, over)
     dcfg = OmegaConf.merge(OmegaConf.structured(DENOISERS.get(den).config), SMALL[den])
     policy = build_policy(pol, dcfg, SHAPES, num_tasks)
     g = torch.Generator().manual_seed(0)
