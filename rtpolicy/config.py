@@ -28,6 +28,8 @@ class TaskConfig:
     action_key: str = "action"
     max_episode_steps: int = 200
     num_tasks: int = 0  # >0: multi-task, dataset has data/task_id, the policy gets a task embedding
+    tasks: list[str] = field(default_factory=list)  # a suite (e.g. MT10): member tasks; task_id = index, num_tasks = len
+    task_id: int = 0  # this task's index among num_tasks (set per member when a suite is evaluated)
 
 
 @dataclass
@@ -41,7 +43,7 @@ class OptimConfig:
 
 @dataclass
 class TrainLoopConfig:
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 256
     val_fraction: float = 0.05  # share of episodes held out for validation loss
     val_every: int = 500

@@ -62,10 +62,13 @@ def resolve_run_dir(cfg) -> Path:
 def ensure_dataset(task_cfg) -> ReplayBuffer:
     path = Path(task_cfg.dataset)
     if not path.exists():
-        from rtpolicy.datasets.collect import collect_demos
+        from rtpolicy.datasets.collect import collect_demos, collect_suite
 
-        print(f"[rtpolicy] no dataset at {path}: collecting {task_cfg.demos} scripted demos of {task_cfg.name}")
-        collect_demos(task_cfg, path, task_cfg.demos, task_cfg.demo_seed, action_noise=task_cfg.action_noise)
+        suite = list(task_cfg.tasks)
+        what = f"{len(suite)} tasks of {task_cfg.name}" if suite else task_cfg.name
+        print(f"[rtpolicy] no dataset at {path}: collecting {task_cfg.demos} scripted demos of {what}")
+        collect = collect_suite if suite else collect_demos
+        collect(task_cfg, path, task_cfg.demos, task_cfg.demo_seed, action_noise=task_cfg.action_noise)
     return ReplayBuffer.open(path)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rtpolicy.datasets.replay_buffer import ReplayBuffer
-from rtpolicy.envs import make_env, task_fields
+from rtpolicy.envs import make_env, suite_members, task_fields
 
 MAX_ATTEMPTS_FACTOR = 3  # give up after this many attempts per missing success
 
@@ -161,6 +162,42 @@ def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progr
     finally:
         bar.close()
     return info(added)
+
+
+def collect_suite(task_cfg: Any, path: str | Path, episodes: int, seed: int, action_noise: float = 0.0,
+                  progress: bool = True) -> dict[str, Any]:
+    """Demos of every member of a suite (``task_cfg.tasks``, e.g. MT10) into one store at ``path``.
+
+    Each member is collected (``episodes`` each, resumable) into its own store under
+    ``<path>.parts/<task>.zarr`` with ``data/task_id`` = its index; the suite store is then written
+    from them into a temporary folder and moved into place, so ``path`` is either complete or absent.
+    """
+    members = suite_members(task_cfg)
+    if not members:
+        raise ValueError("collect_suite needs a task config with a non-empty 'tasks' list")
+    path = Path(path)
+    names = [m["name"] for m in members]
+    if path.exists():
+        buf = ReplayBuffer.open(path)
+        if buf.attrs.get("tasks") == names and buf.n_episodes >= episodes * len(names):
+            return dict(buf.attrs) | {"path": str(path), "episodes": buf.n_episodes, "steps": buf.n_steps, "new_episodes": 0}
+        raise ValueError(f"{path} exists but is not a complete suite store of {names} with {episodes} episodes each; "
+                         "move it away or choose another task.dataset")
+    parts = path.with_name(path.name + ".parts")
+    sources = [collect_demos(m, parts / f"{m['name']}.zarr", episodes, seed, action_noise, progress) for m in members]
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out = ReplayBuffer.create(tmp)
+    for src in sources:
+        buf = ReplayBuffer.open(src["path"])
+        for i in range(episodes):
+            out.add_episode(buf.get_episode(i))
+    out.attrs.update({"collector": "rtpolicy.collect_suite", "env": members[0]["env"], "task": task_fields(task_cfg)["name"],
+                      "tasks": names, "num_tasks": len(names), "episodes_per_task": episodes, "seed": seed,
+                      "action_noise": float(action_noise), "obs_keys": ["state", "task_id"], "action_key": "action"})
+    tmp.rename(path)
+    buf = ReplayBuffer.open(path)
+    return dict(buf.attrs) | {"path": str(path), "episodes": buf.n_episodes, "steps": buf.n_steps, "new_episodes": buf.n_episodes}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from rtpolicy.registry import Registry
 ENVS: Registry[gymnasium.Env] = Registry("env family")
 
 # the fields of a TaskConfig that the environments read
-TASK_FIELDS = ("env", "name", "max_episode_steps", "num_tasks")
+TASK_FIELDS = ("env", "name", "max_episode_steps", "num_tasks", "task_id")
 
 
 def task_fields(task_cfg: Any) -> dict[str, Any]:
@@ -39,8 +39,24 @@ def task_fields(task_cfg: Any) -> dict[str, Any]:
         out[key] = value
     out["max_episode_steps"] = int(out["max_episode_steps"] if out["max_episode_steps"] is not None else 200)
     out["num_tasks"] = int(out["num_tasks"] or 0)
+    out["task_id"] = int(out["task_id"] or 0)
+    if out["num_tasks"] and not 0 <= out["task_id"] < out["num_tasks"]:
+        raise ValueError(f"task_id must be in [0, num_tasks={out['num_tasks']}), got {out['task_id']}")
     out["env"], out["name"] = str(out["env"]), str(out["name"])
     return out
+
+
+def suite_members(task_cfg: Any) -> list[dict[str, Any]]:
+    """The member tasks of a suite config (``tasks`` non-empty) as env fields with their task ids; [] otherwise."""
+    tasks = list((task_cfg.get("tasks") if isinstance(task_cfg, Mapping) else getattr(task_cfg, "tasks", None)) or [])
+    if not tasks:
+        return []
+    fields = task_fields(task_cfg)
+    if fields["num_tasks"] != len(tasks):
+        raise ValueError(f"task {fields['name']!r} lists {len(tasks)} tasks but num_tasks={fields['num_tasks']}; they must match")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"task {fields['name']!r} lists a task twice: {tasks}")
+    return [fields | {"name": str(name), "task_id": i} for i, name in enumerate(tasks)]
 
 
 def make_env(task_cfg: Any, seed: int | None = None, render: bool = False, **kwargs: Any) -> gymnasium.Env:

@@ -111,7 +111,10 @@ class MetaWorldEnv(gymnasium.Env):
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)) or num_tasks < 0:
             raise ValueError(f"num_tasks must be an int >= 0, got {num_tasks!r}")
         self.num_tasks = int(num_tasks)
-        self.task_id = 0  # multi-task hook: the index of this task among num_tasks
+        task_id = get("task_id", 0) or 0
+        if isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer)) or not 0 <= task_id < max(1, self.num_tasks):
+            raise ValueError(f"task_id must be an int in [0, num_tasks={self.num_tasks}), got {task_id!r}")
+        self.task_id = int(task_id)  # the index of this task among num_tasks (observed as obs["task_id"])
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
         if seed is None:

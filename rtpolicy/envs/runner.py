@@ -16,6 +16,7 @@ import math
 import multiprocessing
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rtpolicy.envs import env_factory, task_fields
+from rtpolicy.envs import env_factory, suite_members, task_fields
 
 Z95 = 1.959963984540054
 WORKER_PRELOAD = ("rtpolicy.envs", "metaworld.env_dict", "metaworld.policies")
@@ -142,6 +143,9 @@ def evaluate(
     ``video_dir`` is given), and a few settings. Written as JSON to ``eval_cfg.out`` when set.
     ``context``: multiprocessing start method of the simulator workers (default forkserver).
     """
+    members = suite_members(task_cfg)
+    if members:
+        return _evaluate_suite(policy, task_cfg, members, eval_cfg, device, video_dir, progress, context)
     fields = task_fields(task_cfg)
     episodes = int(eval_cfg.episodes)
     num_envs = int(eval_cfg.num_envs)
@@ -165,6 +169,49 @@ def evaluate(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(base_seed)
         results = _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_video, video_dir, device, progress, context)
+    if getattr(eval_cfg, "out", None):
+        out = Path(eval_cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _evaluate_suite(policy, task_cfg, members, eval_cfg, device, video_dir, progress, context) -> dict[str, Any]:
+    """Each member task for ``eval_cfg.episodes`` episodes (same seeds); pooled and per-task figures.
+
+    ``success`` is the mean over tasks (equal episodes per task, so also the pooled rate), ``ci95`` the
+    Wilson interval of the pooled successes, ``episodes`` the total; latency figures are medians over
+    tasks; ``per_task`` maps each task to its own results (without per-episode lists).
+    """
+    keys = ("episodes", "num_envs", "seed", "max_episode_steps", "video", "latency_reps")
+    member_cfg = SimpleNamespace(**{k: getattr(eval_cfg, k, None) for k in keys}, out=None)
+    per_task: dict[str, dict[str, Any]] = {}
+    per_episode, videos = [], []
+    for fields in members:
+        res = evaluate(policy, fields, member_cfg, device=device, progress=progress, context=context,
+                       video_dir=Path(video_dir) / fields["name"] if video_dir is not None else None)
+        per_episode += [e | {"task": fields["name"]} for e in res.pop("per_episode")]
+        videos += res.pop("videos")
+        per_task[fields["name"]] = res
+    successes = sum(r["successes"] for r in per_task.values())
+    episodes = sum(r["episodes"] for r in per_task.values())
+    lo, hi = wilson_interval(successes, episodes)
+    med = lambda key: float(np.median([r[key] for r in per_task.values()]))  # noqa: E731
+    results = {
+        "task": task_fields(task_cfg)["name"],
+        "success": float(np.mean([r["success"] for r in per_task.values()])),
+        "ci95": [lo, hi],
+        "episodes": episodes,
+        "successes": int(successes),
+        "mean_length": float(np.mean([e["length"] for e in per_episode])),
+        "chunk_ms_p50": med("chunk_ms_p50"),
+        "chunk_ms_p95": med("chunk_ms_p95"),
+        "rollout_chunk_ms_p50": med("rollout_chunk_ms_p50"),
+        "device": str(device),
+        "per_task": per_task,
+        "per_episode": per_episode,
+        "videos": videos,
+    }
     if getattr(eval_cfg, "out", None):
         out = Path(eval_cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)

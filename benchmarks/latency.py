@@ -1,0 +1,205 @@
+"""Per-chunk inference latency of every head and sampler setting, measured side by side in one run.
+
+    python benchmarks/latency.py --out benchmarks/latency.json [--denoisers unet1d transformer]
+                                 [--reps 30] [--lerobot-python /path/to/lerobot-venv/bin/python]
+
+Every head is built with the same denoiser config (the registry default) for Meta-World's state
+observation (39) and action (4), batch 1, 2 torch threads, random weights (latency does not depend
+on the values). Settings are timed round-robin in a shuffled order per repetition, so the machine's
+noise hits them all alike. Rows: head, sampler, steps, nfe (denoiser calls per call, counted with a
+forward hook), unit ("chunk" = Ha actions; "tick" = one action, streaming), ms_median, ms_p95,
+ratio_vs_ddpm100 (same denoiser), ratio_vs_floor (one bare denoiser forward at batch 1).
+
+With ``--lerobot-python``, LeRobot's default DiffusionPolicy (its own venv; benchmarks/lerobot_peer.py)
+is timed in a subprocess of that interpreter, one chunk per repetition, interleaved with ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rtpolicy.policies import build_policy, load_all  # noqa: E402
+from rtpolicy.policies.base import POLICIES  # noqa: E402
+from rtpolicy.policies.denoisers.base import DENOISERS  # noqa: E402
+
+SHAPES = {"state": [39], "action": [4]}
+# (head, overrides): every sampler setting the heads offer at the step counts people use.
+SETTINGS = [
+    ("diffusion", {"sampler": "ddpm", "num_inference_steps": 100}),
+    ("diffusion", {"sampler": "ddim", "num_inference_steps": 10}),
+    ("edm", {"sampler": "euler", "num_inference_steps": 3}),
+    ("edm", {"sampler": "euler", "num_inference_steps": 10}),
+    ("edm", {"sampler": "heun", "num_inference_steps": 3}),
+    ("edm", {"sampler": "heun", "num_inference_steps": 5}),
+    ("edm", {"sampler": "dpmpp_2m", "num_inference_steps": 3}),
+    ("edm", {"sampler": "dpmpp_2m", "num_inference_steps": 5}),
+    ("edm", {"sampler": "dpmpp_2m", "num_inference_steps": 10}),
+    ("truncated", {"num_inference_steps": 1}),
+    ("truncated", {"num_inference_steps": 2}),
+    ("streaming", {"steps_per_tick": 1}),
+    ("streaming", {"steps_per_tick": 2}),
+]
+
+
+def build(head: str, over: dict, den_cfg) -> torch.nn.Module:
+    cfg = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config), over)
+    policy = build_policy(cfg, den_cfg, SHAPES).eval()
+    g = torch.Generator().manual_seed(0)
+    policy.normalizer.fit({"state": torch.randn(256, 39, generator=g), "action": torch.rand(256, 4, generator=g) * 2 - 1})
+    policy.prepare(torch.rand(256, policy.data_horizon, 4, generator=g) * 2 - 1)
+    return policy
+
+
+def label(head: str, over: dict) -> tuple[str, int]:
+    sampler = over.get("sampler", {"truncated": "anchored", "streaming": "stream"}.get(head, ""))
+    steps = over.get("num_inference_steps", over.get("steps_per_tick"))
+    return sampler, int(steps)
+
+
+def count_nfe(policy, obs) -> int:
+    """Denoiser calls of one steady-state call (after streaming's warm start)."""
+    policy.predict_chunk(obs)
+    calls = []
+    hook = policy.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    policy.predict_chunk(obs)
+    hook.remove()
+    return len(calls)
+
+
+class Peer:
+    """LeRobot's DiffusionPolicy timed in its own interpreter; one chunk per ``time()`` call."""
+
+    def __init__(self, python: str):
+        self.proc = subprocess.Popen([python, str(ROOT / "benchmarks" / "lerobot_peer.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.info = json.loads(self._read())
+
+    def _read(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"LeRobot peer exited (rc={self.proc.wait()}); see its stderr above")
+        return line
+
+    def time(self) -> float:
+        self.proc.stdin.write("chunk\n")
+        return float(self._read())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def p95(xs: list[float]) -> float:
+    return statistics.quantiles(xs, n=20, method="inclusive")[-1] if len(xs) > 1 else xs[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/latency.json")
+    ap.add_argument("--denoisers", nargs="+", default=["unet1d"])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lerobot-python", default=None, help="python of a venv with lerobot==0.3.2 installed")
+    ap.add_argument("--lerobot-reps", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    load_all()
+
+    obs = {"state": torch.randn(1, 2, 39)}
+    timers: dict[tuple, callable] = {}
+    meta: dict[tuple, dict] = {}
+    for den in args.denoisers:
+        den_cfg = OmegaConf.structured(DENOISERS.get(den).config)
+        for head, over in SETTINGS:
+            policy = build(head, over, den_cfg)
+            sampler, steps = label(head, over)
+            key = (den, head, sampler, steps)
+            policy.reset()
+            meta[key] = {"nfe": count_nfe(policy, obs), "unit": "tick" if head == "streaming" else "chunk",
+                         "params": sum(p.numel() for p in policy.denoiser.parameters())}
+            timers[key] = (lambda p=policy: p.predict_chunk(obs))
+        # The floor: one bare denoiser forward at batch 1, condition precomputed.
+        policy = build("diffusion", {}, den_cfg)
+        with torch.inference_mode():
+            cond = policy.encode(obs)
+        x, t = torch.randn(1, policy.horizon, 4), torch.full((1,), 50.0)
+        key = (den, "floor", "one_forward", 1)
+        meta[key] = {"nfe": 1, "unit": "forward", "params": meta[(den, "diffusion", "ddpm", 100)]["params"]}
+        timers[key] = (lambda p=policy, x=x, t=t, c=cond: p.denoiser(x, t, c))
+
+    peer = Peer(args.lerobot_python) if args.lerobot_python else None
+    times: dict[tuple, list[float]] = {k: [] for k in timers}
+    peer_times: list[float] = []
+    order = list(timers)
+    rng = random.Random(0)
+    with torch.inference_mode():
+        for k in order:
+            for _ in range(args.warmup):
+                timers[k]()
+        if peer:
+            peer.time()  # warm-up
+        for rep in range(args.reps):
+            rng.shuffle(order)
+            for k in order:
+                t0 = time.perf_counter()
+                timers[k]()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+            if peer and rep < args.lerobot_reps:
+                peer_times.append(peer.time())
+            print(f"\rrep {rep + 1}/{args.reps}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    if peer:
+        peer.close()
+
+    rows = []
+    for den in args.denoisers:
+        ddpm = statistics.median(times[(den, "diffusion", "ddpm", 100)])
+        floor = statistics.median(times[(den, "floor", "one_forward", 1)])
+        for key in [k for k in timers if k[0] == den]:
+            _, head, sampler, steps = key
+            med = statistics.median(times[key])
+            rows.append({"denoiser": den, "head": head, "sampler": sampler, "steps": steps, **meta[key],
+                         "ms_median": med, "ms_p95": p95(times[key]),
+                         "ratio_vs_ddpm100": ddpm / med, "ratio_vs_floor": med / floor})
+        if peer_times:
+            med = statistics.median(peer_times)
+            rows.append({"denoiser": "lerobot_unet", "head": "lerobot_diffusion", "sampler": peer.info["sampler"],
+                         "steps": peer.info["steps"], "nfe": peer.info["steps"], "unit": "chunk", "params": peer.info["params"],
+                         "ms_median": med, "ms_p95": p95(peer_times), "ratio_vs_ddpm100": ddpm / med, "ratio_vs_floor": med / floor})
+
+    print(f"\n{'denoiser':12s} {'head':18s} {'sampler':11s} {'steps':>5s} {'nfe':>4s} {'unit':>7s} {'ms p50':>9s} "
+          f"{'ms p95':>9s} {'DDPM100/x':>10s} {'x/floor':>8s}")
+    for r in rows:
+        print(f"{r['denoiser']:12s} {r['head']:18s} {r['sampler']:11s} {r['steps']:5d} {r['nfe']:4d} {r['unit']:>7s} "
+              f"{r['ms_median']:9.2f} {r['ms_p95']:9.2f} {r['ratio_vs_ddpm100']:10.1f} {r['ratio_vs_floor']:8.2f}")
+    if peer_times:
+        for den in args.denoisers:
+            fastest = min((r for r in rows if r["denoiser"] == den and r["unit"] == "chunk"), key=lambda r: r["ms_median"])
+            print(f"LeRobot default DiffusionPolicy ({peer.info['params'] / 1e6:.0f}M params, {peer.info['sampler']}-"
+                  f"{peer.info['steps']}): {statistics.median(peer_times):.0f} ms/chunk = "
+                  f"{statistics.median(peer_times) / fastest['ms_median']:.0f}x our fastest {den} head "
+                  f"({fastest['head']} {fastest['sampler']}-{fastest['steps']})")
+    else:
+        print("peer not measured: pass --lerobot-python PATH (a venv with lerobot==0.3.2) to time LeRobot's DiffusionPolicy")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
