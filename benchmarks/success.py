@@ -1,0 +1,104 @@
+"""Task success of every real-time head on Meta-World MT10 as one task-id-conditioned policy.
+
+    python benchmarks/success.py --out benchmarks/success.json [--steps 6000] [--episodes 50]
+                                 [--heads diffusion edm truncated streaming] [override ...]
+
+Every head is trained on the same demos (``task=mt10``: 50 scripted demos per task, collected on
+first use) with the same budget (steps, batch, optimizer, denoiser), then evaluated for
+``--episodes`` episodes per task on the same seeds. Heads that share training (DDPM-100 and DDIM-10
+are one model; so are EDM's samplers) are trained once and evaluated per sampler setting.
+Resumable: a trained run (its results.json) is not retrained, an evaluated setting (its JSON) is not
+re-evaluated, and a killed training run resumes from its last checkpoint. It takes hours on a
+2-core CPU; it is not part of the test run. Rows: head, sampler, steps, task, episodes, success,
+ci95 (Wilson), plus one ``task: "mean"`` row per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "osmesa")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from rtpolicy.checkpoint import load_policy  # noqa: E402
+from rtpolicy.config import EvalConfig, TaskConfig, register_configs  # noqa: E402
+from rtpolicy.envs.runner import evaluate  # noqa: E402
+from rtpolicy.training import resolve_device, train  # noqa: E402
+
+# trained head -> the inference settings evaluated on its checkpoint: (sampler label, steps, overrides)
+HEADS = {
+    "diffusion": [("ddpm", 100, {"sampler": "ddpm", "num_inference_steps": 100}),
+                  ("ddim", 10, {"sampler": "ddim", "num_inference_steps": 10})],
+    "edm": [("dpmpp_2m", 4, {"sampler": "dpmpp_2m", "num_inference_steps": 4})],
+    "truncated": [("anchored", 1, {"num_inference_steps": 1})],
+    "streaming": [("stream", 1, {"steps_per_tick": 1})],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/success.json")
+    ap.add_argument("--runs", default="benchmarks/runs/success")
+    ap.add_argument("--task", default="mt10")
+    ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    ap.add_argument("--steps", type=int, default=6000, help="training steps per head (the shared budget)")
+    ap.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task")
+    ap.add_argument("--num-envs", type=int, default=4)
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every head's training")
+    args = ap.parse_args()
+    register_configs()
+
+    rows = []
+    for head in args.heads:
+        run_dir = Path(args.runs) / args.task / head
+        if not (run_dir / "results.json").exists():
+            over = [f"task={args.task}", f"policy={head}", f"train.steps={args.steps}", "eval.episodes=0",
+                    *args.overrides, f"run_dir={run_dir}", f"resume={(run_dir / 'checkpoints').exists()}"]
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                cfg = compose("train", overrides=over)
+            train(cfg)
+        ckpt = run_dir / "checkpoints" / "last.safetensors"
+        for sampler, steps, inference in HEADS[head]:
+            out = run_dir / f"eval_{sampler}{steps}.json"
+            if not out.exists():
+                device = resolve_device("auto")
+                policy, meta = load_policy(ckpt, device, inference)
+                task_cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), meta["config"]["task"])
+                ecfg = EvalConfig(episodes=args.episodes, num_envs=args.num_envs, out=str(out))
+                print(f"[success] {head} {sampler}-{steps}: {args.episodes} episodes per task", flush=True)
+                evaluate(policy, task_cfg, ecfg, device=device)
+            res = json.loads(out.read_text())
+            per_task = res.get("per_task") or {res["task"]: res}
+            for task, r in per_task.items():
+                rows.append({"head": head, "sampler": sampler, "steps": steps, "task": task, "episodes": r["episodes"],
+                             "success": r["success"], "ci95": r["ci95"]})
+            rows.append({"head": head, "sampler": sampler, "steps": steps, "task": "mean", "episodes": res["episodes"],
+                         "success": res["success"], "ci95": res["ci95"], "chunk_ms_p50": res["chunk_ms_p50"]})
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(rows, indent=2))
+
+    settings = list(dict.fromkeys((r["head"], r["sampler"], r["steps"]) for r in rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    cell = {(r["head"], r["sampler"], r["steps"], r["task"]): r for r in rows}
+    names = [f"{h}/{s}-{n}" for h, s, n in settings]
+    print(f"\n{'task':24s}" + "".join(f"{n:>22s}" for n in names))
+    for task in tasks:
+        line = f"{task:24s}"
+        for st in settings:
+            r = cell.get((*st, task))
+            line += f"{'':>22s}" if r is None else f"{r['success']:6.2f} [{r['ci95'][0]:.2f},{r['ci95'][1]:.2f}]".rjust(22)
+        print(line)
+    print(f"({rows[-1]['episodes'] // max(1, len(tasks) - 1)} episodes per task; mean row: Wilson 95% CI of pooled episodes)")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
