@@ -89,6 +89,18 @@ class MetaWorldEnv(gymnasium.Env):
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 80}
+    # What a deployed policy of this family commands and how often (read by rtpolicy.deploy.export):
+    # end-effector xyz deltas (relative; TwistStamped on a robot) plus an absolute gripper effort,
+    # at the simulator's control rate (frame_skip 5 x 2.5 ms = 12.5 ms).
+    DEPLOY_SPEC = {
+        "action_kind": "ee_delta",
+        "action_names": ["dx", "dy", "dz", "gripper"],
+        "action_low": [-1.0, -1.0, -1.0, -1.0],
+        "action_high": [1.0, 1.0, 1.0, 1.0],
+        "delta_dims": [0, 1, 2],
+        "control_rate_hz": 80.0,
+        "obs_names": {"state": "hand xyz, gripper opening, object 1 pose (7), object 2 pose (7), previous 18, goal xyz"},
+    }
 
     def __init__(
         self,
