@@ -44,7 +44,7 @@ def main() -> None:
         if done.exists():
             res = json.loads(done.read_text())
         else:
-            over = [f"task={task}", *DEFAULT, *args.overrides, f"run_dir={run_dir}", f"resume={(run_dir / 'checkpoints').exists()}"]
+            over = [f"task={task}", *DEFAULT, *args.overrides, f"run_dir={run_dir}", f"resume={(run_dir / 'checkpoints' / 'last.safetensors').exists()}"]
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
                 cfg = compose("train", overrides=over)
             res = train(cfg)

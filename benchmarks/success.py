@@ -61,7 +61,7 @@ def main() -> None:
         run_dir = Path(args.runs) / args.task / head
         if not (run_dir / "results.json").exists():
             over = [f"task={args.task}", f"policy={head}", f"train.steps={args.steps}", "eval.episodes=0",
-                    *args.overrides, f"run_dir={run_dir}", f"resume={(run_dir / 'checkpoints').exists()}"]
+                    *args.overrides, f"run_dir={run_dir}", f"resume={(run_dir / 'checkpoints' / 'last.safetensors').exists()}"]
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
                 cfg = compose("train", overrides=over)
             train(cfg)

@@ -1,0 +1,1 @@
+"""Deployment: export, runtime, safety, ROS 2 node."""

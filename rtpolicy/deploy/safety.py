@@ -1,0 +1,175 @@
+"""Last line before the robot: ``SafetyLayer.filter`` runs on every command of every control tick.
+
+Order: e-stop latched, stale observation, empty queue (command None), non-finite values -> hold;
+otherwise clamp to [lower, upper], then the per-step velocity limit, then the acceleration limit.
+"Hold" keeps the last safe command on absolute dims (joint or gripper positions) and commands no
+motion (0) on delta dims (relative, velocity-like commands such as Meta-World's end-effector
+displacement); holding is always allowed and leaves the per-step velocity at 0.
+
+Velocities are per control step: v = cmd - last on an absolute dim, v = cmd on a delta dim;
+|v| <= max_velocity * dt and |v - v_last| <= max_acceleration * dt^2. An absolute dim also never moves
+faster than it can still brake to a stop at its bound under the acceleration limit, so the position,
+velocity and acceleration limits all hold together on every command that is not a hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger("rtpolicy.deploy.safety")
+HOLDS = ("estop", "stale_obs", "empty_queue", "non_finite")
+CLIPS = ("clamp", "velocity", "acceleration")
+Vec = Sequence[float] | np.ndarray | float
+
+
+@dataclass
+class SafetyLimits:
+    """Limits for a Da-dim command; max_velocity / max_acceleration may be scalars (every dim)."""
+
+    lower: Vec  # (Da,) lowest command per dim, may be -inf
+    upper: Vec  # (Da,) highest command per dim, may be +inf
+    max_velocity: Vec = math.inf  # (Da,) units/s
+    max_acceleration: Vec = math.inf  # (Da,) units/s^2
+    stale_obs_s: float = 0.5  # observations older than this (seconds) hold the robot
+    delta_dims: Sequence[int] = ()  # relative/velocity-like dims; the others are absolute
+
+    def __post_init__(self):
+        self.lower = self._vec("lower", self.lower, None)
+        da = self.dim
+        self.upper = self._vec("upper", self.upper, da)
+        self.max_velocity = self._vec("max_velocity", self.max_velocity, da)
+        self.max_acceleration = self._vec("max_acceleration", self.max_acceleration, da)
+        if (bad := np.flatnonzero(self.lower > self.upper)).size:
+            raise ValueError(f"SafetyLimits: lower > upper at dims {bad.tolist()}")
+        for name in ("max_velocity", "max_acceleration"):
+            if (bad := np.flatnonzero(getattr(self, name) <= 0)).size:
+                raise ValueError(f"SafetyLimits.{name} must be > 0 (inf for no limit); dims {bad.tolist()} are not")
+        if not self.stale_obs_s > 0:
+            raise ValueError(f"SafetyLimits.stale_obs_s must be > 0 seconds, got {self.stale_obs_s}")
+        dims = [int(d) for d in self.delta_dims]
+        if len(set(dims)) != len(dims) or any(not 0 <= d < da for d in dims):
+            raise ValueError(f"SafetyLimits.delta_dims must be distinct indices in [0, {da}), got {list(self.delta_dims)}")
+        if bad := [d for d in dims if not self.lower[d] <= 0 <= self.upper[d]]:
+            raise ValueError(f"SafetyLimits: delta dims {bad} hold at 0, so 0 must lie in [lower, upper] there")
+        self.delta_dims = tuple(dims)
+
+    @staticmethod
+    def _vec(name: str, x: Vec, da: int | None) -> np.ndarray:
+        a = np.asarray(x, dtype=np.float64)
+        if a.ndim == 0 and da is not None:
+            a = np.full(da, float(a))
+        if a.ndim != 1 or a.size == 0 or (da is not None and a.size != da):
+            want = f"{da} entries (one per action dim)" if da is not None else "one entry per action dim"
+            raise ValueError(f"SafetyLimits.{name} must be 1-D with {want}, got shape {a.shape}")
+        if np.isnan(a).any():
+            raise ValueError(f"SafetyLimits.{name} has NaN at dims {np.flatnonzero(np.isnan(a)).tolist()}")
+        return a
+
+    @property
+    def dim(self) -> int:
+        return len(self.lower)
+
+
+class SafetyLayer:
+    """Filters commands (Da,) at a fixed control period ``dt`` (s), starting from ``initial_command``.
+
+    ``counts`` counts interventions by kind, ``last_interventions`` lists those applied to the latest
+    command. Each intervention logs a warning; a kind repeated on consecutive commands logs again only
+    every ``log_every``-th time.
+    """
+
+    def __init__(self, limits: SafetyLimits, dt: float, initial_command: Vec, log_every: int = 100):
+        if not dt > 0 or log_every < 1:
+            raise ValueError(f"SafetyLayer: need dt > 0 seconds and log_every >= 1, got dt={dt}, log_every={log_every}")
+        self.limits, self.dt, self.log_every = limits, float(dt), log_every
+        self.delta = np.zeros(limits.dim, dtype=bool)
+        self.delta[list(limits.delta_dims)] = True
+        self.vmax = limits.max_velocity * self.dt  # (Da,) per step
+        self.amax = limits.max_acceleration * self.dt**2  # (Da,) change of per-step velocity
+        self.counts = dict.fromkeys(HOLDS + CLIPS, 0)
+        self.last_interventions: tuple[str, ...] = ()
+        self._kinds: list[str] = []  # interventions of the command being filtered
+        self.estopped = False
+        self.reset(initial_command)
+
+    def reset(self, command: Vec) -> None:
+        """Re-seed the last safe command (e.g. the robot's state on activate); delta dims restart at 0."""
+        c = self._check_shape(command)
+        lim = self.limits
+        if (bad := np.flatnonzero(~np.isfinite(c) | (c < lim.lower) | (c > lim.upper))).size:
+            raise ValueError(f"SafetyLayer: command {c.tolist()} is non-finite or outside [lower, upper] "
+                             f"at dims {bad.tolist()}")
+        self.last = np.where(self.delta, 0.0, c)
+        self.vel = np.zeros(lim.dim)
+
+    def estop(self, reason: str = "requested") -> None:
+        self.estopped = True
+        log.warning("safety e-stop latched: %s", reason)
+
+    def reset_estop(self) -> None:
+        self.estopped = False
+        log.warning("safety e-stop cleared")
+
+    def _check_shape(self, command: Any) -> np.ndarray:
+        c = np.asarray(command, dtype=np.float64)
+        if c.shape != (self.limits.dim,):
+            raise ValueError(f"SafetyLayer: command must have shape ({self.limits.dim},), got {c.shape}")
+        return c
+
+    def _note(self, kind: str, detail: str) -> None:
+        self.counts[kind] += 1
+        if kind not in self.last_interventions or self.counts[kind] % self.log_every == 0:
+            log.warning("safety %s: %s (%d so far)", kind, detail, self.counts[kind])
+        self._kinds.append(kind)
+
+    def _clip(self, kind: str, x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        y = np.clip(x, lo, hi)
+        if (dims := np.flatnonzero(y != x)).size:
+            self._note(kind, f"limited dims {dims.tolist()}")
+        return y
+
+    def filter(self, command: Vec | None, now: float, obs_stamp: float | None) -> np.ndarray:
+        """command (Da,) or None, the time now and the observation's stamp (same clock, s) -> safe command (Da,)."""
+        self._kinds: list[str] = []
+        c = None if command is None else self._check_shape(command)
+        if self.estopped:
+            self._note("estop", "e-stop latched, holding")
+        elif obs_stamp is None or now - obs_stamp > self.limits.stale_obs_s:
+            age = "no observation" if obs_stamp is None else f"observation {now - obs_stamp:.3f} s old"
+            self._note("stale_obs", f"{age} > {self.limits.stale_obs_s} s, holding")
+        elif c is None:
+            self._note("empty_queue", "no action queued for this step, holding")
+        elif (bad := np.flatnonzero(~np.isfinite(c))).size:
+            self._note("non_finite", f"non-finite values at dims {bad.tolist()}, holding")
+        if self._kinds:
+            out, self.vel = np.where(self.delta, 0.0, self.last), np.zeros(self.limits.dim)
+        else:
+            out = self._limit(c)
+        self.last, self.last_interventions = out, tuple(self._kinds)
+        return out.copy()
+
+    def _limit(self, cmd: np.ndarray) -> np.ndarray:
+        """Clamp, then velocity, then acceleration; the braking cap (largest v with v + v^2/(2 amax) <= room
+        to the bound) counts as acceleration. The velocity, acceleration and braking intervals pairwise
+        share a point (the last velocity, 0, last velocity -+ amax), so in 1-D all three intersect."""
+        lim, last = self.limits, self.last
+        c = self._clip("clamp", cmd, lim.lower, lim.upper)
+        v = np.where(self.delta, c, c - last)
+        with np.errstate(invalid="ignore"):  # inf room -> inf cap
+            room_up, room_down = lim.upper - last, last - lim.lower
+            brake_up = np.where(np.isinf(room_up), np.inf, 2 * room_up / (1 + np.sqrt(1 + 2 * room_up / self.amax)))
+            brake_down = np.where(np.isinf(room_down), np.inf, 2 * room_down / (1 + np.sqrt(1 + 2 * room_down / self.amax)))
+        lo = np.maximum(-self.vmax, np.where(self.delta, lim.lower, -np.inf))
+        hi = np.minimum(self.vmax, np.where(self.delta, lim.upper, np.inf))
+        v1 = self._clip("velocity", v, lo, hi)
+        a_lo = np.maximum(self.vel - self.amax, np.where(self.delta, -np.inf, -brake_down))
+        a_hi = np.minimum(self.vel + self.amax, np.where(self.delta, np.inf, brake_up))
+        v2 = np.clip(self._clip("acceleration", v1, a_lo, a_hi), lo, hi)
+        self.vel = v2
+        out = np.where(self.delta, v2, np.where(v2 == v, c, last + v2))
+        return np.clip(out, lim.lower, lim.upper)  # guards rounding in last + v2 only
