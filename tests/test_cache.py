@@ -1,0 +1,105 @@
+"""Feature caching (BAC, uniform, TaylorSeer-like) around the transformer denoiser."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from rtpolicy.policies import build_policy, load_all
+from rtpolicy.policies.accelerators.cache import (CachedDiT, adaptive_schedule, bubbling_union, calibrate,
+                                                 uniform_schedule)
+from rtpolicy.policies.base import POLICIES
+from rtpolicy.policies.denoisers.base import DENOISERS
+
+SHAPES = {"state": [6], "action": [2]}
+
+
+def make(head="diffusion", **over):
+    load_all()
+    pol = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config),
+                          {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16}, over)
+    den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("transformer").config), {"n_layer": 3, "n_head": 2, "n_emb": 16})
+    torch.manual_seed(0)
+    policy = build_policy(pol, den, SHAPES).eval()
+    for p in policy.denoiser.parameters():  # adaLN-Zero starts as identity: give the gates real values
+        torch.nn.init.normal_(p, std=0.2)
+    policy.normalizer.fit({"state": torch.randn(64, 6), "action": torch.rand(64, 2) * 2 - 1})
+    return policy
+
+
+OBS = {"state": torch.randn(3, 2, 6)}
+
+
+def chunk(policy, seed=0):
+    torch.manual_seed(seed)
+    return policy.predict_chunk(OBS)
+
+
+def test_full_schedule_equals_uncached_exactly():
+    policy = make(sampler="ddim", num_inference_steps=10)
+    ref = chunk(policy)
+    inner = policy.denoiser
+    policy.denoiser = CachedDiT(inner, torch.ones(6, 10, dtype=torch.bool), "bac")
+    assert torch.equal(chunk(policy), ref)
+    assert torch.equal(chunk(policy), ref)  # the step counter wrapped: the next chunk starts clean
+
+
+def test_skipping_changes_output_and_taylor_differs_from_reuse():
+    policy = make(sampler="ddim", num_inference_steps=10)
+    ref = chunk(policy)
+    inner = policy.denoiser
+    policy.denoiser = CachedDiT(inner, uniform_schedule(6, 10, 2), "uniform")
+    uni = chunk(policy)
+    policy.denoiser = CachedDiT(inner, uniform_schedule(6, 10, 2), "taylor")
+    tay = chunk(policy)
+    assert not torch.equal(uni, ref) and not torch.equal(tay, uni)
+    assert policy.denoiser.computed_fraction() == 0.5
+
+
+def test_adaptive_schedule_picks_the_change_points():
+    # steps 0-3 alike, 4-9 alike, the two groups unlike: two updates belong at 0 and 4
+    k = 10
+    group = torch.tensor([0] * 4 + [1] * 6)
+    sim = torch.where(group[:, None] == group[None], 1.0, 0.1)
+    assert adaptive_schedule(sim, 2).nonzero().flatten().tolist() == [0, 4]
+    assert adaptive_schedule(sim, 1).nonzero().flatten().tolist() == [0]
+    assert adaptive_schedule(sim, 20).all()  # the budget is capped at K: update everywhere
+    assert int(adaptive_schedule(sim, 3).sum()) == 3
+
+
+def test_bubbling_union_updates_upstream_of_ffn_updates():
+    s = torch.zeros(4, 5, dtype=torch.bool)
+    s[:, 0] = True
+    s[3, 2] = True  # block 1's FFN updates at step 2
+    s[2, 4] = True  # block 1's attention alone: nothing bubbles
+    out = bubbling_union(s)
+    assert out[:, 2].all() and out[:, 4].tolist() == [False, False, True, False]
+
+
+def test_bac_calibration_and_json_round_trip():
+    policy = make(sampler="ddim", num_inference_steps=10)
+    ref = chunk(policy)
+    report = calibrate(policy, OBS, "bac", budget=4)
+    assert report["steps"] == 10 and report["units"] == 6 and report["computed_fraction"] < 1
+    cached = policy.denoiser
+    assert cached.schedule[:, 0].all() and (cached.schedule.sum(1) >= 4).all()
+    out = chunk(policy)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    again = CachedDiT.from_json(cached.inner, cached.schedule_json())
+    assert torch.equal(again.schedule, cached.schedule) and again.mode == "bac"
+    # the schedule is a buffer: it travels in the policy's state_dict (checkpoints, bundles)
+    assert any(k.endswith("denoiser.schedule") for k in policy.state_dict())
+
+
+def test_edm_calls_counted_and_bad_inputs():
+    policy = make("edm", sampler="heun", num_inference_steps=3)
+    assert calibrate(policy, OBS, "uniform", every=2)["steps"] == 5
+    with pytest.raises(ValueError, match="step 0"):
+        CachedDiT(policy.denoiser.inner, torch.zeros(6, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="units=6"):
+        CachedDiT(policy.denoiser.inner, torch.ones(4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="cache mode"):
+        calibrate(policy, OBS, "deepcache")
+    load_all()
+    unet = DENOISERS.build("unet1d", OmegaConf.structured(DENOISERS.get("unet1d").config), 2, 8, 16, 3)
+    with pytest.raises(TypeError, match="transformer"):
+        CachedDiT(unet, torch.ones(2, 2, dtype=torch.bool))
