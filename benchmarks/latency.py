@@ -31,7 +31,10 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
 from rtpolicy.policies import build_policy, load_all  # noqa: E402
+from rtpolicy.policies.accelerators.cache import calibrate  # noqa: E402
 from rtpolicy.policies.base import POLICIES  # noqa: E402
 from rtpolicy.policies.denoisers.base import DENOISERS  # noqa: E402
 
@@ -52,6 +55,10 @@ SETTINGS = [
     ("streaming", {"steps_per_tick": 1}),
     ("streaming", {"steps_per_tick": 2}),
 ]
+# feature caching of the transformer denoiser on DDIM-10 (label, calibrate() arguments)
+CACHES = [("bac", {"mode": "bac", "budget": 4}), ("bac", {"mode": "bac", "budget": 3}),
+          ("uniform", {"mode": "uniform", "every": 2}), ("uniform", {"mode": "uniform", "every": 3}),
+          ("taylor", {"mode": "taylor", "every": 2}), ("taylor", {"mode": "taylor", "every": 3})]
 
 
 def build(head: str, over: dict, den_cfg) -> torch.nn.Module:
@@ -67,6 +74,12 @@ def label(head: str, over: dict) -> tuple[str, int]:
     sampler = over.get("sampler", {"truncated": "anchored", "streaming": "stream"}.get(head, ""))
     steps = over.get("num_inference_steps", over.get("steps_per_tick"))
     return sampler, int(steps)
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 def count_nfe(policy, obs) -> int:
@@ -133,6 +146,15 @@ def main() -> None:
             meta[key] = {"nfe": count_nfe(policy, obs), "unit": "tick" if head == "streaming" else "chunk",
                          "params": sum(p.numel() for p in policy.denoiser.parameters())}
             timers[key] = (lambda p=policy: p.predict_chunk(obs))
+        if den == "transformer":
+            calib = {"state": torch.randn(16, 2, 39)}
+            for label_, kw in CACHES:
+                policy = build("diffusion", {"sampler": "ddim", "num_inference_steps": 10}, den_cfg)
+                rep = calibrate(policy, calib, **kw)
+                key = (den, f"diffusion+{label_}", "ddim", 10, kw.get("budget", kw.get("every")))
+                meta[key] = {"nfe": 10, "unit": "chunk", "params": meta[(den, "diffusion", "ddim", 10)]["params"],
+                             "computed_fraction": rep["computed_fraction"]}
+                timers[key] = (lambda p=policy: p.predict_chunk(obs))
         # The floor: one bare denoiser forward at batch 1, condition precomputed.
         policy = build("diffusion", {}, den_cfg)
         with torch.inference_mode():
@@ -142,6 +164,9 @@ def main() -> None:
         meta[key] = {"nfe": 1, "unit": "forward", "params": meta[(den, "diffusion", "ddpm", 100)]["params"]}
         timers[key] = (lambda p=policy, x=x, t=t, c=cond: p.denoiser(x, t, c))
 
+    with torch.inference_mode():
+        for key, fn in timers.items():
+            meta[key]["gflops"] = count_flops(fn) / 1e9
     peer = Peer(args.lerobot_python) if args.lerobot_python else None
     times: dict[tuple, list[float]] = {k: [] for k in timers}
     peer_times: list[float] = []
@@ -171,22 +196,26 @@ def main() -> None:
         ddpm = statistics.median(times[(den, "diffusion", "ddpm", 100)])
         floor = statistics.median(times[(den, "floor", "one_forward", 1)])
         for key in [k for k in timers if k[0] == den]:
-            _, head, sampler, steps = key
+            _, head, sampler, steps = key[:4]
             med = statistics.median(times[key])
-            rows.append({"denoiser": den, "head": head, "sampler": sampler, "steps": steps, **meta[key],
-                         "ms_median": med, "ms_p95": p95(times[key]),
-                         "ratio_vs_ddpm100": ddpm / med, "ratio_vs_floor": med / floor})
+            row = {"denoiser": den, "head": head, "sampler": sampler, "steps": steps, **meta[key],
+                   "ms_median": med, "ms_p95": p95(times[key]), "ratio_vs_ddpm100": ddpm / med, "ratio_vs_floor": med / floor}
+            if len(key) == 5:  # a cached setting: its knob and the speedup over the same head uncached
+                row |= {"cache_param": key[4], "speedup_vs_uncached": statistics.median(times[(den, "diffusion", "ddim", 10)]) / med}
+            rows.append(row)
         if peer_times:
             med = statistics.median(peer_times)
             rows.append({"denoiser": "lerobot_unet", "head": "lerobot_diffusion", "sampler": peer.info["sampler"],
                          "steps": peer.info["steps"], "nfe": peer.info["steps"], "unit": "chunk", "params": peer.info["params"],
                          "ms_median": med, "ms_p95": p95(peer_times), "ratio_vs_ddpm100": ddpm / med, "ratio_vs_floor": med / floor})
 
-    print(f"\n{'denoiser':12s} {'head':18s} {'sampler':11s} {'steps':>5s} {'nfe':>4s} {'unit':>7s} {'ms p50':>9s} "
+    print(f"\n{'denoiser':12s} {'head':22s} {'sampler':11s} {'steps':>5s} {'nfe':>4s} {'unit':>7s} {'GFLOP':>7s} {'ms p50':>9s} "
           f"{'ms p95':>9s} {'DDPM100/x':>10s} {'x/floor':>8s}")
     for r in rows:
-        print(f"{r['denoiser']:12s} {r['head']:18s} {r['sampler']:11s} {r['steps']:5d} {r['nfe']:4d} {r['unit']:>7s} "
-              f"{r['ms_median']:9.2f} {r['ms_p95']:9.2f} {r['ratio_vs_ddpm100']:10.1f} {r['ratio_vs_floor']:8.2f}")
+        head = r["head"] + (f"({r['cache_param']})" if "cache_param" in r else "")
+        print(f"{r['denoiser']:12s} {head:22s} {r['sampler']:11s} {r['steps']:5d} {r['nfe']:4d} {r['unit']:>7s} "
+              f"{r.get('gflops', float('nan')):7.3f} {r['ms_median']:9.2f} {r['ms_p95']:9.2f} {r['ratio_vs_ddpm100']:10.1f} "
+              f"{r['ratio_vs_floor']:8.2f}" + (f"  {r['speedup_vs_uncached']:.2f}x vs uncached" if "cache_param" in r else ""))
     if peer_times:
         for den in args.denoisers:
             fastest = min((r for r in rows if r["denoiser"] == den and r["unit"] == "chunk"), key=lambda r: r["ms_median"])
