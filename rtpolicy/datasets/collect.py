@@ -226,5 +226,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``sys.exit`` would treat main()'s return value as an error)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

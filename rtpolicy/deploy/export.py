@@ -185,5 +185,10 @@ def main(argv: list[str] | None = None) -> Path:
     return out
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``sys.exit`` would treat main()'s return value as an error)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()
