@@ -7,6 +7,7 @@ import importlib
 _MODULES = (
     "rtpolicy.policies.denoisers.unet1d",
     "rtpolicy.policies.denoisers.transformer",
+    "rtpolicy.policies.denoisers.mode",
     "rtpolicy.policies.diffusion",
     "rtpolicy.policies.edm",
     "rtpolicy.policies.streaming",

@@ -85,7 +85,12 @@ class DenoisingHead(Policy):
             if self.training and p_drop > 0:  # classifier-free guidance: learn the task-free model too
                 task_id = torch.where(torch.rand(task_id.shape, device=task_id.device) < p_drop, -1, task_id)
             obs["task_id"] = task_id
-        return self.denoise_loss(self.normalizer.normalize("action", actions), self.encode(obs))
+        loss, metrics = self.denoise_loss(self.normalizer.normalize("action", actions), self.encode(obs))
+        aux = getattr(self.denoiser, "aux_loss", None)  # e.g. MoDE's expert load balancing
+        if aux is not None:
+            loss = loss + aux
+            metrics = metrics | {"aux": aux.item()}
+        return loss, metrics
 
     def prepare(self, windows: torch.Tensor) -> None:
         """Fit data-dependent state (e.g. anchors) on normalized training windows (N, data_horizon, Da)."""
