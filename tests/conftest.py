@@ -20,6 +20,7 @@ def small_cfgs():
 
     load_all()
     pol = OmegaConf.structured(DiffusionConfig(horizon=8, obs_horizon=2, action_horizon=4, cond_dim=16, num_inference_steps=3))
-    small = {"unet1d": {"down_dims": [16, 32]}, "transformer": {"n_layer": 1, "n_head": 2, "n_emb": 16}}
+    small = {"unet1d": {"down_dims": [16, 32]}, "transformer": {"n_layer": 1, "n_head": 2, "n_emb": 16},
+             "mode": {"n_layer": 1, "n_head": 2, "n_emb": 16, "expert_hidden": 16}}
     dens = {name: OmegaConf.merge(OmegaConf.structured(DENOISERS.get(name).config), small[name]) for name in DENOISERS.names()}
     return pol, dens
