@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from rtpolicy.policies import build_policy, load_all  # noqa: E402
 from rtpolicy.policies.accelerators.cache import calibrate  # noqa: E402
+from rtpolicy.policies.denoisers.mode import cache_policy_experts  # noqa: E402
 from rtpolicy.policies.base import POLICIES  # noqa: E402
 from rtpolicy.policies.denoisers.base import DENOISERS  # noqa: E402
 
@@ -146,6 +147,21 @@ def main() -> None:
             meta[key] = {"nfe": count_nfe(policy, obs), "unit": "tick" if head == "streaming" else "chunk",
                          "params": sum(p.numel() for p in policy.denoiser.parameters())}
             timers[key] = (lambda p=policy: p.predict_chunk(obs))
+        if den == "mode":  # expert caching vs dense MoDE-architecture denoisers of the active and the total size
+            ddim10 = {"sampler": "ddim", "num_inference_steps": 10}
+            c = den_cfg
+            width = c.expert_hidden * (c.top_k + c.shared_expert), c.expert_hidden * (c.n_experts + c.shared_expert)
+            variants = [("mode+experts_cached", den_cfg, True),
+                        ("dense_active_size", OmegaConf.merge(den_cfg, {"n_experts": 1, "top_k": 1, "shared_expert": False, "expert_hidden": width[0]}), False),
+                        ("dense_total_size", OmegaConf.merge(den_cfg, {"n_experts": 1, "top_k": 1, "shared_expert": False, "expert_hidden": width[1]}), False)]
+            for label_, dcfg, cached in variants:
+                policy = build("diffusion", ddim10, dcfg)
+                if cached:
+                    cache_policy_experts(policy, obs)
+                counts = policy.denoiser.param_counts()
+                key = (den, label_, "ddim", 10)
+                meta[key] = {"nfe": 10, "unit": "chunk", "params": counts["total"], "active_params": counts["active"]}
+                timers[key] = (lambda p=policy: p.predict_chunk(obs))
         if den == "transformer":
             calib = {"state": torch.randn(16, 2, 39)}
             for label_, kw in CACHES:
