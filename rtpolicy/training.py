@@ -128,9 +128,10 @@ def train(cfg) -> dict[str, Any]:
     o = cfg.optim
     optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     lr_sched = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps, cfg.train.steps)
-    step = 0
+    step, prior_s = 0, 0.0  # prior_s: training seconds of the runs this one resumes
     if cfg.resume and ckpt_path.exists():
-        step = restore_training(ckpt_path, policy, ema.model, optimizer, lr_sched)["step"]
+        meta = restore_training(ckpt_path, policy, ema.model, optimizer, lr_sched)
+        step, prior_s = meta["step"], float(meta.get("metrics", {}).get("train_seconds", 0.0))
         ema.updates = step
         print(f"[rtpolicy] resumed {run_dir} at step {step}")
 
@@ -140,6 +141,7 @@ def train(cfg) -> dict[str, Any]:
     writer = SummaryWriter(str(run_dir / "tb"))
 
     def checkpoint(metrics=None):
+        metrics = {"train_seconds": round(prior_s + time.perf_counter() - t0, 1)} | (metrics or {})
         return save_checkpoint(ckpt_path, ema=ema.model, model=policy, optimizer=optimizer, lr_scheduler=lr_sched,
                                step=step, config=resolved, shapes=shapes, num_tasks=cfg.task.num_tasks, metrics=metrics)
 
@@ -171,7 +173,7 @@ def train(cfg) -> dict[str, Any]:
         if step % cfg.train.ckpt_every == 0:
             checkpoint()
     bar.close()
-    train_s = time.perf_counter() - t0
+    train_s = prior_s + time.perf_counter() - t0
     val = validation_loss(ema.model, val_loader, device) if val_loader is not None else None
     results = _evaluate(ema.model, cfg, device, run_dir / "eval") if cfg.eval.episodes > 0 else {}
     results |= {"head": f"{cfg.policy.name}/{cfg.denoiser.name}", "train_seconds": round(train_s, 1), "val_loss": val, "step": step}
