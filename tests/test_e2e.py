@@ -44,9 +44,11 @@ def test_collect_train_resume_eval(tmp_path):
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "resume=true" in again.stdout + again.stderr
 
+    first_s = json.loads((tmp_path / "run" / "results.json").read_text())["train_seconds"]
     out = _run("train.py", f"task.dataset={data}", "train.steps=15", f"run_dir={tmp_path}/run", "resume=true", *TINY, cwd=tmp_path)
     assert "resumed" in out and "at step 10" in out
     assert json.loads(ckpt.with_suffix(".json").read_text())["step"] == 15
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["train_seconds"] > first_s  # time accumulates
 
     res_path = tmp_path / "eval" / "results.json"
     _run("eval.py", f"checkpoint={ckpt}", "eval.episodes=2", "eval.num_envs=1", "eval.max_episode_steps=16",
