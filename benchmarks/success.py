@@ -25,6 +25,7 @@ os.environ.setdefault("MUJOCO_GL", "osmesa")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -52,15 +53,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6000, help="training steps per head (the shared budget)")
     ap.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task")
     ap.add_argument("--num-envs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 lets two runs share 2 cores")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every head's training")
     args = ap.parse_args()
     register_configs()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     rows = []
     for head in args.heads:
         run_dir = Path(args.runs) / args.task / head
         if not (run_dir / "results.json").exists():
-            over = [f"task={args.task}", f"policy={head}", f"train.steps={args.steps}", "eval.episodes=0",
+            over = [f"task={args.task}", f"policy={head}", f"train.steps={args.steps}", "eval.episodes=0", f"train.threads={args.threads}",
                     *args.overrides, f"run_dir={run_dir}", f"resume={(run_dir / 'checkpoints' / 'last.safetensors').exists()}"]
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
                 cfg = compose("train", overrides=over)
