@@ -14,6 +14,7 @@ velocity and acceleration limits all hold together on every command that is not 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ class SafetyLayer:
         self.last_interventions: tuple[str, ...] = ()
         self._kinds: list[str] = []  # interventions of the command being filtered
         self.estopped = False
+        self._quiet = False  # True on the copies preview() filters with: they do not log
         self.reset(initial_command)
 
     def reset(self, command: Vec) -> None:
@@ -106,6 +108,10 @@ class SafetyLayer:
                              f"at dims {bad.tolist()}")
         self.last = np.where(self.delta, 0.0, c)
         self.vel = np.zeros(lim.dim)
+
+    def hold(self) -> np.ndarray:
+        """The hold command (Da,): the last safe command on absolute dims, 0 on delta dims; counts nothing."""
+        return np.where(self.delta, 0.0, self.last)
 
     def estop(self, reason: str = "requested") -> None:
         self.estopped = True
@@ -123,7 +129,7 @@ class SafetyLayer:
 
     def _note(self, kind: str, detail: str) -> None:
         self.counts[kind] += 1
-        if kind not in self.last_interventions or self.counts[kind] % self.log_every == 0:
+        if not self._quiet and (kind not in self.last_interventions or self.counts[kind] % self.log_every == 0):
             log.warning("safety %s: %s (%d so far)", kind, detail, self.counts[kind])
         self._kinds.append(kind)
 
@@ -152,6 +158,13 @@ class SafetyLayer:
             out = self._limit(c)
         self.last, self.last_interventions = out, tuple(self._kinds)
         return out.copy()
+
+    def preview(self, commands: Sequence[Vec], now: float, obs_stamp: float | None) -> np.ndarray:
+        """(n, Da): what ``filter`` would output for these future commands in a row, on a copy: this layer's
+        state, counts and log are untouched (e.g. to publish a planned trajectory that obeys the limits)."""
+        shadow = copy.deepcopy(self)
+        shadow._quiet = True
+        return np.stack([shadow.filter(c, now, obs_stamp) for c in commands]) if len(commands) else np.empty((0, self.limits.dim))
 
     def _limit(self, cmd: np.ndarray) -> np.ndarray:
         """Clamp, then velocity, then acceleration; the braking cap (largest v with v + v^2/(2 amax) <= room

@@ -14,6 +14,7 @@ None of this needs ROS: the rclpy node, the simulator runner and the tests drive
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -131,11 +132,21 @@ class ActionScheduler:
         with self._lock:
             return len(self._queue)
 
-    def stats(self) -> dict[str, Any]:
+    @property
+    def last_delay(self) -> int:
+        """Delay (control steps) of the latest chunk; 0 before the first."""
         with self._lock:
-            return {"chunks": self.chunks, "late_chunks": self.late_chunks, "dropped_actions": self.dropped_actions,
-                    "empty_pops": self.empty_pops, "queued": len(self._queue), "delays": list(self.delays),
-                    "mean_delay": float(np.mean(self.delays)) if self.delays else float("nan")}
+            return self._last_delay
+
+    def stats(self, delays: bool = True) -> dict[str, Any]:
+        """Counters since the last reset; ``delays=False`` leaves out the per-chunk list (long-running loops)."""
+        with self._lock:
+            out = {"chunks": self.chunks, "late_chunks": self.late_chunks, "dropped_actions": self.dropped_actions,
+                   "empty_pops": self.empty_pops, "queued": len(self._queue),
+                   "mean_delay": float(np.mean(self.delays)) if self.delays else float("nan")}
+            if delays:
+                out["delays"] = list(self.delays)
+            return out
 
 
 class InferenceWorker:
@@ -144,18 +155,22 @@ class InferenceWorker:
     ``submit`` hands over the latest observation; an unprocessed older one is replaced (counted in
     ``replaced``), never queued. Chunks are added with ``current_step=step_fn()`` read when predict
     returns. Exceptions in predict or add_chunk are logged, counted in ``errors`` and kept in
-    ``last_error``; the thread keeps serving. Latency (ms, predict only) skips the first ``warmup`` calls.
+    ``last_error``; the thread keeps serving. Latency (ms, predict only) skips the first ``warmup`` calls;
+    ``max_latency_samples`` keeps only that many of the latest (None: all).
+    ``reset()`` starts a new episode: the pending observation is dropped and a chunk still being computed
+    is discarded (counted in ``discarded``) instead of reaching the scheduler.
     """
 
     def __init__(self, predict: Callable[[Any], Any], scheduler: ActionScheduler, step_fn: Callable[[], int],
-                 warmup: int = 1, clock: Callable[[], float] = time.perf_counter):
+                 warmup: int = 1, clock: Callable[[], float] = time.perf_counter, max_latency_samples: int | None = None):
         self.predict, self.scheduler, self.step_fn, self.warmup, self.clock = predict, scheduler, step_fn, warmup, clock
         self._cond = threading.Condition()
         self._pending: tuple[Any, int] | None = None
         self._busy = self._closed = False
-        self.calls = self.replaced = self.errors = 0
+        self._generation = 0
+        self.calls = self.replaced = self.errors = self.discarded = 0
         self.last_error: BaseException | None = None
-        self._latency: list[float] = []
+        self._latency: collections.deque[float] = collections.deque(maxlen=max_latency_samples)
         self._thread = threading.Thread(target=self._run, name="rtpolicy-inference", daemon=True)
         self._thread.start()
 
@@ -169,6 +184,14 @@ class InferenceWorker:
                 raise RuntimeError("InferenceWorker.submit after close()")
             self.replaced += self._pending is not None
             self._pending = (obs, obs_step)
+            self._cond.notify_all()
+
+    def reset(self) -> None:
+        """Drop the pending observation; the result of a predict in progress is discarded, not queued."""
+        with self._cond:
+            self._generation += 1
+            self.discarded += self._pending is not None
+            self._pending = None
             self._cond.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -187,13 +210,17 @@ class InferenceWorker:
                 if self._closed:
                     return
                 (obs, obs_step), self._pending = self._pending, None
-                self._busy = True
+                self._busy, generation = True, self._generation
             ms, err = None, None
             try:
                 t0 = self.clock()
                 chunk = self.predict(obs)
                 ms = (self.clock() - t0) * 1e3
-                self.scheduler.add_chunk(chunk, obs_step, current_step=self.step_fn())
+                with self._cond:  # atomic with reset(): a chunk of a finished episode never reaches the queue
+                    if generation == self._generation:
+                        self.scheduler.add_chunk(chunk, obs_step, current_step=self.step_fn())
+                    else:
+                        self.discarded += 1
             except Exception as e:  # reported through errors / last_error and the log, never swallowed
                 err = e
                 log.exception("inference for the observation of step %d failed", obs_step)

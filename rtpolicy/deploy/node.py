@@ -1,0 +1,600 @@
+"""The policy as a ROS 2 lifecycle node: observations in, safe commands out, at a fixed control rate.
+
+    rtpolicy deploy bundle=bundles/reach observation_sources='{"state": [...]}' [key=value ...] [--ros-args ...]
+
+Lifecycle (``rclpy.lifecycle``; drive it with ``ros2 lifecycle set /rtpolicy configure`` or ``autostart``):
+    configure   load and verify the bundle, build the policy, ObservationBuilder, ActionScheduler and
+                SafetyLayer, create publishers and subscriptions. Any problem (bad bundle, sources that
+                do not add up to the bundle's shapes, bad limits) -> FAILURE, reason logged and kept in
+                ``configure_error``; the node stays up, unconfigured, and can be configured again.
+    activate    start the control timer (steady clock) and the InferenceWorker thread.
+    deactivate / shutdown / error   publish a hold command, stop the timer and the worker.
+
+Control tick k (timer at ``control_rate_hz``; k counts control periods since activation, so a late
+tick skips steps and counts them as deadline misses):
+
+    1. sample the latest messages into the observation history (invalid: reason logged)
+    2. a = scheduler.pop(k)                            the action queued for this step, or None
+    3. SafetyLayer.filter(a, now, obs stamp)           e-stop / stale or invalid obs / empty queue /
+                                                       non-finite -> hold; else clamp, velocity, accel
+    4. publish (by the bundle's action kind, below)
+    5. maybe submit the observation to the InferenceWorker, as obs_step = k + 1
+
+A chunk computed from the observation of tick k is for steps k+1, k+2, ...: the command of tick k is
+already out when the observation is taken, and one control period is the inference budget. A chunk
+that arrives d periods later than that has its first d rows dropped (the scheduler's delay and
+``dropped_actions``). Submission: the streaming head every tick; chunk heads when the worker is idle
+and no more than (last delay + 1) steps are still queued, i.e. after about ``action_horizon - delay``
+steps of the current chunk have run, so that the next chunk lands before the queue runs dry.
+
+Published per tick, by ``action.kind`` of the bundle:
+    ee_delta        geometry_msgs/TwistStamped on twist_topic: the delta dims as linear x, y, z (then
+                    angular x, y, z), in the bundle's action units (Meta-World: hand displacement per
+                    control step, 1 = 1 cm); std_msgs/Float64MultiArray on gripper_topic: the other dims.
+    joint_position  trajectory_msgs/JointTrajectory on trajectory_topic: this step's command then the
+                    queued chunk, filtered by the same limits, at time_from_start = (i + 1) / rate;
+                    std_msgs/Float64MultiArray on command_topic: this step's command (forward command
+                    controller). No command goes out before the hold position is known from the
+                    observed joint positions of the bundle's joint names.
+    joint_velocity  std_msgs/Float64MultiArray on command_topic.
+
+Operator topics: std_msgs/Bool ``true`` on estop_topic latches the e-stop (``false`` does NOT clear it);
+std_msgs/String on reset_topic: ``reset_estop`` clears the e-stop and drops the queued actions;
+``episode`` starts a new episode (policy.reset(), observation history, queue, in-flight inference).
+std_msgs/String on instruction_topic: a task name of a multi-task bundle selects its task id.
+diagnostic_msgs/DiagnosticArray on diagnostics_topic at ``diagnostics_rate_hz``: see ``stats()``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import TwistStamped
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
+from rclpy.duration import Duration
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Bool, Float64MultiArray, String
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from rtpolicy.deploy import rosparams
+from rtpolicy.deploy.observation import ObservationBuilder
+from rtpolicy.deploy.safety import HOLDS, SafetyLayer, SafetyLimits
+from rtpolicy.deploy.scheduler import BLENDS, ActionScheduler, InferenceWorker
+
+NODE_NAME = "rtpolicy"
+RESET_EPISODE, RESET_ESTOP = "episode", "reset_estop"
+COMMAND_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
+                         durability=QoSDurabilityPolicy.VOLATILE)
+SCHED_COUNTERS = ("chunks", "late_chunks", "dropped_actions", "empty_pops")
+
+# name -> (default, description); the default's type is the parameter's type (see rosparams)
+PARAMETERS: dict[str, tuple[Any, str]] = {
+    "bundle": ("", "policy bundle folder (rtpolicy.deploy.export); its SHA-256 is verified on configure"),
+    "control_rate_hz": (0.0, "control rate; 0: the bundle's"),
+    "device": ("cpu", "torch device for inference, e.g. cpu or cuda"),
+    "blend": ("latest", f"how a new chunk meets queued actions: {' | '.join(BLENDS)}"),
+    "ensemble_k": (0.01, "blend=ensemble: weight exp(-k i) of the i-th oldest prediction"),
+    "rtc_overlap": (4, "blend=rtc: steps crossfaded after the committed prefix"),
+    "stale_obs_s": (0.5, "hold when the oldest observation source is older than this (s)"),
+    "max_velocity": ([0.0], "per-dim limit (action units/s): one value for all dims or one per dim; <= 0: none"),
+    "max_acceleration": ([0.0], "per-dim limit (action units/s^2): one value or one per dim; <= 0: none"),
+    "observation_sources": ("", 'JSON: {obs key: [{"joint_state": {"topic", "names", "field"}} | {"array": {"topic", "size"}}, ...]}'),
+    "task_id": (-1, "task id for multi-task bundles; -1: none (or chosen by instruction_topic)"),
+    "twist_topic": ("/rtpolicy/cmd_twist", "ee_delta: geometry_msgs/TwistStamped out"),
+    "gripper_topic": ("/rtpolicy/cmd_gripper", "ee_delta: std_msgs/Float64MultiArray out (non-delta dims)"),
+    "command_topic": ("/rtpolicy/command", "joint kinds: std_msgs/Float64MultiArray out (this step's command)"),
+    "trajectory_topic": ("/rtpolicy/joint_trajectory", "joint_position: trajectory_msgs/JointTrajectory out"),
+    "estop_topic": ("/rtpolicy/estop", "std_msgs/Bool in: true latches the e-stop"),
+    "reset_topic": ("/rtpolicy/reset", f"std_msgs/String in: '{RESET_EPISODE}' or '{RESET_ESTOP}'"),
+    "instruction_topic": ("/rtpolicy/instruction", "std_msgs/String in: task name (multi-task bundles)"),
+    "diagnostics_topic": ("/diagnostics", "diagnostic_msgs/DiagnosticArray out"),
+    "diagnostics_rate_hz": (1.0, "diagnostics publish rate"),
+    "frame_id": ("base_link", "header.frame_id of TwistStamped / JointTrajectory"),
+}
+
+
+def _pct(xs, q: float) -> float:
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
+
+
+class _RosLogHandler(logging.Handler):
+    """Forwards the deploy runtime's Python log records (scheduler, safety) to the node's ROS logger."""
+
+    def __init__(self, node: LifecycleNode):
+        super().__init__(logging.INFO)
+        self.node = node
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = self.node.get_logger()
+        msg = self.format(record)
+        if record.levelno >= logging.ERROR:
+            log.error(msg)
+        elif record.levelno >= logging.WARNING:
+            log.warning(msg)
+        else:
+            log.info(msg)
+
+
+class PolicyNode(LifecycleNode):
+    """See the module docstring. ``overrides``: parameter values (coerced to the declared types).
+
+    For tests and tools: ``predict`` (obs dict -> (Ha, Da) chunk) is the callable the inference thread
+    runs and may be wrapped after configure; ``stats()`` returns what diagnostics publish.
+    """
+
+    def __init__(self, overrides: dict[str, Any] | None = None, node_name: str = NODE_NAME, **kwargs: Any):
+        over = rosparams.parameter_overrides(overrides, PARAMETERS)
+        super().__init__(node_name, parameter_overrides=over + list(kwargs.pop("parameter_overrides", [])), **kwargs)
+        rosparams.declare(self, PARAMETERS)
+        self._lock = threading.RLock()  # control tick vs transitions and operator commands
+        self._log_handler = _RosLogHandler(self)
+        logging.getLogger("rtpolicy.deploy").addHandler(self._log_handler)
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self._control_group = MutuallyExclusiveCallbackGroup()
+        self._sensor_group = ReentrantCallbackGroup()
+        self._operator_group = MutuallyExclusiveCallbackGroup()
+        self._diag_group = MutuallyExclusiveCallbackGroup()
+        self.configure_error: str | None = None
+        self.policy = self.bundle = self.builder = self.scheduler = self.safety = self.worker = None
+        self.predict = None
+        self._pubs: dict[str, Any] = {}
+        self._subs: list[Any] = []
+        self._timer = self._diag_timer = None
+        self._active = False
+        self._policy_reset_pending = self._episode_reset_pending = False
+        self._sched_past = dict.fromkeys(SCHED_COUNTERS, 0)  # scheduler counters of earlier episodes
+        self._tick_times: collections.deque | None = None
+        self.episode = 0
+        self.instruction = ""
+
+    # ================================================================== lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except Exception as e:  # any configuration problem: FAILURE with the reason, the node stays up
+            self.configure_error = f"{type(e).__name__}: {e}"
+            self.get_logger().error(f"configure failed: {self.configure_error}")
+            self._cleanup()
+            return TransitionCallbackReturn.FAILURE
+        self.configure_error = None
+        b = self.bundle
+        self.get_logger().info(
+            f"configured: {b['policy']['name']} policy ({b['task'].get('name')}), action {self.kind} {self.action_names}, "
+            f"{self.rate:g} Hz, obs horizon {self.obs_horizon}, action horizon {self.action_horizon}, blend {self.p['blend']}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _configure(self) -> None:
+        from rtpolicy.deploy.export import load_bundle
+
+        self._cleanup()
+        self.p = p = rosparams.values(self, PARAMETERS)
+        if not p["bundle"]:
+            raise ValueError("parameter 'bundle' is empty: give the bundle folder")
+        if p["blend"] not in BLENDS:
+            raise ValueError(f"blend must be one of {list(BLENDS)}, got {p['blend']!r}")
+        if not p["diagnostics_rate_hz"] > 0:
+            raise ValueError(f"diagnostics_rate_hz must be > 0, got {p['diagnostics_rate_hz']}")
+        self.device = p["device"]
+        policy, bundle = load_bundle(p["bundle"], self.device)
+        act = bundle["action"]
+        self.kind, self.action_names = act["kind"], list(act["names"])
+        da = len(self.action_names)
+        self.rate = p["control_rate_hz"] if p["control_rate_hz"] > 0 else float(bundle["control_rate_hz"])
+        if not self.rate > 0:
+            raise ValueError(f"control rate must be > 0 Hz, got {self.rate}")
+        self.dt = 1.0 / self.rate
+        self.obs_horizon, self.action_horizon = int(bundle["horizons"]["obs"]), int(bundle["horizons"]["action"])
+        self.streaming = bundle["policy"]["name"] == "streaming"
+        shapes = {k: v["shape"] for k, v in bundle["observation"].items()}
+        num_tasks = int(bundle.get("num_tasks") or 0)
+        self.task_names = list((bundle.get("task") or {}).get("tasks") or [])
+        builder = ObservationBuilder(p["observation_sources"], shapes, self.obs_horizon, num_tasks,
+                                     p["task_id"] if p["task_id"] >= 0 else None)
+
+        def limit(name: str) -> np.ndarray:
+            v = np.asarray(p[name], dtype=np.float64)
+            if v.size not in (1, da):
+                raise ValueError(f"{name} needs 1 or {da} values (one per action dim {self.action_names}), got {v.size}")
+            return np.where(v > 0, v, np.inf) * np.ones(da)  # <= 0: no limit
+
+        low, high = np.asarray(act["low"], dtype=np.float64), np.asarray(act["high"], dtype=np.float64)
+        limits = SafetyLimits(low, high, limit("max_velocity"), limit("max_acceleration"), p["stale_obs_s"], act["delta_dims"])
+        self.delta_dims = list(limits.delta_dims)
+        self.other_dims = [i for i in range(da) if i not in self.delta_dims]
+        if self.kind == "ee_delta" and not 1 <= len(self.delta_dims) <= 6:
+            raise ValueError(f"ee_delta bundles need 1..6 delta dims (twist linear xyz, angular xyz), got {self.delta_dims}")
+        self.joint_names = list(bundle.get("joint_names") or []) or self.action_names
+        if self.kind == "joint_position" and len(self.joint_names) != da:
+            raise ValueError(f"joint_position bundle: {len(self.joint_names)} joint names for {da} action dims")
+        # absolute dims start at 0 (clipped into the limits); joint positions are seeded from the robot on activate
+        safety = SafetyLayer(limits, self.dt, np.clip(np.zeros(da), low, high))
+        scheduler = ActionScheduler(da, p["blend"], p["ensemble_k"], p["rtc_overlap"])
+
+        self.policy, self.bundle, self.builder, self.safety, self.scheduler = policy, bundle, builder, safety, scheduler
+        self.predict = self._policy_predict
+        self._make_topics()
+
+    def _make_topics(self) -> None:
+        p = self.p
+        pub = self._pubs
+        if self.kind == "ee_delta":
+            pub["twist"] = self.create_publisher(TwistStamped, p["twist_topic"], COMMAND_QOS)
+            if self.other_dims:
+                pub["gripper"] = self.create_publisher(Float64MultiArray, p["gripper_topic"], COMMAND_QOS)
+        else:
+            pub["command"] = self.create_publisher(Float64MultiArray, p["command_topic"], COMMAND_QOS)
+            if self.kind == "joint_position":
+                pub["trajectory"] = self.create_publisher(JointTrajectory, p["trajectory_topic"], COMMAND_QOS)
+        pub["diagnostics"] = self.create_publisher(DiagnosticArray, p["diagnostics_topic"], 10)
+        for topic, kind in self.builder.kinds.items():
+            msg_type = JointState if kind == "joint_state" else Float64MultiArray
+            self._subs.append(self.create_subscription(msg_type, topic, lambda m, t=topic: self._on_sensor(t, m),
+                                                       qos_profile_sensor_data, callback_group=self._sensor_group))
+        for msg_type, topic, cb in ((Bool, p["estop_topic"], self._on_estop), (String, p["reset_topic"], self._on_reset),
+                                    (String, p["instruction_topic"], self._on_instruction)):
+            self._subs.append(self.create_subscription(msg_type, topic, cb, COMMAND_QOS, callback_group=self._operator_group))
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._lock:
+            self.scheduler.reset()
+            self._sched_past = dict.fromkeys(SCHED_COUNTERS, 0)
+            self._new_episode_state(count=False)
+            self._t0 = time.monotonic()
+            self._step, self._last_k = 0, 0
+            self._seeded = self.kind != "joint_position"
+            self._try_seed()
+            self._reset_tick_stats()
+            self.worker = InferenceWorker(self._infer, self.scheduler, lambda: self._step, max_latency_samples=2000)
+            self._timer = self.create_timer(self.dt, self._tick, callback_group=self._control_group, clock=self._steady)
+            self._diag_timer = self.create_timer(1.0 / self.p["diagnostics_rate_hz"], self._publish_diagnostics,
+                                                 callback_group=self._diag_group, clock=self._steady)
+            self._active = True
+        self.get_logger().info(f"active: control at {self.rate:g} Hz")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop("deactivated")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._cleanup()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop("shutting down")
+        self._cleanup()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop("error")
+        self._cleanup()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop(self, why: str) -> None:
+        """Hold, then stop the timers and the inference thread (idempotent)."""
+        with self._lock:
+            if self._active and self.context.ok():
+                self._publish_hold(why)
+                self._publish_diagnostics()
+            self._active = False
+            for t in (self._timer, self._diag_timer):
+                if t is not None:  # rclpy's executors skip a timer destroyed while they hold it (InvalidHandle)
+                    self.destroy_timer(t)
+            self._timer = self._diag_timer = None
+            worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.close(timeout=2.0)
+
+    def _cleanup(self) -> None:
+        for s in self._subs:
+            self.destroy_subscription(s)
+        for p in self._pubs.values():
+            self.destroy_publisher(p)
+        self._subs, self._pubs = [], {}
+        self.policy = self.bundle = self.builder = self.scheduler = self.safety = self.predict = None
+
+    def destroy_node(self) -> None:
+        self._stop("node destroyed")
+        logging.getLogger("rtpolicy.deploy").removeHandler(self._log_handler)
+        super().destroy_node()
+
+    # ================================================================== inference (worker thread)
+    def _policy_predict(self, obs: dict) -> Any:
+        return self.policy.predict_chunk(obs)[0]
+
+    def _infer(self, obs: dict) -> Any:
+        """Runs on the InferenceWorker thread, the only thread that touches the policy after configure."""
+        if self._policy_reset_pending:
+            self._policy_reset_pending = False
+            self.policy.reset()
+        return self.predict({k: v.to(self.device) for k, v in obs.items()})
+
+    # ================================================================== control tick
+    def _tick(self) -> None:
+        with self._lock:
+            if not self._active:
+                return
+            try:
+                self._tick_body()
+            except Exception:  # a bug must not take the control loop down: log it, count it, hold
+                self.tick_errors += 1
+                self.get_logger().error(f"control tick failed ({self.tick_errors} so far), holding:\n{traceback.format_exc()}",
+                                        throttle_duration_sec=5.0)
+                self._publish_hold("control tick failed")
+
+    def _tick_body(self) -> None:
+        """One control step (see the module docstring); runs with the lock held."""
+        t_start = time.perf_counter()
+        now = time.monotonic()
+        if self._episode_reset_pending:
+            self._new_episode_state(count=True)
+        k = max(self._last_k + 1, int(math.floor((now - self._t0) / self.dt + 0.5)))
+        self.deadline_misses += k - self._last_k - 1
+        self._last_k = k
+        self._tick_times.append(now)
+        self._jitter_ms.append((now - (self._t0 + k * self.dt)) * 1e3)
+
+        sample = self.builder.sample()
+        self.last_sample = sample
+        if not sample.valid:
+            self.invalid_observations += 1
+            self._log_invalid(sample.reason)
+        elif self._last_invalid_reason:
+            self.get_logger().info("observation valid again")
+            self._last_invalid_reason = ""
+        action = self.scheduler.pop(k)
+        if not self._seeded:
+            self._try_seed()
+        if self._seeded:
+            stamp = sample.stamp if sample.valid else None
+            cmd = self.safety.filter(action, now, stamp)
+            held = any(i in HOLDS for i in self.safety.last_interventions)
+            self.holds += held
+            self._publish(cmd, None if held else self._planned(k, now, stamp))
+            self.last_command = cmd
+        self._step = k + 1
+        if sample.valid and not self.safety.estopped and self._should_submit():
+            self.worker.submit(self.builder.observation(), obs_step=k + 1)
+            self.submitted += 1
+        self.ticks += 1
+        self._tick_ms.append((time.perf_counter() - t_start) * 1e3)
+
+    def _should_submit(self) -> bool:
+        if self.streaming:  # one denoising step per tick; an unstarted older one is replaced
+            return True
+        if not self.worker.wait_idle(0):
+            return False
+        return len(self.scheduler) <= self.scheduler.last_delay + 1
+
+    def _planned(self, k: int, now: float, stamp: float | None) -> np.ndarray | None:
+        """joint_position: the queued actions after this step, through the safety limits (for the trajectory)."""
+        if self.kind != "joint_position":
+            return None
+        future = self.scheduler.committed_prefix(k + 1, max(self.action_horizon, 1) * 2)
+        return self.safety.preview(list(future), now, stamp)
+
+    def _log_invalid(self, reason: str) -> None:
+        log = self.get_logger()
+        if reason != self._last_invalid_reason:
+            log.warning(f"observation invalid, holding: {reason}")
+            self._last_invalid_reason = reason
+        else:
+            log.warning(f"observation still invalid, holding: {reason}", throttle_duration_sec=5.0)
+
+    def _try_seed(self) -> None:
+        """joint_position: the hold command is the robot's observed joint positions (before any command)."""
+        if self._seeded:
+            return
+        q = self.builder.joint_values(self.joint_names, "position")
+        if q is None:
+            self.get_logger().warning(f"no command yet: waiting for positions of joints {self.joint_names} "
+                                      "to know the hold position", throttle_duration_sec=5.0)
+            return
+        try:
+            self.safety.reset(q)
+        except ValueError as e:
+            self.get_logger().error(f"cannot hold at the observed joint positions: {e}", throttle_duration_sec=5.0)
+            return
+        self._seeded = True
+        self.get_logger().info(f"hold position seeded from the robot: {np.round(q, 4).tolist()}")
+
+    def _new_episode_state(self, count: bool) -> None:
+        """Called with the lock held: drop in-flight inference, queue and history; the policy resets before its next call."""
+        if self.worker is not None:
+            self.worker.reset()
+        if self.scheduler is not None:
+            self._fold_scheduler_stats()
+            self.scheduler.reset()
+        if self.builder is not None:
+            self.builder.reset()
+        self._policy_reset_pending = True
+        self._episode_reset_pending = False
+        if count:
+            self.episode += 1
+            self.get_logger().info(f"episode {self.episode}: policy, observation history and action queue reset")
+
+    def _fold_scheduler_stats(self) -> None:
+        st = self.scheduler.stats(delays=False)
+        for key in SCHED_COUNTERS:
+            self._sched_past[key] += st[key]
+
+    def _reset_tick_stats(self) -> None:
+        self._tick_times = collections.deque(maxlen=max(10, int(2 * self.rate)))
+        self._jitter_ms = collections.deque(maxlen=2000)
+        self._tick_ms = collections.deque(maxlen=2000)
+        self.ticks = self.deadline_misses = self.holds = self.submitted = self.invalid_observations = self.tick_errors = 0
+        self._last_invalid_reason = ""
+        self.last_sample = None
+        self.last_command = None
+        self._diag_prev = {"holds": 0, "deadline_misses": 0, "late_chunks": 0, "errors": 0}
+
+    # ================================================================== publishing
+    def _publish(self, cmd: np.ndarray, planned: np.ndarray | None) -> None:
+        stamp = self.get_clock().now().to_msg()
+        if self.kind == "ee_delta":
+            msg = TwistStamped()
+            msg.header.stamp, msg.header.frame_id = stamp, self.p["frame_id"]
+            vec = [float(cmd[i]) for i in self.delta_dims] + [0.0] * (6 - len(self.delta_dims))
+            (msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z,
+             msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z) = vec
+            self._pubs["twist"].publish(msg)
+            if "gripper" in self._pubs:
+                self._pubs["gripper"].publish(Float64MultiArray(data=[float(cmd[i]) for i in self.other_dims]))
+            return
+        self._pubs["command"].publish(Float64MultiArray(data=[float(x) for x in cmd]))
+        if self.kind == "joint_position":
+            traj = JointTrajectory()
+            traj.header.stamp, traj.header.frame_id = stamp, self.p["frame_id"]
+            traj.joint_names = list(self.joint_names)
+            rows = [cmd] + ([] if planned is None else list(planned))
+            for i, row in enumerate(rows):
+                pt = JointTrajectoryPoint(positions=[float(x) for x in row])
+                pt.time_from_start = Duration(seconds=(i + 1) * self.dt).to_msg()
+                traj.points.append(pt)
+            self._pubs["trajectory"].publish(traj)
+
+    def _publish_hold(self, why: str) -> None:
+        if self.safety is None or not self._pubs or not getattr(self, "_seeded", False):
+            return
+        self._publish(self.safety.hold(), None)
+        self.get_logger().warning(f"holding: {why}")
+
+    # ================================================================== inputs
+    def _on_sensor(self, topic: str, msg: JointState | Float64MultiArray) -> None:
+        builder = self.builder  # None once cleaned up; a message taken just before is dropped
+        if builder is None:
+            return
+        if isinstance(msg, JointState):
+            builder.update_joint_state(topic, msg.name, {"position": msg.position, "velocity": msg.velocity, "effort": msg.effort})
+        else:
+            builder.update_array(topic, msg.data)
+
+    def _on_estop(self, msg: Bool) -> None:
+        with self._lock:
+            if self.safety is None:
+                return
+            if msg.data:
+                if not self.safety.estopped:
+                    self.safety.estop(f"true on {self.p['estop_topic']}")
+                    self.get_logger().error(f"E-STOP latched; clear it with '{RESET_ESTOP}' on {self.p['reset_topic']}")
+                if self._active:
+                    self._publish(self.safety.hold(), None)
+            else:
+                self.get_logger().warning(f"false on {self.p['estop_topic']} does not clear the e-stop: "
+                                          f"send '{RESET_ESTOP}' on {self.p['reset_topic']}")
+
+    def _on_reset(self, msg: String) -> None:
+        request = msg.data.strip()
+        with self._lock:
+            if self.safety is None:
+                return
+            if request == RESET_EPISODE:
+                if self._active:
+                    self._episode_reset_pending = True  # done at the start of the next tick
+                else:
+                    self._new_episode_state(count=True)
+            elif request == RESET_ESTOP:
+                if self.safety.estopped:
+                    self.safety.reset_estop()
+                    if self.worker is not None:
+                        self.worker.reset()
+                    self._fold_scheduler_stats()
+                    self.scheduler.reset()  # actions planned before the stop are stale
+                    self.get_logger().warning("e-stop cleared: queued actions dropped, resuming")
+            else:
+                self.get_logger().warning(f"unknown request {request!r} on {self.p['reset_topic']}; "
+                                          f"expected '{RESET_EPISODE}' or '{RESET_ESTOP}'")
+
+    def _on_instruction(self, msg: String) -> None:
+        text = msg.data.strip()
+        with self._lock:
+            if self.builder is None:
+                return
+            if text == self.instruction:
+                return
+            self.instruction = text
+            if text in self.task_names:
+                self.builder.set_task_id(self.task_names.index(text))
+                self.get_logger().info(f"instruction {text!r}: task id {self.builder.task_id}")
+            elif self.builder.num_tasks:
+                self.get_logger().warning(f"instruction {text!r} is none of this bundle's tasks {self.task_names}; "
+                                          f"task id stays {self.builder.task_id}")
+            else:
+                self.get_logger().warning(f"instruction {text!r} ignored: this policy is single-task and not language-conditioned")
+
+    # ================================================================== diagnostics
+    def stats(self) -> dict[str, Any]:
+        """Counters and percentiles since activation (scheduler counters summed over episodes)."""
+        with self._lock:
+            if self.scheduler is None or self._tick_times is None:
+                return {}
+            times = list(self._tick_times)
+            sched = self.scheduler.stats(delays=False)
+            worker = self.worker
+            lat = worker.latency_ms() if worker is not None else []
+            out: dict[str, Any] = {
+                "episode": self.episode, "step": self._step, "ticks": self.ticks,
+                "loop_rate_hz": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0,
+                "tick_jitter_ms_p50": _pct(self._jitter_ms, 50), "tick_jitter_ms_p99": _pct(self._jitter_ms, 99),
+                "tick_ms_p99": _pct(self._tick_ms, 99), "deadline_misses": self.deadline_misses,
+                "inference_ms_p50": _pct(lat, 50), "inference_ms_p95": _pct(lat, 95), "inference_ms_p99": _pct(lat, 99),
+                "inference_calls": worker.calls if worker else 0, "inference_errors": worker.errors if worker else 0,
+                "inference_replaced": worker.replaced if worker else 0, "inference_discarded": worker.discarded if worker else 0,
+                "submitted": self.submitted, "tick_errors": self.tick_errors,
+                **{k: sched[k] + self._sched_past[k] for k in SCHED_COUNTERS},
+                "queued": sched["queued"], "mean_delay_episode": sched["mean_delay"], "last_delay": self.scheduler.last_delay,
+                "holds": self.holds, **{f"safety_{k}": v for k, v in self.safety.counts.items()},
+                "estopped": self.safety.estopped, "invalid_observations": self.invalid_observations,
+                "observation": "ok" if self.last_sample is None or self.last_sample.valid else self.last_sample.reason,
+            }
+            return out
+
+    def _publish_diagnostics(self) -> None:
+        try:
+            self._publish_diagnostics_body()
+        except Exception:  # diagnostics must not take the node down
+            self.get_logger().error(f"diagnostics failed:\n{traceback.format_exc()}", throttle_duration_sec=10.0)
+
+    def _publish_diagnostics_body(self) -> None:
+        st = self.stats()
+        if not st or "diagnostics" not in self._pubs:
+            return
+        prev = self._diag_prev
+        now = {"holds": st["holds"], "deadline_misses": st["deadline_misses"], "late_chunks": st["late_chunks"],
+               "errors": st["inference_errors"]}
+        grew = [k for k in now if now[k] > prev[k]]
+        self._diag_prev = now
+        status = DiagnosticStatus(name=f"{self.get_name()}: policy control loop", hardware_id=self.get_fully_qualified_name())
+        if st["estopped"]:
+            status.level, status.message = DiagnosticStatus.ERROR, "e-stop latched"
+        elif grew:
+            status.level, status.message = DiagnosticStatus.WARN, "since last report: " + ", ".join(f"{k} +{now[k] - prev[k]}" for k in grew)
+        else:
+            status.level, status.message = DiagnosticStatus.OK, f"running at {st['loop_rate_hz']:.1f} Hz"
+        status.values = [KeyValue(key=k, value=f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in st.items()]
+        arr = DiagnosticArray(status=[status])
+        arr.header.stamp = self.get_clock().now().to_msg()
+        self._pubs["diagnostics"].publish(arr)
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rtpolicy deploy bundle=PATH [key=value ...] [autostart=false] [--ros-args ...]``; returns the exit code."""
+    from rtpolicy.deploy.rosnodes import spin_node
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    overrides, ros_args = rosparams.parse_key_values(args)
+    autostart = rosparams.coerce("autostart", overrides.pop("autostart", True), True)
+    return spin_node(lambda context: PolicyNode(overrides, context=context), ros_args, lifecycle_autostart=autostart)

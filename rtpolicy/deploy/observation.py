@@ -1,0 +1,314 @@
+"""Robot messages -> the policy's observation dict, without ROS.
+
+Every policy observation key (a 1-D vector, e.g. Meta-World's ``state`` (39,)) is the concatenation,
+in order, of sources, each the latest message of one topic:
+
+    {"state": [
+        {"joint_state": {"topic": "/joint_states", "names": ["hand_x", "hand_y", "hand_z", "gripper_opening"],
+                         "field": "position"}},          # sensor_msgs/JointState, looked up BY NAME
+        {"array": {"topic": "/object_state", "size": 35}},  # std_msgs/Float64MultiArray, all of .data
+    ]}
+
+The ROS node (or a test) hands message contents to ``update_joint_state`` / ``update_array``; each
+source keeps its receive time on a steady clock. Once per control tick ``sample()`` assembles the
+current vectors; it is invalid, with a reason naming the topic and joint, when a topic has not been
+heard from, a configured joint is missing from the latest JointState, an array has the wrong length, or
+a value is not finite. Valid samples go into a history of the last ``obs_horizon`` samples (after
+``reset()`` the first sample fills every slot, as after ``env.reset()`` in evaluation); ``observation()``
+returns it in the policy's layout:
+
+    obs[key]        (1, To, D) float32, oldest sample first
+    obs["task_id"]  (1,)       long, only for multi-task bundles (num_tasks > 0)
+
+A sample's ``stamp`` is the OLDEST receive time of the sources it used, so a caller's stale-observation
+watchdog (``SafetyLayer.filter(..., obs_stamp)``) fires when any one source goes quiet.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+JOINT_FIELDS = ("position", "velocity", "effort")
+
+
+class ObservationConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class JointStateSource:
+    """Named joints of a sensor_msgs/JointState topic, in this order, from one field."""
+
+    topic: str
+    names: tuple[str, ...]
+    field: str = "position"
+
+    def __post_init__(self):
+        _check_topic(self.topic)
+        names = tuple(self.names) if not isinstance(self.names, str) else None
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ObservationConfigError(f"joint_state source on {self.topic}: names must be a non-empty list of joint names, "
+                                         f"got {self.names!r}")
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ObservationConfigError(f"joint_state source on {self.topic}: joint names {dup} appear twice")
+        if self.field not in JOINT_FIELDS:
+            raise ObservationConfigError(f"joint_state source on {self.topic}: field must be one of {list(JOINT_FIELDS)}, "
+                                         f"got {self.field!r}")
+        object.__setattr__(self, "names", names)
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class ArraySource:
+    """All ``size`` values of a std_msgs/Float64MultiArray topic."""
+
+    topic: str
+    size: int
+
+    def __post_init__(self):
+        _check_topic(self.topic)
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ObservationConfigError(f"array source on {self.topic}: size must be an int >= 1, got {self.size!r}")
+
+
+Source = JointStateSource | ArraySource
+SOURCE_KINDS: dict[str, type] = {"joint_state": JointStateSource, "array": ArraySource}
+
+
+def _check_topic(topic: Any) -> None:
+    if not isinstance(topic, str) or not topic:
+        raise ObservationConfigError(f"a source topic must be a non-empty string, got {topic!r}")
+
+
+@dataclass
+class ObservationSpec:
+    """Observation key -> its sources, in concatenation order."""
+
+    sources: dict[str, list[Source]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | str) -> ObservationSpec:
+        """From ``{key: [{"joint_state": {...}} | {"array": {...}}, ...]}`` or the same as a JSON string."""
+        if isinstance(config, str):
+            if not config.strip():
+                raise ObservationConfigError("observation sources are empty: map every policy observation key to its topics")
+            try:
+                config = json.loads(config)
+            except json.JSONDecodeError as e:
+                raise ObservationConfigError(f"observation sources are not valid JSON: {e}") from e
+        if not isinstance(config, Mapping) or not config:
+            raise ObservationConfigError(f"observation sources must map observation keys to source lists, got {config!r:.200}")
+        out: dict[str, list[Source]] = {}
+        for key, items in config.items():
+            if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or not items:
+                raise ObservationConfigError(f"observation {key!r}: expected a non-empty list of sources, got {items!r:.200}")
+            out[key] = []
+            for item in items:
+                if not isinstance(item, Mapping) or len(item) != 1:
+                    raise ObservationConfigError(f"observation {key!r}: each source is one of "
+                                                 f"{{{' | '.join(SOURCE_KINDS)}: {{...}}}}, got {item!r:.200}")
+                (kind, params), = item.items()
+                if kind not in SOURCE_KINDS or not isinstance(params, Mapping):
+                    raise ObservationConfigError(f"observation {key!r}: unknown source kind {kind!r} "
+                                                 f"(known: {list(SOURCE_KINDS)}) or parameters not a mapping")
+                try:
+                    out[key].append(SOURCE_KINDS[kind](**params))
+                except TypeError as e:
+                    raise ObservationConfigError(f"observation {key!r}: bad {kind} source {dict(params)!r}: {e}") from e
+        return cls(out)
+
+    def topics(self) -> dict[str, str]:
+        """Topic -> message kind ("joint_state" | "array"); a topic serves one kind only."""
+        kinds: dict[str, str] = {}
+        for key, srcs in self.sources.items():
+            for s in srcs:
+                kind = "joint_state" if isinstance(s, JointStateSource) else "array"
+                if kinds.setdefault(s.topic, kind) != kind:
+                    raise ObservationConfigError(f"topic {s.topic} is configured both as {kinds[s.topic]} and as {kind}")
+        return kinds
+
+
+@dataclass
+class Sample:
+    """One control tick's observation: vectors (key -> (D,)) when valid, else the reason it is not."""
+
+    valid: bool
+    stamp: float | None  # oldest receive time of the sources used (steady clock, s); None if invalid
+    reason: str = ""
+    vectors: dict[str, np.ndarray] | None = None
+
+
+class ObservationBuilder:
+    """Latest messages -> policy observations. Thread-safe: updates may come from other threads than sample().
+
+    Args:
+        spec: an ObservationSpec (or its config mapping / JSON string).
+        shapes: the bundle's observation shapes, key -> [D] (1-D keys only).
+        obs_horizon: To, the number of samples in an observation.
+        num_tasks, task_id: multi-task bundles need a task id in [0, num_tasks) (None: not chosen yet,
+            samples are invalid until ``set_task_id``).
+        clock: steady clock for receive stamps (seconds).
+    """
+
+    def __init__(self, spec: ObservationSpec | Mapping[str, Any] | str, shapes: Mapping[str, Sequence[int]], obs_horizon: int,
+                 num_tasks: int = 0, task_id: int | None = None, clock: Callable[[], float] = time.monotonic):
+        self.spec = spec if isinstance(spec, ObservationSpec) else ObservationSpec.from_config(spec)
+        if obs_horizon < 1:
+            raise ObservationConfigError(f"obs_horizon must be >= 1, got {obs_horizon}")
+        self.obs_horizon, self.num_tasks, self.clock = int(obs_horizon), int(num_tasks), clock
+        self.shapes = {k: [int(d) for d in v] for k, v in shapes.items()}
+        if missing := sorted(set(self.shapes) - set(self.spec.sources)):
+            raise ObservationConfigError(f"the policy observes {missing} but no sources are configured for them "
+                                         f"(configured: {sorted(self.spec.sources)})")
+        if extra := sorted(set(self.spec.sources) - set(self.shapes)):
+            raise ObservationConfigError(f"sources are configured for {extra}, which the policy does not observe "
+                                         f"(it observes {sorted(self.shapes)})")
+        for key, shape in self.shapes.items():
+            if len(shape) != 1:
+                raise ObservationConfigError(f"observation {key!r} has shape {shape}: only 1-D (vector) keys can be built from topics")
+            srcs = self.spec.sources[key]
+            total = sum(s.size for s in srcs)
+            if total != shape[0]:
+                parts = " + ".join(f"{s.size} ({s.topic})" for s in srcs)
+                raise ObservationConfigError(f"observation {key!r}: sources give {parts} = {total} values, the policy expects {shape[0]}")
+        self.kinds = self.spec.topics()
+        self._lock = threading.Lock()
+        self._joint: dict[str, tuple[dict[str, int], dict[str, np.ndarray], float]] = {}  # topic -> (name index, fields, stamp)
+        self._array: dict[str, tuple[np.ndarray, float]] = {}
+        self._history: collections.deque[dict[str, np.ndarray]] = collections.deque(maxlen=self.obs_horizon)
+        self.task_id: int | None = None
+        self.set_task_id(task_id)
+
+    # ---------------------------------------------------------------- inputs
+    def set_task_id(self, task_id: int | None) -> None:
+        if task_id is not None and task_id < 0:
+            task_id = None
+        if self.num_tasks == 0 and task_id is not None:
+            raise ObservationConfigError(f"task_id {task_id} given, but the policy is single-task (num_tasks=0)")
+        if task_id is not None and not 0 <= task_id < self.num_tasks:
+            raise ObservationConfigError(f"task_id must be in [0, {self.num_tasks}), got {task_id}")
+        self.task_id = task_id
+
+    def update_joint_state(self, topic: str, names: Sequence[str], fields: Mapping[str, Sequence[float]],
+                           stamp: float | None = None) -> None:
+        """A JointState's contents: joint names and field name -> values (position/velocity/effort, may be empty)."""
+        self._check_kind(topic, "joint_state")
+        index = {n: i for i, n in enumerate(names)}
+        values = {f: np.asarray(fields.get(f, ()), dtype=np.float64) for f in JOINT_FIELDS}
+        with self._lock:
+            self._joint[topic] = (index, values, self.clock() if stamp is None else stamp)
+
+    def update_array(self, topic: str, data: Sequence[float], stamp: float | None = None) -> None:
+        self._check_kind(topic, "array")
+        with self._lock:
+            self._array[topic] = (np.asarray(data, dtype=np.float64), self.clock() if stamp is None else stamp)
+
+    def _check_kind(self, topic: str, kind: str) -> None:
+        if self.kinds.get(topic) != kind:
+            raise ValueError(f"topic {topic} is not configured as a {kind} source (configured: {self.kinds})")
+
+    # ---------------------------------------------------------------- outputs
+    def _read(self, src: Source) -> tuple[np.ndarray | None, float | None, str]:
+        if isinstance(src, ArraySource):
+            if src.topic not in self._array:
+                return None, None, f"no message yet on {src.topic}"
+            data, stamp = self._array[src.topic]
+            if data.shape != (src.size,):
+                return None, None, f"{src.topic} has {data.size} values, expected {src.size}"
+            return data, stamp, ""
+        if src.topic not in self._joint:
+            return None, None, f"no message yet on {src.topic}"
+        index, values, stamp = self._joint[src.topic]
+        if missing := [n for n in src.names if n not in index]:
+            return None, None, f"joints {missing} missing from {src.topic} (it names {sorted(index)})"
+        vals = values[src.field]
+        if vals.size != len(index):
+            return None, None, f"{src.topic} has {vals.size} {src.field} values for {len(index)} joint names"
+        return vals[[index[n] for n in src.names]], stamp, ""
+
+    def current(self) -> Sample:
+        """The latest messages assembled into vectors; nothing is added to the history."""
+        vectors, stamps = {}, []
+        with self._lock:
+            for key, srcs in self.spec.sources.items():
+                parts = []
+                for src in srcs:
+                    vals, stamp, reason = self._read(src)
+                    if vals is None:
+                        return Sample(False, None, f"observation {key!r}: {reason}")
+                    parts.append(vals)
+                    stamps.append(stamp)
+                vec = np.concatenate(parts)
+                if (bad := np.flatnonzero(~np.isfinite(vec))).size:
+                    return Sample(False, None, f"observation {key!r}: non-finite values at indices {bad.tolist()}")
+                vectors[key] = vec.astype(np.float32)
+        if self.num_tasks and self.task_id is None:
+            return Sample(False, None, "multi-task policy and no task chosen: set task_id or publish a task name as instruction")
+        return Sample(True, min(stamps), "", vectors)
+
+    def sample(self) -> Sample:
+        """``current()``; a valid sample is appended to the history (filling it after a reset)."""
+        s = self.current()
+        if s.valid:
+            assert s.vectors is not None
+            with self._lock:
+                if not self._history:
+                    self._history.extend([s.vectors] * self.obs_horizon)
+                else:
+                    self._history.append(s.vectors)
+        return s
+
+    def joint_values(self, names: Sequence[str], field: str = "position") -> np.ndarray | None:
+        """Latest ``field`` values of these joints from the first joint_state topic naming them all (None: none yet)."""
+        with self._lock:
+            for index, values, _ in self._joint.values():
+                vals = values[field]
+                if all(n in index for n in names) and vals.size == len(index):
+                    out = vals[[index[n] for n in names]]
+                    if np.isfinite(out).all():
+                        return out.copy()
+        return None
+
+    def reset(self) -> None:
+        """Forget the history (a new episode); the latest messages are kept."""
+        with self._lock:
+            self._history.clear()
+
+    @property
+    def history_len(self) -> int:
+        with self._lock:
+            return len(self._history)
+
+    def observation(self) -> dict[str, torch.Tensor]:
+        """The history as the policy's observation dict (see the module docstring)."""
+        with self._lock:
+            if not self._history:
+                raise RuntimeError("no valid observation sampled since the last reset")
+            hist = list(self._history)
+            task_id = self.task_id
+        obs = {k: torch.from_numpy(np.stack([h[k] for h in hist]))[None] for k in self.shapes}
+        if self.num_tasks:
+            obs["task_id"] = torch.tensor([task_id], dtype=torch.long)
+        return obs
+
+
+def sources_json(config: Mapping[str, Any]) -> str:
+    """A sources config as the JSON string the ROS node takes (``observation_sources`` parameter)."""
+    ObservationSpec.from_config(config)  # fail here, not on the robot
+    return json.dumps(config)
+
+
+__all__ = ["ArraySource", "JointStateSource", "ObservationBuilder", "ObservationConfigError", "ObservationSpec", "Sample",
+           "sources_json"]

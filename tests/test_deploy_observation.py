@@ -1,0 +1,128 @@
+"""ObservationBuilder: topics -> policy observation, by joint name, with stamps, history and clear errors (no ROS)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rtpolicy.deploy.observation import ObservationBuilder, ObservationConfigError, ObservationSpec, sources_json
+
+JOINTS = ["hand_x", "hand_y", "hand_z", "gripper_opening"]
+SOURCES = {"state": [{"joint_state": {"topic": "/joint_states", "names": JOINTS, "field": "position"}},
+                     {"array": {"topic": "/object_state", "size": 35}}]}
+
+
+class FakeClock:
+    """A steady clock the test advances by hand (the builder only reads it)."""
+
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def builder(**kw):
+    args = dict(spec=SOURCES, shapes={"state": [39]}, obs_horizon=2) | kw
+    return ObservationBuilder(**args)
+
+
+def test_joints_are_mapped_by_name_not_order():
+    state = np.arange(39, dtype=np.float32)
+    a, b = builder(), builder()
+    a.update_joint_state("/joint_states", JOINTS, {"position": state[:4]})
+    order = [2, 0, 3, 1]  # same joints, another order, plus a joint the policy does not use
+    b.update_joint_state("/joint_states", [JOINTS[i] for i in order] + ["elbow"],
+                         {"position": [float(state[i]) for i in order] + [7.0], "velocity": [0.0] * 5})
+    for x in (a, b):
+        x.update_array("/object_state", state[4:])
+    sa, sb = a.sample(), b.sample()
+    assert sa.valid and sb.valid
+    np.testing.assert_array_equal(sa.vectors["state"], state)
+    np.testing.assert_array_equal(sb.vectors["state"], state)
+
+
+def test_missing_joint_and_bad_messages_make_the_sample_invalid_with_a_reason():
+    b = builder()
+    assert "no message yet on /joint_states" in b.sample().reason
+    b.update_joint_state("/joint_states", ["hand_x", "hand_z", "gripper_opening"], {"position": [0.0, 0.0, 0.0]})
+    b.update_array("/object_state", np.zeros(35))
+    s = b.sample()
+    assert not s.valid and s.stamp is None and "['hand_y'] missing from /joint_states" in s.reason
+    assert b.history_len == 0  # invalid samples never enter the history
+    b.update_joint_state("/joint_states", JOINTS, {"position": [0.0, 0.0, 0.0]})  # 3 positions for 4 names
+    assert "3 position values for 4 joint names" in b.sample().reason
+    b.update_joint_state("/joint_states", JOINTS, {"position": [0.0, float("nan"), 0.0, 0.0]})
+    assert "non-finite values at indices [1]" in b.sample().reason
+    b.update_joint_state("/joint_states", JOINTS, {"position": [0.0] * 4})
+    b.update_array("/object_state", np.zeros(30))
+    assert "/object_state has 30 values, expected 35" in b.sample().reason
+    b.update_array("/object_state", np.zeros(35))
+    assert b.sample().valid
+    with pytest.raises(ValueError, match="not configured as a array source"):
+        b.update_array("/joint_states", [1.0])
+
+
+def test_stamp_is_the_oldest_source_and_history_repeats_the_first_sample():
+    clock = FakeClock()
+    b = builder(obs_horizon=3, clock=clock)
+    b.update_array("/object_state", np.zeros(35))
+    clock.t = 101.5
+    b.update_joint_state("/joint_states", JOINTS, {"position": [1.0, 2.0, 3.0, 4.0]})
+    s = b.sample()
+    assert s.valid and s.stamp == 100.0  # the array went quiet first: the watchdog must see its age
+    obs = b.observation()
+    assert set(obs) == {"state"} and obs["state"].shape == (1, 3, 39) and obs["state"].dtype == torch.float32
+    assert torch.equal(obs["state"][0, 0], obs["state"][0, 2])  # first sample repeated after a reset
+    b.update_joint_state("/joint_states", JOINTS, {"position": [9.0, 2.0, 3.0, 4.0]})
+    b.sample()
+    obs = b.observation()
+    assert obs["state"][0, :, 0].tolist() == [1.0, 1.0, 9.0]  # oldest first
+    b.reset()
+    assert b.history_len == 0
+    with pytest.raises(RuntimeError, match="no valid observation"):
+        b.observation()
+    b.sample()
+    assert b.observation()["state"][0, :, 0].tolist() == [9.0, 9.0, 9.0]
+
+
+def test_task_id_for_multi_task_bundles():
+    b = builder(num_tasks=3)
+    b.update_joint_state("/joint_states", JOINTS, {"position": [0.0] * 4})
+    b.update_array("/object_state", np.zeros(35))
+    assert "no task chosen" in b.sample().reason
+    b.set_task_id(2)
+    assert b.sample().valid
+    tid = b.observation()["task_id"]
+    assert tid.dtype == torch.long and tid.tolist() == [2]
+    with pytest.raises(ObservationConfigError, match=r"task_id must be in \[0, 3\)"):
+        b.set_task_id(3)
+    with pytest.raises(ObservationConfigError, match="single-task"):
+        builder(task_id=0)
+
+
+@pytest.mark.parametrize("spec, shapes, match", [
+    (SOURCES | {"state": SOURCES["state"][:1]}, {"state": [39]}, r"sources give 4 \(/joint_states\) = 4 values, the policy expects 39"),
+    (SOURCES, {"state": [39], "image": [3, 8, 8]}, r"the policy observes \['image'\] but no sources"),
+    (SOURCES | {"extra": [{"array": {"topic": "/x", "size": 1}}]}, {"state": [39]}, r"configured for \['extra'\]"),
+    ({"state": [{"joint_state": {"topic": "/j", "names": ["a", "a"]}}]}, {"state": [2]}, r"\['a'\] appear twice"),
+    ({"state": [{"joint_state": {"topic": "/j", "names": ["a"], "field": "torque"}}]}, {"state": [1]}, "field must be one of"),
+    ({"state": [{"camera": {"topic": "/c"}}]}, {"state": [1]}, "unknown source kind 'camera'"),
+    ({"state": [{"array": {"topic": "/a", "size": 1, "scale": 2}}]}, {"state": [1]}, "bad array source"),
+    ({"state": [{"array": {"topic": "/a", "size": 1}}, {"joint_state": {"topic": "/a", "names": ["q"]}}]}, {"state": [2]},
+     "configured both as array and as joint_state"),
+    ("{not json", {"state": [1]}, "not valid JSON"),
+    ("", {"state": [1]}, "observation sources are empty"),
+])
+def test_configuration_errors_are_clear(spec, shapes, match):
+    with pytest.raises(ObservationConfigError, match=match):
+        ObservationBuilder(spec, shapes, obs_horizon=2)
+
+
+def test_json_config_round_trip():
+    text = sources_json(SOURCES)
+    assert json.loads(text) == SOURCES
+    spec = ObservationSpec.from_config(text)
+    assert spec.topics() == {"/joint_states": "joint_state", "/object_state": "array"}
+    assert spec.sources["state"][0].names == tuple(JOINTS)
