@@ -343,6 +343,8 @@ class PolicyNode(LifecycleNode):
         k = max(self._last_k + 1, int(math.floor((now - self._t0) / self.dt + 0.5)))
         self.deadline_misses += k - self._last_k - 1
         self._last_k = k
+        if self._tick_times:  # tick-to-tick period jitter: independent of how k was rounded
+            self._period_jitter_ms.append(abs(now - self._tick_times[-1] - self.dt) * 1e3)
         self._tick_times.append(now)
         self._jitter_ms.append((now - (self._t0 + k * self.dt)) * 1e3)
 
@@ -433,6 +435,7 @@ class PolicyNode(LifecycleNode):
     def _reset_tick_stats(self) -> None:
         self._tick_times = collections.deque(maxlen=max(10, int(2 * self.rate)))
         self._jitter_ms = collections.deque(maxlen=2000)
+        self._period_jitter_ms = collections.deque(maxlen=2000)
         self._tick_ms = collections.deque(maxlen=2000)
         self.ticks = self.deadline_misses = self.holds = self.submitted = self.invalid_observations = self.tick_errors = 0
         self._last_invalid_reason = ""
@@ -548,6 +551,8 @@ class PolicyNode(LifecycleNode):
                 "episode": self.episode, "step": self._step, "ticks": self.ticks,
                 "loop_rate_hz": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0,
                 "tick_jitter_ms_p50": _pct(self._jitter_ms, 50), "tick_jitter_ms_p99": _pct(self._jitter_ms, 99),
+                "tick_period_jitter_ms_p50": _pct(self._period_jitter_ms, 50),
+                "tick_period_jitter_ms_p99": _pct(self._period_jitter_ms, 99),
                 "tick_ms_p99": _pct(self._tick_ms, 99), "deadline_misses": self.deadline_misses,
                 "inference_ms_p50": _pct(lat, 50), "inference_ms_p95": _pct(lat, 95), "inference_ms_p99": _pct(lat, 99),
                 "inference_calls": worker.calls if worker else 0, "inference_errors": worker.errors if worker else 0,
