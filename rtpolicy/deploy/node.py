@@ -340,7 +340,9 @@ class PolicyNode(LifecycleNode):
         now = time.monotonic()
         if self._episode_reset_pending:
             self._new_episode_state(count=True)
-        k = max(self._last_k + 1, int(math.floor((now - self._t0) / self.dt + 0.5)))
+        # the slot this tick is in; a tick skips a step (a deadline miss) only when a whole period late,
+        # so one late tick does not shift every later tick's slot (rounding would)
+        k = max(self._last_k + 1, int(math.floor((now - self._t0) / self.dt)))
         self.deadline_misses += k - self._last_k - 1
         self._last_k = k
         if self._tick_times:  # tick-to-tick period jitter: independent of how k was rounded
