@@ -38,7 +38,10 @@ def _train(cfg) -> None:
         f"trained in {results['train_seconds']:.0f} s"
     )
     _report(results)
-    print(f"checkpoint: {ckpt}\nnext:\n  python eval.py checkpoint={ckpt} eval.episodes=50 eval.out=results.json")
+    bundle = Path("bundles") / f"{cfg.task.name}-{cfg.policy.name}"
+    print(f"checkpoint: {ckpt}\nnext:\n  python eval.py checkpoint={ckpt} eval.episodes=50 eval.out=results.json\n"
+          f"  python -m rtpolicy.deploy.export --checkpoint {ckpt} --out {bundle}\n"
+          f"  rtpolicy deploy bundle={bundle} --ros-args --params-file conf/deploy/metaworld.yaml")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
