@@ -40,7 +40,7 @@ HEADS = {
                   ("ddim", 10, {"sampler": "ddim", "num_inference_steps": 10})],
     "edm": [("dpmpp_2m", 4, {"sampler": "dpmpp_2m", "num_inference_steps": 4})],
     "truncated": [("anchored", 1, {"num_inference_steps": 1})],
-    "streaming": [("stream", 1, {"steps_per_tick": 1})],
+    "streaming": [("stream", 1, {"steps_per_tick": 1}), ("stream", 2, {"steps_per_tick": 2})],
 }
 
 

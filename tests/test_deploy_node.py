@@ -1,6 +1,6 @@
 """The ROS 2 policy node over the real RMW: lifecycle, observation mapping, faults, e-stop, the sim robot, the CLI.
 
-Every test gets its own rclpy context and a MultiThreadedExecutor spinning in a thread; the robot's
+Every test gets its own rclpy context and a single-threaded executor spinning in a thread; the robot's
 sensors and the operator are plain rclpy nodes in the same context. Waits are generous bounds on
 events (never assertions about timing); the control loop runs at 20 Hz to stay far from the limits
 of a loaded CI machine.
@@ -32,7 +32,7 @@ from lifecycle_msgs.msg import Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 import rclpy.executors  # noqa: E402
 from rclpy.context import Context  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
@@ -150,7 +150,7 @@ class Rig:
     def __init__(self):
         self.context = Context()
         rclpy.init(context=self.context)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)  # rclpy 7.1's multi-threaded one busy-spins
         self.lock = threading.Lock()
         self.msgs: dict[str, list] = {k: [] for k in ("twist", "gripper", "command", "trajectory", "diagnostics", "episode")}
         self.node = rclpy.create_node("rig", context=self.context)

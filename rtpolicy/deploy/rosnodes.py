@@ -1,4 +1,8 @@
-"""Running a deploy node as a program: its own rclpy context, a MultiThreadedExecutor, clean Ctrl-C.
+"""Running a deploy node as a program: its own rclpy context, a single-threaded executor, clean Ctrl-C.
+
+Single-threaded on purpose: inference runs in the node's own worker thread, every callback is short,
+and rclpy 7.1's MultiThreadedExecutor busy-spins a core while it waits (starving the control timer
+on a 2-core machine).
 
 rclpy's default SIGINT handler shuts the context down before our code runs, so nothing could be
 published afterwards. Here SIGINT (and SIGTERM, which launch sends after SIGINT) raise
@@ -13,7 +17,7 @@ from typing import Callable
 
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
@@ -23,8 +27,7 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def spin_node(factory: Callable[[Context], Node], ros_args: list[str], lifecycle_autostart: bool = False,
-              num_threads: int = 4) -> int:
+def spin_node(factory: Callable[[Context], Node], ros_args: list[str], lifecycle_autostart: bool = False) -> int:
     """Create the node in a fresh context, optionally configure + activate it, spin until interrupted.
 
     Returns the exit code: 0 after an interrupt, 1 when an autostart transition fails.
@@ -33,10 +36,10 @@ def spin_node(factory: Callable[[Context], Node], ros_args: list[str], lifecycle
     rclpy.init(args=["rtpolicy", *ros_args], context=context, signal_handler_options=SignalHandlerOptions.NO)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     node: Node | None = None
-    executor: MultiThreadedExecutor | None = None
+    executor: SingleThreadedExecutor | None = None
     try:
         node = factory(context)
-        executor = MultiThreadedExecutor(num_threads=num_threads, context=context)
+        executor = SingleThreadedExecutor(context=context)
         executor.add_node(node)
         if lifecycle_autostart and isinstance(node, LifecycleNode):
             for name, trigger in (("configure", node.trigger_configure), ("activate", node.trigger_activate)):

@@ -167,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
     from rtpolicy.deploy.rosnodes import spin_node
 
     overrides, ros_args = rosparams.parse_key_values(list(sys.argv[1:] if argv is None else argv))
-    return spin_node(lambda context: SimRobotNode(overrides, context=context), ros_args, num_threads=2)
+    return spin_node(lambda context: SimRobotNode(overrides, context=context), ros_args)
