@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from rtpolicy.deploy.rosparams import parse_key_values
+
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "conf" / "deploy" / "metaworld.yaml"
 CONTROL_LOOP_STATUS = "policy control loop"  # the policy node's DiagnosticStatus name ends with this
@@ -26,16 +28,10 @@ CONTROL_LOOP_STATUS = "policy control loop"  # the policy node's DiagnosticStatu
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """``["num_inference_steps=1", "sampler=ddim"]`` -> overrides (values read as JSON when they parse)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    try:
+        return parse_key_values(items)[0]
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
 
 
 def head_label(policy_cfg: dict[str, Any]) -> tuple[str, str, int | None]:

@@ -84,6 +84,11 @@ def collect_demos(
         env.close()
 
 
+def _store_info(buf: ReplayBuffer, path: Path, new: int) -> dict[str, Any]:
+    """The store's attrs plus ``path``, ``episodes``, ``steps`` and ``new_episodes`` (added by this call)."""
+    return dict(buf.attrs) | {"path": str(path), "episodes": buf.n_episodes, "steps": buf.n_steps, "new_episodes": new}
+
+
 def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progress) -> dict[str, Any]:
     buf = ReplayBuffer.open_or_create(path)
     attrs = dict(buf.attrs)
@@ -125,12 +130,9 @@ def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progr
         }
         buf.attrs.update(attrs)
 
-    def info(new: int) -> dict[str, Any]:
-        return dict(buf.attrs) | {"path": str(path), "episodes": buf.n_episodes, "steps": buf.n_steps, "new_episodes": new}
-
     missing = episodes - buf.n_episodes
     if missing <= 0:
-        return info(0)
+        return _store_info(buf, path, 0)
 
     expert = env.expert()
     cap = MAX_ATTEMPTS_FACTOR * missing
@@ -161,7 +163,7 @@ def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progr
             bar.set_postfix(success_rate=f"{attrs['successes'] / max(1, attrs['attempts']):.2f}")
     finally:
         bar.close()
-    return info(added)
+    return _store_info(buf, path, added)
 
 
 def collect_suite(task_cfg: Any, path: str | Path, episodes: int, seed: int, action_noise: float = 0.0,
@@ -180,7 +182,7 @@ def collect_suite(task_cfg: Any, path: str | Path, episodes: int, seed: int, act
     if path.exists():
         buf = ReplayBuffer.open(path)
         if buf.attrs.get("tasks") == names and buf.n_episodes >= episodes * len(names):
-            return dict(buf.attrs) | {"path": str(path), "episodes": buf.n_episodes, "steps": buf.n_steps, "new_episodes": 0}
+            return _store_info(buf, path, 0)
         raise ValueError(f"{path} exists but is not a complete suite store of {names} with {episodes} episodes each; "
                          "move it away or choose another task.dataset")
     parts = path.with_name(path.name + ".parts")
@@ -197,7 +199,7 @@ def collect_suite(task_cfg: Any, path: str | Path, episodes: int, seed: int, act
                       "action_noise": float(action_noise), "obs_keys": ["state", "task_id"], "action_key": "action"})
     tmp.rename(path)
     buf = ReplayBuffer.open(path)
-    return dict(buf.attrs) | {"path": str(path), "episodes": buf.n_episodes, "steps": buf.n_steps, "new_episodes": buf.n_episodes}
+    return _store_info(buf, path, buf.n_episodes)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rtpolicy.checkpoint import load_policy
+from rtpolicy.deploy.rosparams import parse_key_values
 
 BUNDLE_VERSION = 1
 ACTION_KINDS = ("ee_delta", "joint_position", "joint_velocity")
@@ -171,15 +172,10 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--joint-names", nargs="*", default=None)
     ap.add_argument("--control-rate", type=float, default=None, help="Hz (default: the env family's)")
     args = ap.parse_args(argv)
-    over = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            over[key] = json.loads(value)
-        except json.JSONDecodeError:
-            over[key] = value
+    try:
+        over, _ = parse_key_values(args.set)
+    except ValueError as e:
+        ap.error(f"--set: {e}")
     out = export_bundle(args.checkpoint, args.out, over, args.joint_names, args.control_rate)
     print(f"bundle: {out} ({json.loads((out / 'bundle.json').read_text())['weights_sha256'][:12]}...)")
     return out

@@ -169,11 +169,16 @@ def evaluate(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(base_seed)
         results = _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_video, video_dir, device, progress, context)
+    _write_results(eval_cfg, results)
+    return results
+
+
+def _write_results(eval_cfg: Any, results: dict[str, Any]) -> None:
+    """Results as JSON to ``eval_cfg.out`` when set."""
     if getattr(eval_cfg, "out", None):
         out = Path(eval_cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
-    return results
 
 
 def _evaluate_suite(policy, task_cfg, members, eval_cfg, device, video_dir, progress, context) -> dict[str, Any]:
@@ -212,10 +217,7 @@ def _evaluate_suite(policy, task_cfg, members, eval_cfg, device, video_dir, prog
         "per_episode": per_episode,
         "videos": videos,
     }
-    if getattr(eval_cfg, "out", None):
-        out = Path(eval_cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2))
+    _write_results(eval_cfg, results)
     return results
 
 
