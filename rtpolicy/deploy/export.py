@@ -10,7 +10,12 @@ A bundle is a folder with
   is the sampler schedule that runs), observation spec (key -> shape, description), action spec
   (kind, names, limits, which dims are deltas), joint names, control rate, task (name, task ids),
   normalizer stats (readable copies of the buffers), the source checkpoint and the SHA-256 of
-  ``policy.safetensors``, which ``load_bundle`` verifies before building anything.
+  ``policy.safetensors``, which ``load_bundle`` verifies before building anything;
+- optionally (``--program``) ``denoiser.pt2``: the denoiser as a ``torch.export`` program (graph as
+  JSON, raw tensor payloads), for runtimes that run the graph without our Python classes. Export
+  checks that the program's output equals the eager denoiser's on the head's own inputs (captured
+  from a real ``predict_chunk`` call) to ``PROGRAM_ATOL``, and :func:`load_program` refuses archives
+  with pickled payloads before ``torch.export.load`` reads them.
 It loads with :func:`load_bundle` alone: no Hydra config, dataset or training code is read.
 """
 
@@ -30,6 +35,8 @@ from rtpolicy.checkpoint import load_policy
 from rtpolicy.deploy.rosparams import parse_key_values
 
 BUNDLE_VERSION = 1
+PROGRAM_FILE = "denoiser.pt2"
+PROGRAM_ATOL = 1e-5
 ACTION_KINDS = ("ee_delta", "joint_position", "joint_velocity")
 
 
@@ -60,9 +67,11 @@ def export_bundle(
     policy_overrides: dict[str, Any] | None = None,
     joint_names: list[str] | None = None,
     control_rate_hz: float | None = None,
+    program: bool = False,
 ) -> Path:
     """Write a bundle for ``checkpoint`` into ``out_dir`` (created; an existing bundle is replaced
-    atomically file by file). Action/observation specs default to the env family's ``DEPLOY_SPEC``."""
+    atomically file by file). Action/observation specs default to the env family's ``DEPLOY_SPEC``.
+    ``program=True`` also writes the parity-checked ``torch.export`` denoiser (:func:`export_program`)."""
     policy, meta = load_policy(checkpoint, "cpu", policy_overrides)
     cfg = meta["config"]
     task = cfg.get("task", {})
@@ -106,10 +115,88 @@ def export_bundle(
     save_file(state, str(tmp), metadata={"rtpolicy_bundle": json.dumps(bundle)})
     os.replace(tmp, weights)
     bundle["weights_sha256"] = _sha256(weights)
+    if program:
+        bundle["program"] = export_program(policy, out / PROGRAM_FILE)
+    else:
+        (out / PROGRAM_FILE).unlink(missing_ok=True)  # a replaced bundle must not keep a stale program
     tmp_json = out / f".bundle.json.tmp-{os.getpid()}"
     tmp_json.write_text(json.dumps(bundle, indent=2))
     os.replace(tmp_json, out / "bundle.json")
     return out
+
+
+def _denoiser_inputs(policy) -> tuple[torch.Tensor, ...]:
+    """The (x, t, cond) of the denoiser's first call in a batch-1 ``predict_chunk`` on a zero observation."""
+    captured: list[tuple] = []
+    hook = policy.denoiser.register_forward_pre_hook(lambda _m, args: captured.append(tuple(a.detach() for a in args)))
+    obs = {k: torch.zeros(1, policy.obs_horizon, *v) for k, v in policy.obs_shapes.items()}
+    if getattr(policy, "num_tasks", 0):
+        obs["task_id"] = torch.zeros(1, dtype=torch.long)
+    try:
+        policy.reset()
+        with torch.no_grad():
+            policy.predict_chunk(obs)
+    finally:
+        hook.remove()
+        policy.reset()
+    if not captured:
+        raise BundleError("predict_chunk never called the denoiser; nothing to export")
+    return captured[0]
+
+
+def export_program(policy, path: Path) -> dict[str, Any]:
+    """``policy.denoiser`` as a ``torch.export`` program at ``path`` (batch 1, the head's input shapes).
+
+    The program is run on the captured inputs and on fresh random ones of the same shapes and must
+    match the eager denoiser to ``PROGRAM_ATOL``; otherwise (or if export fails) -> BundleError and no
+    file. Returns the bundle entry: file, SHA-256, input shapes/dtypes, max abs difference.
+    """
+    denoiser = policy.denoiser.eval()
+    args = _denoiser_inputs(policy)
+    try:
+        ep = torch.export.export(denoiser, args)
+    except Exception as e:  # torch.export names the unsupported construct; keep its message
+        raise BundleError(f"torch.export could not trace the {type(denoiser).__name__} denoiser: {e}") from e
+    ep._example_inputs = None  # torch.export.save would pickle them; the bundle records their shapes instead
+    gen = torch.Generator().manual_seed(0)
+    probes = [args, tuple(torch.randn(a.shape, generator=gen) if a.is_floating_point() else a for a in args)]
+    with torch.no_grad():
+        diff = max(float((ep.module()(*p) - denoiser(*p)).abs().max()) for p in probes)
+    if not diff <= PROGRAM_ATOL:
+        raise BundleError(f"exported denoiser differs from the eager one by {diff:.3g} > {PROGRAM_ATOL}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.export.save(ep, str(tmp))
+    os.replace(tmp, path)
+    return {"file": path.name, "sha256": _sha256(path), "parity_max_abs": diff,
+            "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch.")}
+                       for n, a in zip(("x", "t", "cond"), args)]}
+
+
+def load_program(bundle_dir: str | Path) -> torch.nn.Module:
+    """The bundle's exported denoiser as a callable module ``(x, t, cond) -> (1, H, Da)``.
+
+    Verifies the bundle and the archive's SHA-256, and refuses archives that carry pickled payloads
+    (``torch.export.load`` would unpickle them) before loading.
+    """
+    import zipfile
+
+    d = Path(bundle_dir)
+    bundle = read_bundle(d)
+    entry = bundle.get("program")
+    if not entry:
+        raise BundleError(f"{d}: the bundle has no exported program (export it with --program)")
+    path = d / entry["file"]
+    if not path.is_file():
+        raise BundleError(f"{path} is missing")
+    if _sha256(path) != entry["sha256"]:
+        raise BundleError(f"{path}: SHA-256 does not match bundle.json; the program was changed or truncated")
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            if name.endswith("_config.json") and '"use_pickle": true' in z.read(name).decode():
+                raise BundleError(f"{path}: {name} declares pickled payloads; refusing to load")
+            if "/sample_inputs/" in name and z.getinfo(name).file_size:
+                raise BundleError(f"{path}: {name} holds pickled sample inputs; refusing to load")
+    return torch.export.load(str(path)).module()
 
 
 def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
@@ -171,12 +258,13 @@ def main(argv: list[str] | None = None) -> Path:
                     help="inference overrides baked into the bundle, e.g. num_inference_steps=1 (values parsed as JSON)")
     ap.add_argument("--joint-names", nargs="*", default=None)
     ap.add_argument("--control-rate", type=float, default=None, help="Hz (default: the env family's)")
+    ap.add_argument("--program", action="store_true", help=f"also write the denoiser as a torch.export program ({PROGRAM_FILE})")
     args = ap.parse_args(argv)
     try:
         over, _ = parse_key_values(args.set)
     except ValueError as e:
         ap.error(f"--set: {e}")
-    out = export_bundle(args.checkpoint, args.out, over, args.joint_names, args.control_rate)
+    out = export_bundle(args.checkpoint, args.out, over, args.joint_names, args.control_rate, args.program)
     print(f"bundle: {out} ({json.loads((out / 'bundle.json').read_text())['weights_sha256'][:12]}...)")
     return out
 
