@@ -126,3 +126,95 @@ def test_json_config_round_trip():
     spec = ObservationSpec.from_config(text)
     assert spec.topics() == {"/joint_states": "joint_state", "/object_state": "array"}
     assert spec.sources["state"][0].names == tuple(JOINTS)
+
+
+# ---------------------------------------------------------------- camera topics (real sensor_msgs messages)
+IMG_SOURCES = SOURCES | {"rgb": [{"image": {"topic": "/cam/image_raw"}}],
+                         "rgb_wrist": [{"image": {"topic": "/wrist/image_raw/compressed", "compressed": True}}]}
+
+
+def image_builder():
+    return ObservationBuilder(IMG_SOURCES, {"state": [39], "rgb": [8, 12, 3], "rgb_wrist": [8, 12, 3]}, obs_horizon=2)
+
+
+def _image_msg(rgb, encoding="rgb8"):
+    from sensor_msgs.msg import Image
+
+    channels = {"rgb8": rgb, "bgr8": rgb[..., ::-1], "rgba8": np.concatenate([rgb, np.full_like(rgb[..., :1], 255)], -1),
+                "mono8": rgb[..., :1]}[encoding]
+    h, w, c = channels.shape
+    pad = 4  # a row stride larger than width * channels, as some drivers send
+    rows = np.concatenate([channels.reshape(h, w * c), np.zeros((h, pad), np.uint8)], 1)
+    return Image(height=h, width=w, encoding=encoding, step=w * c + pad, data=rows.tobytes())
+
+
+def _compressed_msg(rgb, fmt="png"):
+    import io
+
+    from PIL import Image as PILImage
+    from sensor_msgs.msg import CompressedImage
+
+    out = io.BytesIO()
+    PILImage.fromarray(rgb).save(out, format=fmt)
+    return CompressedImage(format=fmt, data=out.getvalue())
+
+
+def _feed(b, raw, packed, state=np.zeros(39, np.float32)):
+    b.update_joint_state("/joint_states", JOINTS, {"position": state[:4]})
+    b.update_array("/object_state", state[4:])
+    b.update_image("/cam/image_raw", raw.encoding, raw.height, raw.width, raw.step, raw.data)
+    b.update_compressed_image("/wrist/image_raw/compressed", packed.format, packed.data)
+
+
+def test_images_from_raw_and_compressed_messages():
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    for encoding in ("rgb8", "bgr8", "rgba8"):
+        b = image_builder()
+        _feed(b, _image_msg(rgb, encoding), _compressed_msg(rgb))
+        s = b.sample()
+        assert s.valid, s.reason
+        np.testing.assert_array_equal(s.vectors["rgb"], rgb)  # channel order fixed to RGB, row padding dropped
+        np.testing.assert_array_equal(s.vectors["rgb_wrist"], rgb)  # PNG is lossless
+    b = image_builder()
+    smooth = np.stack(np.broadcast_arrays(np.arange(8)[:, None] * 30, np.arange(12)[None] * 20, 128), -1).astype(np.uint8)
+    _feed(b, _image_msg(rgb, "mono8"), _compressed_msg(smooth, "jpeg"))
+    s = b.sample()
+    np.testing.assert_array_equal(s.vectors["rgb"], np.repeat(rgb[..., :1], 3, -1))
+    assert np.abs(s.vectors["rgb_wrist"].astype(int) - smooth).mean() < 8  # JPEG is lossy, but the same picture
+    obs = b.observation()
+    assert obs["rgb"].shape == (1, 2, 8, 12, 3) and obs["rgb"].dtype == torch.uint8
+    assert obs["state"].shape == (1, 2, 39) and obs["state"].dtype == torch.float32
+
+
+def test_camera_size_bad_frames_and_recovery():
+    b = image_builder()
+    big = np.kron(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3), np.ones((8, 8, 1), np.uint8))  # 16 x 24, same aspect
+    _feed(b, _image_msg(big), _compressed_msg(big))
+    s = b.sample()
+    assert s.valid and s.vectors["rgb"].shape == (8, 12, 3)  # resized to the policy's size
+    wide = np.zeros((8, 20, 3), np.uint8)
+    b.update_image("/cam/image_raw", "rgb8", 8, 20, 60, wide.tobytes())
+    s = b.current()
+    assert not s.valid and "/cam/image_raw" in s.reason and "aspect" in s.reason
+    b.update_image("/cam/image_raw", "yuv422", 8, 12, 24, bytes(192))
+    assert "yuv422" in b.current().reason
+    b.update_image("/cam/image_raw", "rgb8", 8, 12, 36, bytes(100))  # truncated payload
+    assert "bytes" in b.current().reason
+    b.update_compressed_image("/wrist/image_raw/compressed", "jpeg", b"\xff\xd8 not a jpeg")
+    b.update_image("/cam/image_raw", "rgb8", 8, 12, 36, bytes(288))
+    s = b.current()
+    assert not s.valid and "/wrist/image_raw/compressed" in s.reason and "decode" in s.reason
+    b.update_compressed_image("/wrist/image_raw/compressed", "png", _compressed_msg(np.zeros((8, 12, 3), np.uint8)).data)
+    assert b.current().valid
+
+
+def test_image_source_config_errors():
+    with pytest.raises(ObservationConfigError, match="exactly one image source"):
+        ObservationBuilder(SOURCES | {"rgb": [{"image": {"topic": "/a"}}, {"image": {"topic": "/b"}}]},
+                           {"state": [39], "rgb": [8, 8, 3]}, 1)
+    with pytest.raises(ObservationConfigError, match="vector keys"):
+        ObservationBuilder({"state": [{"image": {"topic": "/a"}}]}, {"state": [39]}, 1)
+    with pytest.raises(ObservationConfigError, match="compressed must be"):
+        ObservationSpec.from_config({"rgb": [{"image": {"topic": "/a", "compressed": "yes"}}]})
+    spec = ObservationSpec.from_config(IMG_SOURCES)
+    assert spec.topics()["/wrist/image_raw/compressed"] == "compressed_image" and spec.topics()["/cam/image_raw"] == "image"

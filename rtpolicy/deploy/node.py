@@ -64,7 +64,7 @@ from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import JointState
+from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
@@ -90,7 +90,8 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "stale_obs_s": (0.5, "hold when the oldest observation source is older than this (s)"),
     "max_velocity": ([0.0], "per-dim limit (action units/s): one value for all dims or one per dim; <= 0: none"),
     "max_acceleration": ([0.0], "per-dim limit (action units/s^2): one value or one per dim; <= 0: none"),
-    "observation_sources": ("", 'JSON: {obs key: [{"joint_state": {"topic", "names", "field"}} | {"array": {"topic", "size"}}, ...]}'),
+    "observation_sources": ("", 'JSON: {obs key: [{"joint_state": {"topic", "names", "field"}} | {"array": {"topic", "size"}} '
+                                '| {"image": {"topic", "compressed"}}, ...]} (see rtpolicy.deploy.observation)'),
     "task_id": (-1, "task id for multi-task bundles; -1: none (or chosen by instruction_topic)"),
     "twist_topic": ("/rtpolicy/cmd_twist", "ee_delta: geometry_msgs/TwistStamped out"),
     "gripper_topic": ("/rtpolicy/cmd_gripper", "ee_delta: std_msgs/Float64MultiArray out (non-delta dims)"),
@@ -239,7 +240,8 @@ class PolicyNode(LifecycleNode):
                 pub["trajectory"] = self.create_publisher(JointTrajectory, p["trajectory_topic"], COMMAND_QOS)
         pub["diagnostics"] = self.create_publisher(DiagnosticArray, p["diagnostics_topic"], 10)
         for topic, kind in self.builder.kinds.items():
-            msg_type = JointState if kind == "joint_state" else Float64MultiArray
+            msg_type = {"joint_state": JointState, "array": Float64MultiArray, "image": Image,
+                        "compressed_image": CompressedImage}[kind]
             self._subs.append(self.create_subscription(msg_type, topic, lambda m, t=topic: self._on_sensor(t, m),
                                                        qos_profile_sensor_data, callback_group=self._sensor_group))
         for msg_type, topic, cb in ((Bool, p["estop_topic"], self._on_estop), (String, p["reset_topic"], self._on_reset),
@@ -477,12 +479,16 @@ class PolicyNode(LifecycleNode):
         self.get_logger().warning(f"holding: {why}")
 
     # ================================================================== inputs
-    def _on_sensor(self, topic: str, msg: JointState | Float64MultiArray) -> None:
+    def _on_sensor(self, topic: str, msg: JointState | Float64MultiArray | Image | CompressedImage) -> None:
         builder = self.builder  # None once cleaned up; a message taken just before is dropped
         if builder is None:
             return
         if isinstance(msg, JointState):
             builder.update_joint_state(topic, msg.name, {"position": msg.position, "velocity": msg.velocity, "effort": msg.effort})
+        elif isinstance(msg, Image):
+            builder.update_image(topic, msg.encoding, msg.height, msg.width, msg.step, msg.data)
+        elif isinstance(msg, CompressedImage):
+            builder.update_compressed_image(topic, msg.format, msg.data)
         else:
             builder.update_array(topic, msg.data)
 

@@ -9,8 +9,17 @@ in order, of sources, each the latest message of one topic:
         {"array": {"topic": "/object_state", "size": 35}},  # std_msgs/Float64MultiArray, all of .data
     ]}
 
-The ROS node (or a test) hands message contents to ``update_joint_state`` / ``update_array``; each
-source keeps its receive time on a steady clock. Once per control tick ``sample()`` assembles the
+An image key (shape (H, W, 3)) has exactly one source, a camera topic:
+
+    {"rgb_static": [{"image": {"topic": "/camera/image_raw"}}]}                    # sensor_msgs/Image
+    {"rgb_static": [{"image": {"topic": "/camera/image_raw/compressed", "compressed": true}}]}  # CompressedImage
+
+Images are decoded when they arrive (rgb8, bgr8, rgba8, bgra8, mono8; JPEG/PNG for compressed ones)
+to (H, W, 3) uint8 RGB, and resized (bilinear) to the policy's size when the aspect ratio agrees
+within 2%; another aspect ratio or encoding makes the samples invalid with a reason.
+
+The ROS node (or a test) hands message contents to ``update_joint_state`` / ``update_array`` /
+``update_image`` / ``update_compressed_image``; each source keeps its receive time on a steady clock. Once per control tick ``sample()`` assembles the
 current vectors; it is invalid, with a reason naming the topic and joint, when a topic has not been
 heard from, a configured joint is missing from the latest JointState, an array has the wrong length, or
 a value is not finite. Valid samples go into a history of the last ``obs_horizon`` samples (after
@@ -18,6 +27,7 @@ a value is not finite. Valid samples go into a history of the last ``obs_horizon
 returns it in the policy's layout:
 
     obs[key]        (1, To, D) float32, oldest sample first
+    obs[image key]  (1, To, H, W, 3) uint8 (the policy's image encoder converts and normalizes)
     obs["task_id"]  (1,)       long, only for multi-task bundles (num_tasks > 0)
 
 A sample's ``stamp`` is the OLDEST receive time of the sources it used, so a caller's stale-observation
@@ -83,8 +93,27 @@ class ArraySource:
             raise ObservationConfigError(f"array source on {self.topic}: size must be an int >= 1, got {self.size!r}")
 
 
-Source = JointStateSource | ArraySource
-SOURCE_KINDS: dict[str, type] = {"joint_state": JointStateSource, "array": ArraySource}
+@dataclass(frozen=True)
+class ImageSource:
+    """The latest frame of a sensor_msgs/Image (or, with ``compressed``, CompressedImage) topic."""
+
+    topic: str
+    compressed: bool = False
+
+    def __post_init__(self):
+        _check_topic(self.topic)
+        if not isinstance(self.compressed, bool):
+            raise ObservationConfigError(f"image source on {self.topic}: compressed must be true or false, got {self.compressed!r}")
+
+    @property
+    def kind(self) -> str:
+        return "compressed_image" if self.compressed else "image"
+
+
+Source = JointStateSource | ArraySource | ImageSource
+SOURCE_KINDS: dict[str, type] = {"joint_state": JointStateSource, "array": ArraySource, "image": ImageSource}
+IMAGE_ENCODINGS = {"rgb8": (3, [0, 1, 2]), "bgr8": (3, [2, 1, 0]), "rgba8": (4, [0, 1, 2]), "bgra8": (4, [2, 1, 0]),
+                   "mono8": (1, [0, 0, 0])}  # encoding -> (channels, channel order giving RGB)
 
 
 def _check_topic(topic: Any) -> None:
@@ -130,11 +159,11 @@ class ObservationSpec:
         return cls(out)
 
     def topics(self) -> dict[str, str]:
-        """Topic -> message kind ("joint_state" | "array"); a topic serves one kind only."""
+        """Topic -> message kind ("joint_state" | "array" | "image" | "compressed_image"); a topic serves one kind only."""
         kinds: dict[str, str] = {}
         for key, srcs in self.sources.items():
             for s in srcs:
-                kind = "joint_state" if isinstance(s, JointStateSource) else "array"
+                kind = "joint_state" if isinstance(s, JointStateSource) else "array" if isinstance(s, ArraySource) else s.kind
                 if kinds.setdefault(s.topic, kind) != kind:
                     raise ObservationConfigError(f"topic {s.topic} is configured both as {kinds[s.topic]} and as {kind}")
         return kinds
@@ -176,9 +205,15 @@ class ObservationBuilder:
             raise ObservationConfigError(f"sources are configured for {extra}, which the policy does not observe "
                                          f"(it observes {sorted(self.shapes)})")
         for key, shape in self.shapes.items():
-            if len(shape) != 1:
-                raise ObservationConfigError(f"observation {key!r} has shape {shape}: only 1-D (vector) keys can be built from topics")
             srcs = self.spec.sources[key]
+            if len(shape) == 3:
+                if shape[2] != 3 or len(srcs) != 1 or not isinstance(srcs[0], ImageSource):
+                    raise ObservationConfigError(f"observation {key!r} is an image {shape}: it needs (H, W, 3) and exactly one "
+                                                 f"image source, got {len(srcs)} source(s) {[type(s).__name__ for s in srcs]}")
+                continue
+            if len(shape) != 1 or any(isinstance(s, ImageSource) for s in srcs):
+                raise ObservationConfigError(f"observation {key!r} has shape {shape}: vector keys take joint_state/array sources, "
+                                             "image keys (H, W, 3) one image source")
             total = sum(s.size for s in srcs)
             if total != shape[0]:
                 parts = " + ".join(f"{s.size} ({s.topic})" for s in srcs)
@@ -187,6 +222,9 @@ class ObservationBuilder:
         self._lock = threading.Lock()
         self._joint: dict[str, tuple[dict[str, int], dict[str, np.ndarray], float]] = {}  # topic -> (name index, fields, stamp)
         self._array: dict[str, tuple[np.ndarray, float]] = {}
+        self._image: dict[str, tuple[np.ndarray | None, float, str]] = {}  # topic -> (HWC uint8 | None, stamp, error)
+        self._image_size = {srcs[0].topic: tuple(self.shapes[k][:2]) for k, srcs in self.spec.sources.items()
+                            if len(self.shapes[k]) == 3}
         self._history: collections.deque[dict[str, np.ndarray]] = collections.deque(maxlen=self.obs_horizon)
         self.task_id: int | None = None
         self.set_task_id(task_id)
@@ -215,12 +253,65 @@ class ObservationBuilder:
         with self._lock:
             self._array[topic] = (np.asarray(data, dtype=np.float64), self.clock() if stamp is None else stamp)
 
+    def update_image(self, topic: str, encoding: str, height: int, width: int, step: int, data: bytes | Sequence[int],
+                     stamp: float | None = None) -> None:
+        """A sensor_msgs/Image's fields; decoded here (not at sample time) to (H, W, 3) RGB at the policy's size."""
+        self._check_kind(topic, "image")
+        try:
+            if encoding not in IMAGE_ENCODINGS:
+                raise ValueError(f"encoding {encoding!r} is not supported (use one of {sorted(IMAGE_ENCODINGS)})")
+            channels, order = IMAGE_ENCODINGS[encoding]
+            buf = np.frombuffer(bytes(data), dtype=np.uint8)
+            if height < 1 or width < 1 or step < width * channels or buf.size < step * height:
+                raise ValueError(f"{width}x{height} {encoding} with step {step} needs {step * height} bytes, got {buf.size}")
+            rows = buf[: step * height].reshape(height, step)[:, : width * channels].reshape(height, width, channels)
+            frame, error = self._fit(topic, np.ascontiguousarray(rows[..., order])), ""
+        except ValueError as e:
+            frame, error = None, str(e)
+        self._store_image(topic, frame, error, stamp)
+
+    def update_compressed_image(self, topic: str, fmt: str, data: bytes | Sequence[int], stamp: float | None = None) -> None:
+        """A sensor_msgs/CompressedImage's format and bytes (JPEG or PNG), decoded here."""
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+
+        self._check_kind(topic, "compressed_image")
+        try:
+            with Image.open(io.BytesIO(bytes(data))) as im:
+                frame, error = self._fit(topic, np.asarray(im.convert("RGB"))), ""
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            frame, error = None, f"cannot decode the {fmt or 'unnamed'} compressed image: {e}"
+        self._store_image(topic, frame, error, stamp)
+
+    def _fit(self, topic: str, frame: np.ndarray) -> np.ndarray:
+        """(h, w, 3) uint8 -> the policy's (H, W, 3): resized when the aspect ratios agree within 2%."""
+        H, W = self._image_size[topic]
+        h, w = frame.shape[:2]
+        if (h, w) == (H, W):
+            return frame
+        if abs((w / h) / (W / H) - 1) > 0.02:
+            raise ValueError(f"frame is {w}x{h}, the policy expects {W}x{H}: the aspect ratios differ; "
+                             "crop or configure the camera")
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(frame).resize((W, H), Image.BILINEAR))
+
+    def _store_image(self, topic: str, frame: np.ndarray | None, error: str, stamp: float | None) -> None:
+        with self._lock:
+            self._image[topic] = (frame, self.clock() if stamp is None else stamp, error)
+
     def _check_kind(self, topic: str, kind: str) -> None:
         if self.kinds.get(topic) != kind:
             raise ValueError(f"topic {topic} is not configured as a {kind} source (configured: {self.kinds})")
 
     # ---------------------------------------------------------------- outputs
     def _read(self, src: Source) -> tuple[np.ndarray | None, float | None, str]:
+        if isinstance(src, ImageSource):
+            if src.topic not in self._image:
+                return None, None, f"no message yet on {src.topic}"
+            frame, stamp, error = self._image[src.topic]
+            return (frame, stamp, "") if frame is not None else (None, None, f"{src.topic}: {error}")
         if isinstance(src, ArraySource):
             if src.topic not in self._array:
                 return None, None, f"no message yet on {src.topic}"
@@ -250,6 +341,9 @@ class ObservationBuilder:
                         return Sample(False, None, f"observation {key!r}: {reason}")
                     parts.append(vals)
                     stamps.append(stamp)
+                if len(self.shapes[key]) == 3:  # an image: one source, already uint8 (H, W, 3)
+                    vectors[key] = parts[0]
+                    continue
                 vec = np.concatenate(parts)
                 if (bad := np.flatnonzero(~np.isfinite(vec))).size:
                     return Sample(False, None, f"observation {key!r}: non-finite values at indices {bad.tolist()}")
@@ -310,5 +404,5 @@ def sources_json(config: Mapping[str, Any]) -> str:
     return json.dumps(config)
 
 
-__all__ = ["ArraySource", "JointStateSource", "ObservationBuilder", "ObservationConfigError", "ObservationSpec", "Sample",
+__all__ = ["ArraySource", "ImageSource", "JointStateSource", "ObservationBuilder", "ObservationConfigError", "ObservationSpec", "Sample",
            "sources_json"]
