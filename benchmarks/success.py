@@ -2,6 +2,14 @@
 
     python benchmarks/success.py --out benchmarks/success.json [--steps 6000] [--episodes 50]
                                  [--heads diffusion edm truncated streaming] [override ...]
+    python benchmarks/success.py --denoiser transformer --heads diffusion --cache bac:4 bac:3 uniform:2 uniform:3 \
+                                 --out benchmarks/success_cache.json
+
+``--denoiser`` trains every head on that denoiser (runs under ``<runs>/<task>-<denoiser>/``; unet1d keeps
+``<runs>/<task>/``). ``--cache MODE:N`` (issue 4) also evaluates the diffusion head's DDIM-10 setting with
+the denoiser wrapped in a feature cache (``rtpolicy.policies.accelerators.cache.calibrate``; bac:N = N
+updates per block, uniform:N / taylor:N = recompute every N steps), calibrated on ``--calib`` observation
+windows drawn from the training demos.
 
 Every head is trained on the same demos (``task=mt10``: 50 scripted demos per task, collected on
 first use) with the same budget (steps, batch, optimizer, denoiser), then evaluated for
@@ -44,6 +52,33 @@ HEADS = {
 }
 
 
+def apply_cache(policy, setting: str, task_cfg, n: int, device) -> dict:
+    """Wrap ``policy.denoiser`` in a feature cache calibrated on ``n`` demo observation windows."""
+    import numpy as np
+
+    from rtpolicy.datasets.replay_buffer import ReplayBuffer
+    from rtpolicy.policies.accelerators.cache import calibrate
+
+    mode, _, num = setting.partition(":")
+    if mode not in ("bac", "uniform", "taylor") or not num.isdigit():
+        raise SystemExit(f"--cache {setting!r}: expected bac:N, uniform:N or taylor:N")
+    buf = ReplayBuffer.open(task_cfg.dataset)
+    rng = np.random.default_rng(0)
+    to = policy.obs_horizon
+    ends = buf.episode_ends
+    starts = np.concatenate([[0], ends[:-1]])
+    ep = rng.integers(0, len(ends), n)
+    t = rng.integers(starts[ep] + to - 1, ends[ep])  # windows that lie inside one episode
+    idx = t[:, None] - np.arange(to)[::-1]
+    data = buf.load(["state"] + (["task_id"] if getattr(policy, "num_tasks", 0) else []))
+    obs = {"state": torch.from_numpy(data["state"][idx]).float().to(device)}
+    if "task_id" in data:
+        obs["task_id"] = torch.from_numpy(data["task_id"][t]).long().to(device)
+    kw = {"budget": int(num)} if mode == "bac" else {"every": int(num)}
+    with torch.no_grad():
+        return calibrate(policy, obs, mode, **kw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/success.json")
@@ -54,6 +89,12 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task")
     ap.add_argument("--num-envs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 lets two runs share 2 cores")
+    ap.add_argument("--denoiser", default="unet1d", help="denoiser of every head (a registered name)")
+    ap.add_argument("--cache", nargs="*", default=[], metavar="MODE:N", help="feature-cache settings for diffusion DDIM-10")
+    ap.add_argument("--calib", type=int, default=64, help="calibration windows for --cache")
+    ap.add_argument("--settings", nargs="*", default=None, metavar="NAME",
+                    help="evaluate only these settings, e.g. ddim10 ddim+bac410 (default: all of each head)")
+    ap.add_argument("--tag", default="", help="suffix of the run folder (variants of one denoiser)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every head's training")
     args = ap.parse_args()
     register_configs()
@@ -61,21 +102,31 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     rows = []
+    group = args.task + ("" if args.denoiser == "unet1d" else f"-{args.denoiser}") + (f"-{args.tag}" if args.tag else "")
     for head in args.heads:
-        run_dir = Path(args.runs) / args.task / head
+        run_dir = Path(args.runs) / group / head
         if not (run_dir / "results.json").exists():
-            over = [f"task={args.task}", f"policy={head}", f"train.steps={args.steps}", "eval.episodes=0", f"train.threads={args.threads}",
+            over = [f"task={args.task}", f"policy={head}", f"denoiser={args.denoiser}", f"train.steps={args.steps}",
+                    "eval.episodes=0", f"train.threads={args.threads}",
                     *args.overrides, f"run_dir={run_dir}", f"resume={(run_dir / 'checkpoints' / 'last.safetensors').exists()}"]
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
                 cfg = compose("train", overrides=over)
             train(cfg)
         ckpt = run_dir / "checkpoints" / "last.safetensors"
-        for sampler, steps, inference in HEADS[head]:
+        settings = [(sampler, steps, inference, None) for sampler, steps, inference in HEADS[head]]
+        if head == "diffusion":
+            settings += [(f"ddim+{c.replace(':', '')}", 10, HEADS["diffusion"][1][2], c) for c in args.cache]
+        for sampler, steps, inference, cache in settings:
+            if args.settings is not None and f"{sampler}{steps}" not in args.settings:
+                continue
             out = run_dir / f"eval_{sampler}{steps}.json"
             if not out.exists():
                 device = resolve_device("auto")
                 policy, meta = load_policy(ckpt, device, inference)
                 task_cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), meta["config"]["task"])
+                if cache:
+                    report = apply_cache(policy, cache, task_cfg, args.calib, device)
+                    print(f"[success] cache {cache}: {report}", flush=True)
                 ecfg = EvalConfig(episodes=args.episodes, num_envs=args.num_envs, out=str(out))
                 print(f"[success] {head} {sampler}-{steps}: {args.episodes} episodes per task", flush=True)
                 evaluate(policy, task_cfg, ecfg, device=device)
@@ -85,7 +136,8 @@ def main() -> None:
                 rows.append({"head": head, "sampler": sampler, "steps": steps, "task": task, "episodes": r["episodes"],
                              "success": r["success"], "ci95": r["ci95"]})
             rows.append({"head": head, "sampler": sampler, "steps": steps, "task": "mean", "episodes": res["episodes"],
-                         "success": res["success"], "ci95": res["ci95"], "chunk_ms_p50": res["chunk_ms_p50"]})
+                         "success": res["success"], "ci95": res["ci95"], "chunk_ms_p50": res["chunk_ms_p50"],
+                         "denoiser": args.denoiser})
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(rows, indent=2))
 

@@ -13,8 +13,6 @@ layout of seed ``s``; ``reset()`` without a seed draws the next layout of the cu
 from __future__ import annotations
 
 import difflib
-import os
-import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,10 +23,6 @@ from gymnasium import spaces
 
 from rtpolicy.envs import ENVS
 
-# Offscreen rendering without a display: OSMesa (apt-get install libosmesa6) unless the user chose a
-# backend (MUJOCO_GL=egl is faster on GPU machines). Must be set before mujoco is first imported.
-if sys.platform.startswith("linux") and "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-    os.environ["MUJOCO_GL"] = "osmesa"
 
 STATE_DIM = 39
 ACTION_DIM = 4
