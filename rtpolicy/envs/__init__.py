@@ -15,7 +15,10 @@ from typing import Any
 
 import gymnasium
 
+from rtpolicy.envs.gl import configure_gl
 from rtpolicy.registry import Registry
+
+configure_gl()  # before any family imports mujoco
 
 ENVS: Registry[gymnasium.Env] = Registry("env family")
 
