@@ -5,6 +5,9 @@
 Published (SensorData QoS), after every physics step and at ``control_rate_hz``:
     /joint_states    sensor_msgs/JointState, names hand_x, hand_y, hand_z, gripper_opening = state[0:4]
     /object_state    std_msgs/Float64MultiArray, state[4:39] (object poses, previous step, goal)
+    image_topic      sensor_msgs/Image rgb8 (image_width x image_height, MuJoCo camera ``camera``; '' = the
+                     env's default view), only when ``image_topic`` is set: rendered offscreen after each
+                     physics step and reset, the latest frame republished with the state
 Subscribed (reliable): the policy's TwistStamped (linear xyz -> action dims 0..2) and gripper
 Float64MultiArray (data[0] -> action dim 3).
 
@@ -31,7 +34,7 @@ import numpy as np
 from geometry_msgs.msg import TwistStamped
 from rclpy.node import Node
 from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import JointState
+from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray, String
 
 from rtpolicy.deploy import rosparams
@@ -51,6 +54,10 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "command_timeout_s": (0.5, "step_on_command=false: older commands give a zero hand delta"),
     "joint_states_topic": ("/joint_states", "sensor_msgs/JointState out"),
     "object_state_topic": ("/object_state", "std_msgs/Float64MultiArray out"),
+    "image_topic": ("", "sensor_msgs/Image out (rgb8); '' = no camera"),
+    "image_width": (128, "camera image width (pixels)"),
+    "image_height": (128, "camera image height (pixels)"),
+    "camera": ("", "MuJoCo camera name of the image; '' = the env's default view"),
     "twist_topic": ("/rtpolicy/cmd_twist", "geometry_msgs/TwistStamped in"),
     "gripper_topic": ("/rtpolicy/cmd_gripper", "std_msgs/Float64MultiArray in"),
     "reset_topic": ("/rtpolicy/reset", "std_msgs/String out: 'episode' at every episode end"),
@@ -72,7 +79,13 @@ class SimRobotNode(Node):
                 raise ValueError(f"{name} must be > 0, got {p[name]}")
         if p["seed"] < 0 or p["max_episodes"] < 0:
             raise ValueError(f"seed and max_episodes must be >= 0, got {p['seed']}, {p['max_episodes']}")
-        self.env = make_env({"env": p["env"], "name": p["task"], "max_episode_steps": p["max_episode_steps"]}, seed=p["seed"])
+        camera = {"width": p["image_width"], "height": p["image_height"], "camera": p["camera"] or None} if p["image_topic"] else {}
+        if camera and not (p["image_width"] > 0 and p["image_height"] > 0):
+            raise ValueError(f"image_width and image_height must be > 0, got {p['image_width']}x{p['image_height']}")
+        self.env = make_env({"env": p["env"], "name": p["task"], "max_episode_steps": p["max_episode_steps"]}, seed=p["seed"],
+                            render=bool(camera), **camera)
+        self.pub_image = self.create_publisher(Image, p["image_topic"], qos_profile_sensor_data) if camera else None
+        self.frame: Image | None = None  # the latest rendered frame (re-rendered after each step and reset)
         self.pub_joints = self.create_publisher(JointState, p["joint_states_topic"], qos_profile_sensor_data)
         self.pub_objects = self.create_publisher(Float64MultiArray, p["object_state_topic"], qos_profile_sensor_data)
         self.pub_reset = self.create_publisher(String, p["reset_topic"], COMMAND_QOS)
@@ -96,7 +109,7 @@ class SimRobotNode(Node):
         self.seed = self.p["seed"] + self.episode
         self.obs, _ = self.env.reset(seed=self.seed)
         self.length = 0
-        self._publish_state()
+        self._publish_state(render=True)
 
     def _step(self, action: np.ndarray) -> None:
         if self.done:
@@ -104,7 +117,7 @@ class SimRobotNode(Node):
         self.obs, _, terminated, truncated, info = self.env.step(action)
         self.steps_total += 1
         self.length += 1
-        self._publish_state()
+        self._publish_state(render=True)
         if terminated or truncated:
             result = {"episode": self.episode, "seed": self.seed, "success": bool(info["success"]), "length": self.length}
             self.results.append(result)
@@ -118,12 +131,21 @@ class SimRobotNode(Node):
             else:
                 self._reset_env()
 
-    def _publish_state(self) -> None:
+    def _publish_state(self, render: bool = False) -> None:
         state = np.asarray(self.obs["state"], dtype=np.float64)
         js = JointState(name=list(JOINT_NAMES), position=[float(x) for x in state[0:4]])
         js.header.stamp = self.get_clock().now().to_msg()
         self.pub_joints.publish(js)
         self.pub_objects.publish(Float64MultiArray(data=[float(x) for x in state[4:]]))
+        if self.pub_image is None:
+            return
+        if render or self.frame is None:
+            rgb = self.env.render()
+            h, w = rgb.shape[:2]
+            self.frame = Image(height=h, width=w, encoding="rgb8", step=3 * w, data=rgb.tobytes())
+            self.frame.header.frame_id = self.p["camera"] or "sim_camera"
+        self.frame.header.stamp = js.header.stamp
+        self.pub_image.publish(self.frame)
 
     # ---------------------------------------------------------------- commands
     def _on_twist(self, msg: TwistStamped) -> None:
