@@ -1,0 +1,501 @@
+"""CALVIN-like long-horizon, language-conditioned tabletop env (MuJoCo) with scripted experts.
+
+Modes (``task_cfg.name``):
+
+* single task - one of :data:`TASKS`: ``reset(seed)`` draws a start in which the task is feasible; the
+  episode terminates when its predicate holds (``info["success"] = True``) and is truncated after
+  ``max_episode_steps``.
+* ``chainN`` (e.g. ``chain5``) - ``reset(seed)`` draws a scene and a feasible chain of N distinct
+  tasks. Each subtask has ``subtask_steps`` env steps; when its predicate holds (relative to the state
+  at the start of that subtask) the next one starts; when its budget runs out the episode ends
+  (``truncated``, ``info["success"] = False``). ``max_episode_steps = N * subtask_steps``.
+
+After an episode has ended ``step()`` is absorbing: it returns the last observation and flags
+without stepping the physics.
+
+Action: (5,) float32 in [-1, 1] = (dx, dy, dz, dyaw, gripper): the first four are deltas of the
+end-effector target scaled by :data:`MAX_STEP` (2 cm) and :data:`MAX_YAW` (0.15 rad); gripper > 0
+closes, <= 0 opens. One env step is :data:`FRAME_SKIP` x 2 ms = 40 ms (25 Hz).
+
+Observation dict:
+
+* ``"state"``: (33,) float32, names in :data:`STATE_NAMES`:
+  ``[0:3]`` TCP xyz, ``[3:5]`` sin/cos hand yaw, ``[5]`` finger opening (m),
+  ``[6]`` drawer opening (m), ``[7]`` slider position (m), ``[8]`` button depression (m),
+  ``[9]`` light bulb on (0/1), ``[10]`` switch position (m), ``[11]`` LED on (0/1),
+  ``[12:19]`` red block xyz + quat (wxyz), ``[19:26]`` blue, ``[26:33]`` pink.
+* ``"task_id"``: np.int64 index into :data:`TASKS` of the current (sub)task (when
+  ``task_cfg.num_tasks > 0`` or in chain mode).
+* ``"instruction_id"``: np.int64 index into :data:`ALL_INSTRUCTIONS` of the current (sub)task's
+  instruction (drawn per (sub)task from the reset seed); ``env.instruction`` is its text.
+* ``"rgb_static"`` / ``"rgb_gripper"``: (height, width, 3) uint8 for the names in ``cameras``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+
+from rtpolicy.envs import ENVS
+from rtpolicy.envs.calvin_like import scene as S
+from rtpolicy.envs.calvin_like.chains import (
+    InitSpec,
+    grasp_offset,
+    init_for_task,
+    random_init,
+    sample_chain,
+    init_symbolic,
+)
+from rtpolicy.envs.calvin_like.tasks import (
+    ALL_INSTRUCTIONS,
+    CHAIN_RE,
+    INSTRUCTION_OFFSET,
+    INSTRUCTIONS,
+    TASK_INDEX,
+    TASKS,
+    Snapshot,
+    check_task_name,
+    success,
+    symbolic_state,
+)
+
+MAX_STEP = 0.02  # m per env step at |action| = 1
+MAX_YAW = 0.15  # rad per env step at |action| = 1
+ACTION_DIM = 5
+FRAME_SKIP = S.FRAME_SKIP
+CONTROL_DT = S.TIMESTEP * S.FRAME_SKIP
+DEFAULT_SUBTASK_STEPS = 150
+MIN_SUBTASK_STEPS = 80  # below this the chain experts run out of steps (warning)
+CAMERAS = ("static", "gripper")
+WINDUP = 0.03  # the position target stays within this distance of the actual TCP
+
+STATE_NAMES: list[str] = (
+    ["ee_x", "ee_y", "ee_z", "ee_yaw_sin", "ee_yaw_cos", "gripper_opening"]
+    + ["drawer", "slider", "button", "lightbulb", "switch", "led"]
+    + [f"{c}_{k}" for c in S.BLOCKS for k in ("x", "y", "z", "qw", "qx", "qy", "qz")]
+)
+STATE_DIM = len(STATE_NAMES)
+
+
+def _get(task_cfg: Any, key: str, default=None):
+    if isinstance(task_cfg, Mapping):
+        return task_cfg.get(key, default)
+    return getattr(task_cfg, key, default)
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+@ENVS.register("calvin_like")
+class CalvinLikeEnv(gymnasium.Env):
+    """The CALVIN-like tabletop; see the module docstring for spaces and episode semantics.
+
+    Args:
+        task_cfg: mapping or dataclass with ``name`` (a task of :data:`TASKS` or ``chainN``),
+            ``max_episode_steps``, ``num_tasks``, ``task_id``.
+        seed: seed of the first ``reset()`` without a seed (None: OS entropy).
+        render: enable ``render()`` (static camera, (height, width, 3) uint8).
+        max_episode_steps: overrides ``task_cfg.max_episode_steps`` (single task); in chain mode it
+            sets ``subtask_steps = max_episode_steps // N`` unless ``subtask_steps`` is given.
+        width, height: rendered image size.
+        scene: layout, one of "A", "B", "C", "D".
+        cameras: cameras rendered into the observation ("static", "gripper").
+        subtask_steps: chain mode step budget per subtask (default 150).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": int(round(1.0 / CONTROL_DT))}
+    DEPLOY_SPEC = {
+        "action_kind": "ee_delta",
+        "action_names": ["dx", "dy", "dz", "dyaw", "gripper"],
+        "action_low": [-1.0] * ACTION_DIM,
+        "action_high": [1.0] * ACTION_DIM,
+        "delta_dims": [0, 1, 2, 3],
+        "control_rate_hz": 1.0 / CONTROL_DT,
+        "obs_names": {"state": ", ".join(STATE_NAMES)},
+    }
+
+    def __init__(
+        self,
+        task_cfg: Any,
+        seed: int | None = None,
+        render: bool = False,
+        max_episode_steps: int | None = None,
+        width: int = 128,
+        height: int = 128,
+        scene: str = "A",
+        cameras: tuple[str, ...] | list[str] = (),
+        subtask_steps: int | None = None,
+        **_: Any,
+    ):
+        super().__init__()
+        self.task_name = check_task_name(_get(task_cfg, "name"))
+        self.layout = S.get_layout(scene)
+        self.scene = scene
+        m = CHAIN_RE.match(self.task_name)
+        self.chain_length = int(m.group(1)) if m else 0
+        steps = max_episode_steps if max_episode_steps is not None else _get(task_cfg, "max_episode_steps", None)
+        if steps is not None:
+            steps = _check_int("max_episode_steps", steps, 1)
+        if self.chain_length:
+            if self.chain_length > len(TASKS):
+                raise ValueError(f"{self.task_name}: a chain has at most {len(TASKS)} distinct tasks")
+            derived = subtask_steps is None and steps is not None
+            if subtask_steps is None:
+                subtask_steps = steps // self.chain_length if steps is not None else DEFAULT_SUBTASK_STEPS
+            self.subtask_steps = _check_int("subtask_steps", subtask_steps, 1)
+            if self.subtask_steps < MIN_SUBTASK_STEPS:
+                warnings.warn(
+                    f"{self.task_name}: subtask_steps={self.subtask_steps}"
+                    + (f" (= max_episode_steps {steps} // {self.chain_length})" if derived else "")
+                    + " is below what the scripted experts need (up to ~70 steps per subtask); the default is "
+                    f"{DEFAULT_SUBTASK_STEPS} (max_episode_steps {self.chain_length * DEFAULT_SUBTASK_STEPS})",
+                    stacklevel=2,
+                )
+            self.max_episode_steps = self.chain_length * self.subtask_steps
+        else:
+            self.subtask_steps = None
+            self.max_episode_steps = steps if steps is not None else 200
+        self.num_tasks = _check_int("num_tasks", _get(task_cfg, "num_tasks", 0) or 0, 0)
+        task_id = _check_int("task_id", _get(task_cfg, "task_id", 0) or 0, 0)
+        if self.num_tasks and task_id >= self.num_tasks:
+            raise ValueError(f"task_id must be in [0, num_tasks={self.num_tasks}), got {task_id}")
+        self.task_id = task_id
+        if seed is not None:
+            _check_int("seed", seed, 0)
+        else:
+            seed = int(np.random.SeedSequence().generate_state(1)[0])
+        self._next_seed_rng = np.random.default_rng(seed)
+        self._width, self._height = _check_int("width", width, 1), _check_int("height", height, 1)
+        cams = tuple(cameras or ())
+        bad = [c for c in cams if c not in CAMERAS]
+        if bad:
+            raise ValueError(f"unknown camera(s) {bad}; available: {', '.join(CAMERAS)}")
+        self.cameras = cams
+
+        import mujoco  # imported on first use (like the other families' simulators)
+
+        self._mj = mujoco
+        self.model = mujoco.MjModel.from_xml_string(S.build_xml(scene))
+        self.data = mujoco.MjData(self.model)
+        self._ids()
+
+        obs_spaces: dict[str, spaces.Space] = {"state": spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)}
+        if self.num_tasks > 0 or self.chain_length:
+            obs_spaces["task_id"] = spaces.Discrete(len(TASKS))
+        obs_spaces["instruction_id"] = spaces.Discrete(len(ALL_INSTRUCTIONS))
+        for c in cams:
+            obs_spaces[f"rgb_{c}"] = spaces.Box(0, 255, (self._height, self._width, 3), np.uint8)
+        self.observation_space = spaces.Dict(obs_spaces)
+        self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+
+        self.render_mode = "rgb_array" if render else None
+        self._renderer = None  # mujoco.Renderer, built on the first rendered frame
+        self.record_frames = False
+        self._frames: list[np.ndarray] = []
+
+        self._obs: dict[str, Any] | None = None
+        self._info: dict[str, Any] = {}
+        self._steps = 0
+        self._terminated = self._truncated = False
+        self._chain: list[str] = []
+        self._instr: list[int] = []
+        self._sub = 0
+        self._sub_start = 0
+        self._episode = 0  # incremented at every reset (experts watch it)
+        self._target = np.zeros(4)
+        self._grip_closed = False
+        self._bulb = False
+        self._button_armed = True
+        self._start_snap: Snapshot | None = None
+        self._snap: Snapshot | None = None
+
+    # ------------------------------------------------------------------ model bookkeeping
+    def _ids(self) -> None:
+        m = self.model
+        q = lambda n: int(m.joint(n).qposadr[0])  # noqa: E731
+        v = lambda n: int(m.joint(n).dofadr[0])  # noqa: E731
+        self._q = {n: q(n) for n in ("drawer", "slider", "button", "switch", "gx", "gy", "gz", "gyaw", "finger_l", "finger_r")}
+        self._qb = {c: q(c) for c in S.BLOCKS}
+        self._vb = {c: v(c) for c in S.BLOCKS}
+        self._hand_q = np.array([self._q[n] for n in ("gx", "gy", "gz", "gyaw")])
+        self._geom = {c: int(m.geom(c).id) for c in S.BLOCKS}
+        self._finger_geoms = (int(m.geom("finger_l").id), int(m.geom("finger_r").id))
+        self._bulb_geom = int(m.geom("lightbulb").id)
+        self._led_geom = int(m.geom("led").id)
+        self._drawer_body = int(m.body("drawer").id)
+
+    # ------------------------------------------------------------------ gymnasium API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """-> (obs, info). Same ``seed``, same initial state, chain and instructions."""
+        super().reset(seed=seed)
+        if seed is not None:
+            _check_int("seed", seed, 0)
+            episode_seed = int(seed)
+        else:
+            episode_seed = int(self._next_seed_rng.integers(2**31))
+        rng = np.random.default_rng([episode_seed, 7919])
+        if self.chain_length:
+            spec = random_init(self.layout, rng)
+            self._chain = sample_chain(init_symbolic(spec), self.chain_length, self.layout, rng)
+        else:
+            spec = init_for_task(self.task_name, self.layout, rng)
+            self._chain = [self.task_name]
+        self._instr = [INSTRUCTION_OFFSET[t] + int(rng.integers(len(INSTRUCTIONS[t]))) for t in self._chain]
+        self._apply_init(spec)
+        self._steps = 0
+        self._sub = 0
+        self._sub_start = 0
+        self._episode += 1
+        self._terminated = self._truncated = False
+        self._snap = self.snapshot()
+        self._start_snap = self._snap
+        self._obs = self._make_obs()
+        self._info = self._make_info(False)
+        self._frames = []
+        self._record()
+        return self._copy_obs(), dict(self._info)
+
+    def step(self, action):
+        """action (5,) in [-1, 1] (clipped) -> (obs, reward, terminated, truncated, info); reward 1 per solved (sub)task."""
+        if self._obs is None:
+            raise RuntimeError("call reset() before step()")
+        if self._terminated or self._truncated:  # absorbing: no physics, same flags
+            return self._copy_obs(), 0.0, self._terminated, self._truncated, dict(self._info)
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != (ACTION_DIM,):
+            raise ValueError(f"action must have shape ({ACTION_DIM},), got {a.shape}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"action has a non-finite value: {a}")
+        a = np.clip(a, -1.0, 1.0)
+        self._apply_action(a)
+        self._mj.mj_step(self.model, self.data, nstep=FRAME_SKIP)
+        self._update_lights()
+        self._steps += 1
+        self._snap = self.snapshot()
+        reward = 0.0
+        task = self._chain[self._sub]
+        if success(task, self._start_snap, self._snap, self.layout):
+            reward = 1.0
+            self._sub += 1
+            if self._sub >= len(self._chain):
+                self._terminated = True
+            else:
+                self._sub_start = self._steps
+                self._start_snap = self._snap
+        if not self._terminated:
+            if self.chain_length:
+                self._truncated = self._steps - self._sub_start >= self.subtask_steps
+            else:
+                self._truncated = self._steps >= self.max_episode_steps
+        self._obs = self._make_obs()
+        self._info = self._make_info(self._terminated)
+        self._record()
+        return self._copy_obs(), reward, self._terminated, self._truncated, dict(self._info)
+
+    def render(self) -> np.ndarray:
+        """The static camera frame (height, width, 3) uint8 (needs ``render=True``)."""
+        if self.render_mode is None:
+            raise RuntimeError("this env was built with render=False; build it with render=True to render")
+        return self._render_camera("static")
+
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+
+    # ------------------------------------------------------------------ extras
+    @property
+    def instruction(self) -> str:
+        """The current (sub)task's instruction text."""
+        if not self._instr:
+            raise RuntimeError("call reset() first")
+        return ALL_INSTRUCTIONS[self._instr[min(self._sub, len(self._instr) - 1)]]
+
+    @property
+    def chain(self) -> list[str]:
+        return list(self._chain)
+
+    @property
+    def current_task(self) -> str:
+        return self._chain[min(self._sub, len(self._chain) - 1)]
+
+    @property
+    def completed(self) -> int:
+        return self._sub
+
+    @property
+    def elapsed_steps(self) -> int:
+        return self._steps
+
+    def expert(self, noise: float = 0.0, seed: int | None = None) -> Callable[[Any], np.ndarray]:
+        """A scripted expert for this env: obs -> action (5,) float32 in [-1, 1].
+
+        It reads the privileged simulator state, follows the current (sub)task and restarts its
+        script whenever a new episode or subtask begins. ``noise`` adds Gaussian noise (std, in
+        action units) to the four motion dims.
+        """
+        from rtpolicy.envs.calvin_like.experts import ScriptedExpert
+
+        return ScriptedExpert(self, noise=noise, seed=seed)
+
+    def pop_frames(self) -> list[np.ndarray]:
+        frames, self._frames = self._frames, []
+        return frames
+
+    def render_camera(self, camera: str) -> np.ndarray:
+        """(height, width, 3) uint8 frame of camera "static" or "gripper"."""
+        if camera not in CAMERAS:
+            raise ValueError(f"unknown camera {camera!r}; available: {', '.join(CAMERAS)}")
+        return self._render_camera(camera)
+
+    def symbolic_state(self):
+        """The symbolic state of the current scene (see :class:`tasks.SymState`)."""
+        return symbolic_state(self.snapshot(), self.layout)
+
+    # ------------------------------------------------------------------ internals
+    def _apply_action(self, a: np.ndarray) -> None:
+        d = self.data
+        pos = d.qpos[self._hand_q]
+        t = self._target
+        t[:3] = np.clip(t[:3] + a[:3] * MAX_STEP, S.WORKSPACE_LOW, S.WORKSPACE_HIGH)
+        t[:3] = np.clip(t[:3], pos[:3] - WINDUP, pos[:3] + WINDUP)
+        t[3] = float(np.clip(t[3] + a[3] * MAX_YAW, -S.YAW_RANGE, S.YAW_RANGE))
+        t[3] = float(np.clip(t[3], pos[3] - 0.3, pos[3] + 0.3))
+        self._grip_closed = bool(a[4] > 0)
+        d.ctrl[:4] = t
+        d.ctrl[4:6] = 0.0 if self._grip_closed else S.FINGER_OPEN
+
+    def _update_lights(self) -> None:
+        depress = -float(self.data.qpos[self._q["button"]])
+        if self._button_armed and depress > S.BUTTON_THRESHOLD:
+            self._bulb = not self._bulb
+            self._button_armed = False
+        elif not self._button_armed and depress < S.BUTTON_REARM:
+            self._button_armed = True
+        self._set_light_colors()
+
+    def _set_light_colors(self) -> None:
+        self.model.geom_rgba[self._bulb_geom] = S.BULB_ON_RGBA if self._bulb else S.LIGHT_OFF_RGBA
+        led = self.data.qpos[self._q["switch"]] > S.SWITCH_THRESHOLD
+        self.model.geom_rgba[self._led_geom] = S.LED_ON_RGBA if led else S.LIGHT_OFF_RGBA
+
+    def _apply_init(self, spec: InitSpec) -> None:
+        m, d = self.model, self.data
+        mujoco = self._mj
+        mujoco.mj_resetData(m, d)
+        d.qpos[self._q["drawer"]] = spec.drawer
+        d.qpos[self._q["slider"]] = spec.slider
+        d.qpos[self._q["switch"]] = spec.switch
+        d.qpos[self._hand_q] = spec.gripper
+        self._target = np.array(spec.gripper, dtype=np.float64)
+        for c in S.BLOCKS:
+            x, y, yaw = spec.blocks[c]
+            z = S.BLOCK_HALF[c][2] + 0.0005
+            if spec.stack and spec.stack[0] == c:
+                bottom = spec.stack[1]
+                x, y = spec.blocks[bottom][0], spec.blocks[bottom][1]
+                z = 2 * S.BLOCK_HALF[bottom][2] + S.BLOCK_HALF[c][2] + 0.001
+            if spec.held == c:
+                x, y = spec.gripper[0], spec.gripper[1]
+                z = spec.gripper[2] - grasp_offset(c)
+                yaw = spec.gripper[3]
+            qa = self._qb[c]
+            d.qpos[qa : qa + 3] = (x, y, z)
+            d.qpos[qa + 3 : qa + 7] = (np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2))
+        closed = spec.held is not None
+        finger = S.BLOCK_HALF[spec.held][1] if closed else S.FINGER_OPEN
+        d.qpos[self._q["finger_l"]] = finger
+        d.qpos[self._q["finger_r"]] = finger
+        self._grip_closed = closed
+        d.ctrl[:4] = self._target
+        d.ctrl[4:6] = 0.0 if closed else S.FINGER_OPEN
+        self._bulb = bool(spec.bulb)
+        self._button_armed = True
+        mujoco.mj_forward(m, d)
+        mujoco.mj_step(m, d, nstep=2 * FRAME_SKIP)  # settle contacts (blocks land, the grasp closes)
+        self._set_light_colors()
+
+    def snapshot(self) -> Snapshot:
+        """The privileged state read by predicates and experts."""
+        d = self.data
+        q = self._q
+        touch = {c: [False, False] for c in S.BLOCKS}
+        if d.ncon:
+            g1, g2 = d.contact.geom1[: d.ncon], d.contact.geom2[: d.ncon]
+            fl, fr = self._finger_geoms
+            for c, gid in self._geom.items():
+                other = np.concatenate([g2[g1 == gid], g1[g2 == gid]])
+                touch[c] = [bool((other == fl).any()), bool((other == fr).any())]
+        pos = {c: d.qpos[self._qb[c] : self._qb[c] + 3].copy() for c in S.BLOCKS}
+        quat = {c: d.qpos[self._qb[c] + 3 : self._qb[c] + 7].copy() for c in S.BLOCKS}
+        switch = float(d.qpos[q["switch"]])
+        return Snapshot(
+            ee=d.qpos[self._hand_q[:3]].copy(),
+            yaw=float(d.qpos[q["gyaw"]]),
+            opening=float(d.qpos[q["finger_l"]] + d.qpos[q["finger_r"]]),
+            drawer=float(d.qpos[q["drawer"]]),
+            slider=float(d.qpos[q["slider"]]),
+            button=-float(d.qpos[q["button"]]),
+            switch=switch,
+            bulb=self._bulb,
+            led=switch > S.SWITCH_THRESHOLD,
+            drawer_xy=d.xpos[self._drawer_body][:2].copy(),
+            pos=pos,
+            quat=quat,
+            touch={c: (t[0], t[1]) for c, t in touch.items()},
+        )
+
+    def _state_vector(self, s: Snapshot) -> np.ndarray:
+        out = np.empty(STATE_DIM, dtype=np.float32)
+        out[0:3] = s.ee
+        out[3:6] = (np.sin(s.yaw), np.cos(s.yaw), s.opening)
+        out[6:12] = (s.drawer, s.slider, s.button, float(s.bulb), s.switch, float(s.led))
+        for i, c in enumerate(S.BLOCKS):
+            out[12 + 7 * i : 15 + 7 * i] = s.pos[c]
+            out[15 + 7 * i : 19 + 7 * i] = s.quat[c]
+        return out
+
+    def _make_obs(self) -> dict[str, Any]:
+        assert self._snap is not None
+        k = min(self._sub, len(self._chain) - 1)
+        obs: dict[str, Any] = {"state": self._state_vector(self._snap)}
+        if self.num_tasks > 0 or self.chain_length:
+            obs["task_id"] = np.int64(TASK_INDEX[self._chain[k]])
+        obs["instruction_id"] = np.int64(self._instr[k])
+        for c in self.cameras:
+            obs[f"rgb_{c}"] = self._render_camera(c)
+        return obs
+
+    def _make_info(self, success_: bool) -> dict[str, Any]:
+        return {
+            "success": bool(success_),
+            "steps": self._steps,
+            "completed": self._sub,
+            "chain": list(self._chain),
+            "subtask": self._chain[min(self._sub, len(self._chain) - 1)],
+        }
+
+    def _render_camera(self, camera: str) -> np.ndarray:
+        mujoco = self._mj
+        if self._renderer is None:
+            self._renderer = mujoco.Renderer(self.model, height=self._height, width=self._width)
+            self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+            self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        self._renderer.update_scene(self.data, camera=camera)
+        return np.ascontiguousarray(self._renderer.render(), dtype=np.uint8)
+
+    def _record(self) -> None:
+        if self.record_frames:
+            self._frames.append(self.render())
+
+    def _copy_obs(self) -> dict[str, Any]:
+        assert self._obs is not None
+        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in self._obs.items()}
