@@ -7,6 +7,7 @@ Groups: ``task=`` (conf/task/*.yaml on the ``metaworld`` schema), ``policy=`` an
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -24,12 +25,34 @@ class TaskConfig:
     demos: int = 50  # episodes to collect when the dataset is missing
     demo_seed: int = 0
     action_noise: float = 0.0  # Gaussian std added to expert actions while collecting
+    # observation keys the policy reads: "state" (39,), "rgb_<camera>" (image_size, image_size, 3) uint8 frames
+    # rendered from a MuJoCo camera (e.g. rgb_corner, rgb_topview), "lang_emb" (384,) instruction embeddings
     obs_keys: list[str] = field(default_factory=lambda: ["state"])
+    image_size: int = 84  # height = width of the rgb_<camera> frames
     action_key: str = "action"
     max_episode_steps: int = 200
     num_tasks: int = 0  # >0: multi-task, dataset has data/task_id, the policy gets a task embedding
     tasks: list[str] = field(default_factory=list)  # a suite (e.g. MT10): member tasks; task_id = index, num_tasks = len
     task_id: int = 0  # this task's index among num_tasks (set per member when a suite is evaluated)
+    chain_length: int = 0  # >0: a suite is evaluated on chains of this many subtasks (env task chain<N>, CALVIN protocol)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)  # extra env constructor arguments, e.g. {scene: B}
+
+
+@dataclass
+class EncoderConfig:
+    """How a head turns observations into condition tokens (rtpolicy.policies.encoders.observation).
+
+    Vector keys (D,) -> one state token per obs step; image keys (H, W, 3) -> one token per camera per
+    obs step; the ``lang_key`` (E,) -> one language token. State-only policies ignore every field here.
+    """
+
+    image_backbone: str = "resnet18"  # resnet18 (GroupNorm, no pretrained weights) | small_cnn (fast)
+    shared_backbone: bool = True  # one backbone for every camera; False: one per camera
+    num_keypoints: int = 32  # spatial-softmax keypoints per camera (2 coordinates each)
+    crop_fraction: float = 0.9  # side of the crop / side of the frame: random crop in train(), centre crop in eval()
+    color_jitter: float = 0.0  # train-time brightness/contrast/saturation jitter strength; 0: off
+    lang_key: str = "lang_emb"  # obs key of precomputed sentence embeddings (rtpolicy.policies.encoders.language)
+    lang_dropout: float = 0.1  # train-time probability of replacing the language token by a learned null token
 
 
 @dataclass
@@ -88,6 +111,16 @@ class EvalMainConfig:
     policy: dict[str, Any] = field(default_factory=dict)  # inference-time overrides, e.g. +policy.num_inference_steps=4
 
 
+def with_encoder(config: type) -> type:
+    """A head's config dataclass with an ``encoder: EncoderConfig`` field (``policy.encoder.*`` on the
+    command line); returned as is when it already has one. Every DenoisingHead reads it, so it is added
+    here once instead of in each head's dataclass; heads built without it use ``EncoderConfig()``."""
+    if any(f.name == "encoder" for f in dataclasses.fields(config)):
+        return config
+    extra = [("encoder", EncoderConfig, field(default_factory=EncoderConfig))]
+    return dataclasses.make_dataclass(config.__name__, extra, bases=(config,))
+
+
 def register_configs() -> ConfigStore:
     """Put every schema and every registered policy/denoiser config into Hydra's ConfigStore."""
     from rtpolicy.policies import load_all  # registers heads, denoisers
@@ -98,9 +131,9 @@ def register_configs() -> ConfigStore:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalMainConfig)
-    cs.store(group="task", name="metaworld_schema", node=TaskConfig)
+    cs.store(group="task", name="task_schema", node=TaskConfig)
     for name, entry in POLICIES.items():
-        cs.store(group="policy", name=name, node=entry.config)
+        cs.store(group="policy", name=name, node=with_encoder(entry.config))
     for name, entry in DENOISERS.items():
         cs.store(group="denoiser", name=name, node=entry.config)
     return cs

@@ -85,3 +85,55 @@ def test_evaluate_suite_routes_task_ids(tmp_path):
     assert all(r["episodes"] == 2 and r["success"] == 1.0 for r in res["per_task"].values())
     assert {e["task"] for e in res["per_episode"]} == set(TASKS)
     assert (tmp_path / "res.json").exists()
+
+
+class RecordingZeroPolicy(Policy):
+    """Holds still (zero actions) and records the task ids it is asked about."""
+
+    obs_horizon, action_horizon = 2, 4
+
+    def __init__(self, action_dim: int):
+        super().__init__()
+        self.action_dim, self.seen, self.resets = action_dim, [], 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def predict_chunk(self, obs):
+        self.seen += obs["task_id"].tolist()
+        return torch.zeros(obs["state"].shape[0], self.action_horizon, self.action_dim)
+
+    def compute_loss(self, batch):
+        raise NotImplementedError
+
+
+def test_calvin_like_config_evaluates_chains(tmp_path):
+    """task=calvin_like: the suite is evaluated on 5-chains with per-chain completed counts (the CALVIN metrics)."""
+    from hydra import compose, initialize_config_dir
+
+    from rtpolicy.config import register_configs
+    from rtpolicy.envs.calvin_like import TASKS as CALVIN_TASKS
+
+    register_configs()
+    conf = str((__import__("pathlib").Path(__file__).resolve().parents[1] / "conf"))
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("train", overrides=["task=calvin_like", "task.max_episode_steps=20"])
+    assert list(cfg.task.tasks) == CALVIN_TASKS and cfg.task.chain_length == 5
+    members = suite_members(cfg.task)
+    assert [m["task_id"] for m in members] == list(range(len(CALVIN_TASKS)))
+    policy = RecordingZeroPolicy(action_dim=5)
+    with pytest.warns(UserWarning, match="subtask_steps"):  # 20 steps per subtask is too short for real chains
+        make_env({"env": "calvin_like", "name": "chain5", "max_episode_steps": 100, "num_tasks": 27}).close()
+    res = evaluate(policy, cfg.task, EvalConfig(episodes=3, num_envs=2, seed=11, latency_reps=2, out=str(tmp_path / "c.json")),
+                   progress=False)
+    assert res["chain_length"] == 5 and res["episodes"] == 3 and res["task"] == "calvin_like"
+    completed = [e["completed"] for e in res["per_episode"]]
+    assert all(0 <= c <= 5 for c in completed) and res["avg_chain_length"] == pytest.approx(np.mean(completed))
+    assert res["chain_success"] == [float(np.mean([c >= k for c in completed])) for k in range(1, 6)]
+    assert all(e["length"] <= 100 for e in res["per_episode"])  # 5 x 20 steps at most
+    assert set(policy.seen) <= set(range(len(CALVIN_TASKS))) and policy.seen
+    assert (tmp_path / "c.json").exists()
+    with pytest.raises(ValueError, match="num_tasks must be 27"):
+        make_env({"env": "calvin_like", "name": "open_drawer", "num_tasks": 3, "task_id": 0})
+    with pytest.raises(ValueError, match="must have task_id 1"):
+        make_env({"env": "calvin_like", "name": "close_drawer", "num_tasks": 27, "task_id": 0})

@@ -46,6 +46,8 @@ def task_fields(task_cfg: Any) -> dict[str, Any]:
     if out["num_tasks"] and not 0 <= out["task_id"] < out["num_tasks"]:
         raise ValueError(f"task_id must be in [0, num_tasks={out['num_tasks']}), got {out['task_id']}")
     out["env"], out["name"] = str(out["env"]), str(out["name"])
+    kwargs = task_cfg.get("env_kwargs", None) if isinstance(task_cfg, Mapping) else getattr(task_cfg, "env_kwargs", None)
+    out["env_kwargs"] = dict(kwargs or {})  # extra constructor arguments of the family's env (e.g. a scene)
     return out
 
 
@@ -69,7 +71,7 @@ def make_env(task_cfg: Any, seed: int | None = None, render: bool = False, **kwa
     extra keyword arguments (e.g. ``max_episode_steps``, ``width``, ``height``) go to the family's env.
     """
     fields = task_fields(task_cfg)
-    return ENVS.build(fields["env"], fields, seed=seed, render=render, **kwargs)
+    return ENVS.build(fields["env"], fields, seed=seed, render=render, **(fields["env_kwargs"] | kwargs))
 
 
 def env_factory(fields: dict[str, Any], seed: int | None, render: bool, kwargs: dict[str, Any]) -> gymnasium.Env:

@@ -16,6 +16,7 @@ import math
 import multiprocessing
 import sys
 import time
+from collections.abc import Mapping
 from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,9 @@ def evaluate(
     ``context``: multiprocessing start method of the simulator workers (default forkserver).
     """
     members = suite_members(task_cfg)
+    chain = int((task_cfg.get("chain_length") if isinstance(task_cfg, Mapping) else getattr(task_cfg, "chain_length", 0)) or 0)
+    if members and chain > 0:
+        return _evaluate_chains(policy, task_cfg, chain, eval_cfg, device, video_dir, progress, context)
     if members:
         return _evaluate_suite(policy, task_cfg, members, eval_cfg, device, video_dir, progress, context)
     fields = task_fields(task_cfg)
@@ -221,6 +225,28 @@ def _evaluate_suite(policy, task_cfg, members, eval_cfg, device, video_dir, prog
     return results
 
 
+def _evaluate_chains(policy, task_cfg, chain: int, eval_cfg, device, video_dir, progress, context) -> dict[str, Any]:
+    """The CALVIN protocol: ``eval_cfg.episodes`` chains of ``chain`` feasible subtasks (env task ``chain<N>``).
+
+    Each subtask gets ``task.max_episode_steps`` steps; the policy is conditioned on the current subtask
+    (``obs["task_id"]`` switches) and re-plans from a reset at every switch; a chain stops at its first
+    failed subtask. Adds ``chain_success`` ([rate of chains completing >= k subtasks for k = 1..N]),
+    ``avg_chain_length`` (mean completed subtasks) and ``chain_length`` to the usual results, whose
+    ``success`` is the rate of fully completed chains.
+    """
+    fields = task_fields(task_cfg)
+    fields |= {"name": f"chain{chain}", "max_episode_steps": chain * fields["max_episode_steps"]}
+    keys = ("episodes", "num_envs", "seed", "video", "latency_reps")
+    cfg = SimpleNamespace(**{k: getattr(eval_cfg, k, None) for k in keys}, max_episode_steps=None, out=None)
+    results = evaluate(policy, fields, cfg, device=device, video_dir=video_dir, progress=progress, context=context)
+    completed = np.array([e["completed"] for e in results["per_episode"]])
+    results |= {"task": task_fields(task_cfg)["name"], "chain_length": chain,
+                "chain_success": [float((completed >= k).mean()) for k in range(1, chain + 1)],
+                "avg_chain_length": float(completed.mean())}
+    _write_results(eval_cfg, results)
+    return results
+
+
 def _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_video, video_dir, device, progress, context) -> dict[str, Any]:
     """The rollouts (rounds of n envs) and the latency measurement; see :func:`evaluate`."""
     import gymnasium
@@ -254,24 +280,35 @@ def _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_vide
             done = np.arange(n) >= active
             success = np.zeros(n, dtype=bool)
             length = np.zeros(n, dtype=np.int64)
+            completed = np.zeros(n, dtype=np.int64)  # subtasks done (chain envs report info["completed"])
+            chains = False
             chunk = None
-            t = 0
+            t = pos = 0
             while not done.all():
-                if t % Ha == 0:
+                if chunk is None or pos == Ha:
+                    pos = 0
                     batch_obs = _to_torch(hist, task_id, device)
                     tic = time.perf_counter()
                     chunk = _predict(policy, batch_obs, n, action_dim)
                     rollout_ms.append((time.perf_counter() - tic) * 1e3)
                     if not done[0] and len(latency_obs) < reps + LATENCY_WARMUP:
                         latency_obs.append(_to_torch(hist, task_id, device, slice(0, 1)))
-                action = chunk[:, t % Ha]
-                obs, _, terminated, truncated, _ = envs.step(action)
-                obs.pop("task_id", None)
+                action = chunk[:, pos]
+                pos += 1
+                obs, _, terminated, truncated, info = envs.step(action)
+                new_task = obs.pop("task_id", None)
                 t += 1
                 ended = (terminated | truncated) & ~done
                 success |= ended & terminated
                 length[ended] = t
+                if "completed" in info:
+                    chains = True
+                    completed[ended] = np.asarray(info["completed"])[ended]
                 done |= ended
+                if task_id is not None and new_task is not None and (new_task[~done] != task_id[~done]).any():
+                    policy.reset()  # a chain moved on to its next subtask: re-plan for it now
+                    chunk = None
+                task_id = new_task
                 for k, v in obs.items():
                     hist[k] = np.concatenate([hist[k][:, 1:], v[:, None]], axis=1)
                 if t > max_steps:
@@ -285,7 +322,8 @@ def _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_vide
                         _write_video(path, list(all_frames[j]), fps)
                         videos.append(str(path))
             for j in range(active):
-                per_episode.append({"seed": seeds[j], "success": bool(success[j]), "length": int(length[j])})
+                per_episode.append({"seed": seeds[j], "success": bool(success[j]), "length": int(length[j])}
+                                   | ({"completed": int(completed[j])} if chains else {}))
             bar.update(active)
             bar.set_postfix(success=f"{np.mean([e['success'] for e in per_episode]):.2f}")
     finally:

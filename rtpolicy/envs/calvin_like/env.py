@@ -167,6 +167,13 @@ class CalvinLikeEnv(gymnasium.Env):
         task_id = _check_int("task_id", _get(task_cfg, "task_id", 0) or 0, 0)
         if self.num_tasks and task_id >= self.num_tasks:
             raise ValueError(f"task_id must be in [0, num_tasks={self.num_tasks}), got {task_id}")
+        # observed task ids are indices into TASKS (a chain switches among all of them), so a multi-task
+        # config must be the whole TASKS list, in order (conf/task/calvin_like.yaml)
+        if self.num_tasks and self.num_tasks != len(TASKS):
+            raise ValueError(f"calvin_like task ids index TASKS: num_tasks must be {len(TASKS)}, got {self.num_tasks}")
+        if self.num_tasks and not self.chain_length and task_id != TASKS.index(self.task_name):
+            raise ValueError(f"calvin_like task ids index TASKS: {self.task_name!r} must have task_id "
+                             f"{TASKS.index(self.task_name)}, got {task_id} (list the tasks in TASKS order)")
         self.task_id = task_id
         if seed is not None:
             _check_int("seed", seed, 0)
