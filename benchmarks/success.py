@@ -5,7 +5,8 @@
     python benchmarks/success.py --denoiser transformer --heads diffusion --cache bac:4 bac:3 uniform:2 uniform:3 \
                                  --out benchmarks/success_cache.json
 
-``--denoiser`` trains every head on that denoiser (runs under ``<runs>/<task>-<denoiser>/``; unet1d keeps
+``--cache experts`` evaluates DDIM-10 of a ``--denoiser mode`` policy with its experts fused per noise
+level (``cache_policy_experts``). ``--denoiser`` trains every head on that denoiser (runs under ``<runs>/<task>-<denoiser>/``; unet1d keeps
 ``<runs>/<task>/``). ``--cache MODE:N`` (issue 4) also evaluates the diffusion head's DDIM-10 setting with
 the denoiser wrapped in a feature cache (``rtpolicy.policies.accelerators.cache.calibrate``; bac:N = N
 updates per block, uniform:N / taylor:N = recompute every N steps), calibrated on ``--calib`` observation
@@ -58,10 +59,11 @@ def apply_cache(policy, setting: str, task_cfg, n: int, device) -> dict:
 
     from rtpolicy.datasets.replay_buffer import ReplayBuffer
     from rtpolicy.policies.accelerators.cache import calibrate
+    from rtpolicy.policies.denoisers.mode import cache_policy_experts
 
     mode, _, num = setting.partition(":")
-    if mode not in ("bac", "uniform", "taylor") or not num.isdigit():
-        raise SystemExit(f"--cache {setting!r}: expected bac:N, uniform:N or taylor:N")
+    if not (mode in ("bac", "uniform", "taylor") and num.isdigit() or setting == "experts"):
+        raise SystemExit(f"--cache {setting!r}: expected bac:N, uniform:N, taylor:N or experts")
     buf = ReplayBuffer.open(task_cfg.dataset)
     rng = np.random.default_rng(0)
     to = policy.obs_horizon
@@ -74,6 +76,10 @@ def apply_cache(policy, setting: str, task_cfg, n: int, device) -> dict:
     obs = {"state": torch.from_numpy(data["state"][idx]).float().to(device)}
     if "task_id" in data:
         obs["task_id"] = torch.from_numpy(data["task_id"][t]).long().to(device)
+    if setting == "experts":  # MoDE: fuse the routed experts per noise level of the sampler's schedule
+        with torch.no_grad():
+            return {"cached_levels": cache_policy_experts(policy, {k: v[:1] for k, v in obs.items()}),
+                    **policy.denoiser.param_counts()}
     kw = {"budget": int(num)} if mode == "bac" else {"every": int(num)}
     with torch.no_grad():
         return calibrate(policy, obs, mode, **kw)

@@ -48,8 +48,11 @@ def test_routing_depends_on_noise_only_and_balance_loss_trains():
     policy = make()
     ffn = policy.denoiser.blocks[0].ffn
     r = policy.denoiser.noise_embed(torch.tensor([3.0, 3.0, 90.0]))
-    w, _ = ffn.route(r)
-    assert torch.equal(w[0], w[1]) and int((w[0] > 0).sum()) == 2 and torch.allclose(w.sum(-1), torch.ones(3))
+    w, probs = ffn.route(r)
+    assert torch.equal(w[0], w[1]) and int((w[0] > 0).sum()) == ffn.top_k == 1
+    torch.testing.assert_close(w.max(-1).values, probs.max(-1).values)  # top-1 keeps the raw probability (Switch)
+    w2, _ = make(den_over={"n_experts": 4, "top_k": 2}).denoiser.blocks[0].ffn.route(r)
+    assert int((w2[0] > 0).sum()) == 2 and torch.allclose(w2.sum(-1), torch.ones(3))  # top-k > 1: renormalized
     policy.train()
     batch = {"obs": {"state": torch.randn(4, 2, 6)}, "action": torch.rand(4, 8, 2) * 2 - 1}
     loss, metrics = policy.compute_loss(batch)

@@ -29,9 +29,11 @@ class MoDEConfig:
     n_layer: int = 4
     n_head: int = 4
     n_emb: int = 128
-    n_experts: int = 4
-    top_k: int = 2
-    expert_hidden: int = 256  # hidden width of each expert MLP
+    # 6 routed experts, top-1, plus a shared expert (Switch-DiT): 1.24 M parameters in all, as many as the
+    # dense transformer denoiser (4 x 128, MLP 512: 1.27 M), of which a call touches 0.58 M (-54%)
+    n_experts: int = 6
+    top_k: int = 1
+    expert_hidden: int = 128  # hidden width of each expert MLP
     shared_expert: bool = True
     balance_weight: float = 0.01  # load-balancing loss weight
     dropout: float = 0.0
@@ -53,10 +55,16 @@ class SparseFFN(nn.Module):
         self.router = nn.Linear(e, n_experts)
 
     def route(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """r (..., E) -> (sparse weights (..., n) summing to 1 over the top-k, router probabilities (..., n))."""
+        """r (..., E) -> (sparse weights (..., n), router probabilities (..., n)).
+
+        Top-k > 1: the chosen probabilities renormalized to sum to 1. Top-1: the chosen expert's raw
+        probability (Switch Transformer), so the router still gets a gradient from the denoising loss.
+        """
         probs = self.router(r).softmax(-1)
         top, idx = probs.topk(self.top_k, dim=-1)
-        weights = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+        if self.top_k > 1:
+            top = top / top.sum(-1, keepdim=True)
+        weights = torch.zeros_like(probs).scatter(-1, idx, top)
         return weights, probs
 
     def forward(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
