@@ -110,3 +110,23 @@ def test_exported_program_matches_eager_denoiser(tmp_path, small_cfgs, head):
     assert not (out / "denoiser.pt2").exists()
     with pytest.raises(BundleError, match="no exported program"):
         load_program(out)
+
+
+def test_calvin_like_bundle_maps_the_yaw_delta_to_angular_z(tmp_path, small_cfgs):
+    pytest.importorskip("rclpy")
+    from rtpolicy.deploy.node import check_twist_axes
+
+    pol, dens = small_cfgs
+    shapes = {"state": [33], "action": [5]}
+    policy = build_policy(pol, dens["unet1d"], shapes)
+    policy.normalizer.fit({"state": torch.randn(50, 33), "action": torch.rand(50, 5) * 2 - 1})
+    cfg = {"policy": OmegaConf.to_container(pol), "denoiser": OmegaConf.to_container(dens["unet1d"]),
+           "task": {"env": "calvin_like", "name": "open_drawer", "tasks": []}}
+    ckpt = ck.save_checkpoint(tmp_path / "run" / "last.safetensors", ema=policy, step=1, config=cfg, shapes=shapes)
+    act = read_bundle(export_bundle(ckpt, tmp_path / "b"))["action"]
+    assert act["delta_dims"] == [0, 1, 2, 3] and act["names"][3] == "dyaw" and act["kind"] == "ee_delta"
+    assert check_twist_axes(act["twist_axes"], 4) == ["linear.x", "linear.y", "linear.z", "angular.z"]
+    assert check_twist_axes(None, 4) == ["linear.x", "linear.y", "linear.z", "angular.x"]  # Meta-World-style default order
+    for bad in (["linear.x"], ["linear.x", "linear.x", "linear.y", "angular.z"], ["linear.x", "linear.y", "linear.z", "yaw"]):
+        with pytest.raises(ValueError, match="twist_axes"):
+            check_twist_axes(bad, 4)

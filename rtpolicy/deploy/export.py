@@ -99,6 +99,7 @@ def export_bundle(
             "low": spec.get("action_low", [float("-inf")] * action_dim),
             "high": spec.get("action_high", [float("inf")] * action_dim),
             "delta_dims": spec.get("delta_dims", []),
+            "twist_axes": spec.get("twist_axes"),  # ee_delta: Twist component per delta dim (None: linear xyz, angular xyz)
         },
         "joint_names": list(joint_names or []),
         "control_rate_hz": rate,

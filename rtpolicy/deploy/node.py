@@ -128,6 +128,18 @@ class _RosLogHandler(logging.Handler):
             log.info(msg)
 
 
+TWIST_AXES = ("linear.x", "linear.y", "linear.z", "angular.x", "angular.y", "angular.z")
+
+
+def check_twist_axes(axes: Any, n: int) -> list[str]:
+    """The Twist component of each of the ``n`` delta dims: the bundle's ``action.twist_axes``, or by
+    default linear x, y, z then angular x, y, z in order. Raises ValueError on unknown or repeated axes."""
+    axes = list(TWIST_AXES[:n]) if axes is None else list(axes)
+    if len(axes) != n or any(a not in TWIST_AXES for a in axes) or len(set(axes)) != n:
+        raise ValueError(f"action.twist_axes must name {n} distinct Twist components from {list(TWIST_AXES)}, got {axes}")
+    return axes
+
+
 class PolicyNode(LifecycleNode):
     """See the module docstring. ``overrides``: parameter values (coerced to the declared types).
 
@@ -216,6 +228,7 @@ class PolicyNode(LifecycleNode):
         self.other_dims = [i for i in range(da) if i not in self.delta_dims]
         if self.kind == "ee_delta" and not 1 <= len(self.delta_dims) <= 6:
             raise ValueError(f"ee_delta bundles need 1..6 delta dims (twist linear xyz, angular xyz), got {self.delta_dims}")
+        self.twist_axes = check_twist_axes(act.get("twist_axes"), len(self.delta_dims)) if self.kind == "ee_delta" else []
         self.joint_names = list(bundle.get("joint_names") or []) or self.action_names
         if self.kind == "joint_position" and len(self.joint_names) != da:
             raise ValueError(f"joint_position bundle: {len(self.joint_names)} joint names for {da} action dims")
@@ -453,9 +466,9 @@ class PolicyNode(LifecycleNode):
         if self.kind == "ee_delta":
             msg = TwistStamped()
             msg.header.stamp, msg.header.frame_id = stamp, self.p["frame_id"]
-            vec = [float(cmd[i]) for i in self.delta_dims] + [0.0] * (6 - len(self.delta_dims))
-            (msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z,
-             msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z) = vec
+            for axis, i in zip(self.twist_axes, self.delta_dims):  # e.g. a yaw delta -> angular.z
+                part, comp = axis.split(".")
+                setattr(getattr(msg.twist, part), comp, float(cmd[i]))
             self._pubs["twist"].publish(msg)
             if "gripper" in self._pubs:
                 self._pubs["gripper"].publish(Float64MultiArray(data=[float(cmd[i]) for i in self.other_dims]))

@@ -118,6 +118,7 @@ class CalvinLikeEnv(gymnasium.Env):
         "action_low": [-1.0] * ACTION_DIM,
         "action_high": [1.0] * ACTION_DIM,
         "delta_dims": [0, 1, 2, 3],
+        "twist_axes": ["linear.x", "linear.y", "linear.z", "angular.z"],  # the yaw delta is a rotation about z
         "control_rate_hz": 1.0 / CONTROL_DT,
         "obs_names": {"state": ", ".join(STATE_NAMES)},
     }
