@@ -69,9 +69,15 @@ class SparseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, probs = self.route(r)
-        h = F.gelu(torch.einsum("ble,nhe->blnh", x, self.w1) + self.b1, approximate="tanh")
-        y = torch.einsum("blnh,neh->blne", h, self.w2) + self.b2  # every expert, weighted below (n is small)
-        out = (weights[..., None] * y).sum(-2)
+        # dispatch: each expert runs only on the tokens routed to it (top_k of n experts per token)
+        flat_x, flat_w = x.reshape(-1, x.shape[-1]), weights.reshape(-1, self.n_experts)
+        out = torch.zeros_like(flat_x)
+        for j in range(self.n_experts):
+            rows = flat_w[:, j].nonzero().squeeze(1)
+            if rows.numel():
+                h = F.gelu(F.linear(flat_x.index_select(0, rows), self.w1[j], self.b1[j]), approximate="tanh")
+                out = out.index_add(0, rows, F.linear(h, self.w2[j], self.b2[j]) * flat_w[rows, j, None])
+        out = out.view_as(x)
         if self.shared is not None:
             out = out + self.shared(x)
         # Switch-Transformer balance loss: n * sum_e (share of top-k slots on e) * (mean router prob of e)
