@@ -103,3 +103,19 @@ def test_edm_calls_counted_and_bad_inputs():
     unet = DENOISERS.build("unet1d", OmegaConf.structured(DENOISERS.get("unet1d").config), 2, 8, 16, 3)
     with pytest.raises(TypeError, match="transformer"):
         CachedDiT(unet, torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_caching_composes_with_streaming_ticks():
+    """Streaming: K is the calls per tick (the warm start is not counted), the warm start runs in full, and a
+    full schedule equals the uncached head tick for tick."""
+    policy = make("streaming", action_horizon=1, steps_per_tick=2, warmup_steps=3)
+    torch.manual_seed(1)
+    policy.reset()
+    ref = [policy.predict_chunk(OBS) for _ in range(3)]
+    rep = calibrate(policy, OBS, "uniform", every=2)
+    assert rep["steps"] == 2 and isinstance(policy.denoiser, CachedDiT)
+    policy.denoiser = CachedDiT(policy.denoiser.inner, torch.ones(6, 2, dtype=torch.bool), "uniform")
+    torch.manual_seed(1)
+    policy.reset()
+    assert all(torch.equal(policy.predict_chunk(OBS), r) for r in ref)
+    assert calibrate(policy, OBS, "bac", budget=1)["steps"] == 2

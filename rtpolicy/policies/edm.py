@@ -78,6 +78,7 @@ class EDMPolicy(DenoisingHead):
     # -- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.start_chunk()
         uncond = None
         if self.cfg.guidance != 1.0 and self.num_tasks > 0:
             uncond = self.encode(obs | {"task_id": torch.full_like(obs["task_id"], -1)})

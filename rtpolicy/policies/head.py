@@ -65,7 +65,14 @@ class DenoisingHead(Policy):
 
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.start_chunk()
         return self.to_chunk(self.sample(self.encode(obs)))
+
+    def start_chunk(self) -> None:
+        """Tell a stateful denoiser wrapper (e.g. a feature cache) that the next call is a chunk's first."""
+        start = getattr(self.denoiser, "start_chunk", None)
+        if start is not None:
+            start()
 
     def to_chunk(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized window (B, H, Da) -> the raw actions to execute from now (B, Ha, Da)."""

@@ -106,6 +106,7 @@ class StreamingPolicy(DenoisingHead):
         x = torch.randn(b, self.horizon, self.action_dim, device=cond.device)
         levels = torch.linspace(self.K, 0, self.cfg.warmup_steps + 1, device=cond.device)
         for lv, nxt in zip(levels[:-1], levels[1:]):
+            self.start_chunk()  # a feature cache computes every warm-start call in full
             x = self.step_to(x, lv.expand(b, self.horizon), nxt.expand(b, self.horizon), cond)
         a = self.abar(self.staircase(b, 0.0, cond.device))[..., None]
         return a.sqrt() * x + (1 - a).sqrt() * torch.randn_like(x)
@@ -118,6 +119,7 @@ class StreamingPolicy(DenoisingHead):
         if self.buffer is None or self.buffer.shape[0] != b:
             self.buffer = self.warm_start(cond)
         x, s = self.buffer, self.cfg.steps_per_tick
+        self.start_chunk()  # a tick's steps_per_tick calls are one "chunk" for a feature cache
         drop = self.K / self.horizon / s
         for m in range(s):
             level = self.staircase(b, m * drop, dev)

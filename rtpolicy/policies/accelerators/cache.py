@@ -14,9 +14,16 @@ its last computed output. A schedule (U, K) bool says, per unit and step, whethe
   output it would reuse (dynamic programming over steps); Bubbling Union then makes every unit
   upstream of an FFN unit update wherever that FFN unit updates, so caching errors do not propagate.
 
+Besides the units, the wrapper computes once per chunk what cannot change within it (exactly, so a
+full schedule still equals the uncached denoiser bit for bit): the condition tokens' projection (while
+the same ``cond`` tensor comes back), the noise-level embedding per distinct ``t``, and a block's adaLN
+modulation only at steps where one of its units recomputes.
+
 Step 0 always recomputes every unit, so a chunk never reuses another chunk's (or batch's) features.
-The step counter wraps every K calls: K must equal the head's denoiser calls per chunk, which
-:func:`calibrate` measures. Schedules are plain JSON (:meth:`CachedDiT.schedule_json`).
+Heads call ``start_chunk()`` before a chunk's first call (streaming: before each tick's calls and
+each warm-start call, which therefore run in full); the step counter also wraps every K calls, K
+being the head's denoiser calls per chunk (per tick for streaming), which :func:`calibrate` measures
+on a steady-state call. Schedules are plain JSON (:meth:`CachedDiT.schedule_json`).
 """
 
 from __future__ import annotations
@@ -61,12 +68,19 @@ class CachedDiT(nn.Module):
         """Forget cached features; the next call is step 0."""
         self.step = 0
         self.cache: dict[int, list[tuple[int, torch.Tensor]]] = {}  # unit -> last two (step, output)
+        self._cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (cond, ctx, pooled) of this chunk
+        self._temb: dict[tuple, torch.Tensor] = {}  # noise-level embeddings of this chunk, by t's values
+        self._plan: list[list[bool]] = self.schedule.tolist()
+
+    def start_chunk(self) -> None:
+        """The next call is step 0 of a new chunk."""
+        self.step = 0
 
     def computed_fraction(self) -> float:
         return float(self.schedule.float().mean())
 
     def _unit(self, u: int, k: int, fn) -> torch.Tensor:
-        if self.schedule[u, k] or u not in self.cache:
+        if self._plan[u][k] or u not in self.cache:
             out = fn()
             self.cache[u] = (self.cache.get(u, [])[-1:] + [(k, out)])
             return out
@@ -77,22 +91,36 @@ class CachedDiT(nn.Module):
             return y1 + (y1 - y0) * ((k - k1) / (k1 - k0))
         return y1
 
+    def _chunk_constants(self, t: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (ctx (B, N, E), step embedding + pooled condition c), computed once per chunk / per level."""
+        m = self.inner
+        if self._cond is None or self._cond[0] is not cond or m.training:
+            ctx = m.cond_in(cond)
+            self._cond = (cond, m.drop(m.cond_norm(ctx + m.cond_pos)), ctx.mean(dim=1))
+            self._temb = {}
+        _, ctx, pooled = self._cond
+        key = (tuple(t.shape), t.detach().cpu().numpy().tobytes())
+        temb = self._temb.get(key)
+        if temb is None or m.training:
+            temb = self._temb[key] = m.step_embed(t)
+        return ctx, temb + (pooled if t.ndim == 1 else pooled[:, None])
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         m, k = self.inner, self.step
-        if k == 0:
-            self.cache = {}
+        if k == 0:  # a new chunk: nothing carries over; the schedule is re-read (a loaded state_dict may change it)
+            self.cache, self._cond, self._plan = {}, None, self.schedule.tolist()
         self.step = (k + 1) % self.num_steps
-        ctx = m.cond_in(cond)
-        pooled = ctx.mean(dim=1)
-        c = m.step_embed(t) + (pooled if t.ndim == 1 else pooled[:, None])
-        ctx = m.drop(m.cond_norm(ctx + m.cond_pos))
+        ctx, c = self._chunk_constants(t, cond)
         h = m.drop(m.action_in(x) + m.action_pos)
         outs = []
         for i, blk in enumerate(m.blocks):
-            shift1, scale1, gate1, shift2, scale2, gate2 = blk.ada(c).chunk(6, dim=-1)
-            a = self._unit(2 * i, k, lambda: per_token(gate1) * blk.attend(modulate(blk.norm1(h), shift1, scale1), ctx))
+            mod: list[torch.Tensor] = []  # the block's adaLN terms, only when one of its units recomputes
+            needs = lambda u: self._plan[u][k] or u not in self.cache  # noqa: E731
+            if needs(2 * i) or needs(2 * i + 1):
+                mod = blk.ada(c).chunk(6, dim=-1)
+            a = self._unit(2 * i, k, lambda: per_token(mod[2]) * blk.attend(modulate(blk.norm1(h), mod[0], mod[1]), ctx))
             h = h + a
-            f = self._unit(2 * i + 1, k, lambda: per_token(gate2) * blk.mlp(modulate(blk.norm2(h), shift2, scale2)))
+            f = self._unit(2 * i + 1, k, lambda: per_token(mod[5]) * blk.mlp(modulate(blk.norm2(h), mod[3], mod[4])))
             h = h + f
             outs += [a, f]
         if self.record is not None:
@@ -173,21 +201,24 @@ def calibrate(policy, obs: dict[str, torch.Tensor], mode: str = "bac", budget: i
     """Replace ``policy.denoiser`` (a DiT) by a CachedDiT for the policy's sampler; returns a report.
 
     obs: a calibration batch of observations (B, To, ...). ``budget``: updates per unit (bac);
-    ``every``: the uniform/taylor period. K (calls per chunk) is counted on one predict_chunk.
+    ``every``: the uniform/taylor period. K (calls per chunk) is counted on a second predict_chunk,
+    so a streaming head's warm start (first call after reset) is not counted.
     """
     inner = policy.denoiser.inner if isinstance(policy.denoiser, CachedDiT) else policy.denoiser
     policy.denoiser = inner
     calls = []
-    hook = inner.register_forward_hook(lambda *a: calls.append(1))
     policy.reset()
+    policy.predict_chunk(obs)
+    hook = inner.register_forward_hook(lambda *a: calls.append(1))
     policy.predict_chunk(obs)
     hook.remove()
     k, units = len(calls), 2 * len(inner.blocks)
     if mode == "bac":
         probe = CachedDiT(inner, torch.ones(units, k, dtype=torch.bool), "bac")
-        probe.record = []
         policy.denoiser = probe
         policy.reset()
+        policy.predict_chunk(obs)  # a streaming head's warm start, not recorded
+        probe.record = []
         policy.predict_chunk(obs)
         sim = similarity(probe.record)
         schedule = bubbling_union(torch.stack([adaptive_schedule(sim[u], budget) for u in range(units)]))
