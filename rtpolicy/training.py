@@ -106,7 +106,6 @@ def train(cfg) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
     buffer = ensure_dataset(cfg.task)
-    keys = [*cfg.task.obs_keys, cfg.task.action_key]
     shapes = {k: list(buffer.shape(k)) for k in cfg.task.obs_keys} | {"action": list(buffer.shape(cfg.task.action_key))}
     policy = build_policy(cfg.policy, cfg.denoiser, shapes, cfg.task.num_tasks)
     train_mask, val_mask = split_episodes(buffer.n_episodes, cfg.train.val_fraction, cfg.train.seed)
@@ -119,8 +118,9 @@ def train(cfg) -> dict[str, Any]:
     if val_mask.any():
         val_loader = DataLoader(SequenceDataset(buffer, episode_mask=val_mask, **ds_kw), batch_size=cfg.train.batch_size)
 
-    data = buffer.load(keys)
-    policy.normalizer.fit({k: data[k] for k in cfg.task.obs_keys} | {"action": data[cfg.task.action_key]})
+    fit_keys = [k for k in cfg.task.obs_keys if k in policy.normalizer.shapes]  # images, embeddings: no stats
+    data = buffer.load([*fit_keys, cfg.task.action_key])
+    policy.normalizer.fit({k: data[k] for k in fit_keys} | {"action": data[cfg.task.action_key]})
     windows = torch.cat([b["action"] for b in DataLoader(train_ds, batch_size=4096)])
     policy.prepare(policy.normalizer.normalize("action", windows))  # data-dependent state, e.g. anchors
     policy.to(device)

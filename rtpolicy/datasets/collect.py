@@ -4,7 +4,9 @@
 
 Per step the store holds ``data/state`` (T, 39) float32 (the observation the action was chosen from)
 and ``data/action`` (T, 4) float32 (the executed, clipped action), plus ``data/task_id`` (T,) int64 for
-multi-task configs. Only successful episodes are kept; an episode ends at its first success step.
+multi-task configs, plus ``data/rgb_<camera>`` (T, S, S, 3) uint8 frames (chunked a few steps at a time)
+for every ``rgb_<camera>`` key in the task's ``obs_keys`` (S = ``image_size``).
+Only successful episodes are kept; an episode ends at its first success step.
 Episode ``k`` of a store (counting failed attempts) uses layout seed ``seed + k``, and its action
 noise comes from an RNG seeded by that layout seed, so the same arguments give identical stores.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,16 @@ def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
+
+
+def image_kwargs(task_cfg: Any) -> dict[str, Any]:
+    """Env keyword arguments for the camera keys of a task config: {"cameras": [...], "image_size": S},
+    or {} when its ``obs_keys`` name no ``rgb_<camera>`` key."""
+    get = task_cfg.get if isinstance(task_cfg, Mapping) else lambda k, d=None: getattr(task_cfg, k, d)
+    cameras = [k[len("rgb_") :] for k in list(get("obs_keys", None) or []) if str(k).startswith("rgb_")]
+    if not cameras:
+        return {}
+    return {"cameras": cameras, "image_size": int(get("image_size", None) or 84)}
 
 
 def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0) -> tuple[dict[str, np.ndarray], bool]:
@@ -77,9 +90,11 @@ def collect_demos(
         raise ValueError(f"action_noise must be a finite float >= 0, got {action_noise!r}")
     steps_limit = _check_int("max_episode_steps", max_episode_steps or fields["max_episode_steps"], 1)
 
-    env = make_env(fields, seed=seed, max_episode_steps=steps_limit)  # validates the task before touching the store
+    images = image_kwargs(task_cfg)
+    # validates the task before touching the store
+    env = make_env(fields, seed=seed, max_episode_steps=steps_limit, **images)
     try:
-        return _collect(env, fields, Path(path), episodes, seed, action_noise, steps_limit, progress)
+        return _collect(env, fields, images, Path(path), episodes, seed, action_noise, steps_limit, progress)
     finally:
         env.close()
 
@@ -89,10 +104,15 @@ def _store_info(buf: ReplayBuffer, path: Path, new: int) -> dict[str, Any]:
     return dict(buf.attrs) | {"path": str(path), "episodes": buf.n_episodes, "steps": buf.n_steps, "new_episodes": new}
 
 
-def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progress) -> dict[str, Any]:
+def _collect(env, fields, images, path, episodes, seed, action_noise, steps_limit, progress) -> dict[str, Any]:
     buf = ReplayBuffer.open_or_create(path)
     attrs = dict(buf.attrs)
+    image_keys = [f"rgb_{c}" for c in images.get("cameras", [])]
     if buf.n_episodes > 0:
+        if missing := [k for k in image_keys if k not in buf.keys]:
+            raise ValueError(f"{path} has no {missing} (its keys: {buf.keys}); collect camera frames into another task.dataset")
+        if image_keys and buf.shape(image_keys[0])[:2] != (images["image_size"],) * 2:
+            raise ValueError(f"{path} holds {image_keys[0]} frames of {buf.shape(image_keys[0])}, not image_size={images['image_size']}")
         if attrs.get("collector") != "rtpolicy.collect_demos":
             raise ValueError(
                 f"{path} holds {buf.n_episodes} episodes not written by collect_demos (no collector attrs); "
@@ -121,7 +141,7 @@ def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progr
             "next_seed": seed,
             "action_noise": action_noise,
             "max_episode_steps": steps_limit,
-            "obs_keys": ["state"] + (["task_id"] if fields["num_tasks"] > 0 else []),
+            "obs_keys": ["state"] + image_keys + (["task_id"] if fields["num_tasks"] > 0 else []),
             "action_key": "action",
             "seeds": [],
             "failed_seeds": [],
@@ -186,7 +206,10 @@ def collect_suite(task_cfg: Any, path: str | Path, episodes: int, seed: int, act
         raise ValueError(f"{path} exists but is not a complete suite store of {names} with {episodes} episodes each; "
                          "move it away or choose another task.dataset")
     parts = path.with_name(path.name + ".parts")
-    sources = [collect_demos(m, parts / f"{m['name']}.zarr", episodes, seed, action_noise, progress) for m in members]
+    images = image_kwargs(task_cfg)
+    sources = [collect_demos(m | ({"obs_keys": [f"rgb_{c}" for c in images["cameras"]], "image_size": images["image_size"]}
+                                  if images else {}), parts / f"{m['name']}.zarr", episodes, seed, action_noise, progress)
+               for m in members]
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     out = ReplayBuffer.create(tmp)
@@ -196,7 +219,8 @@ def collect_suite(task_cfg: Any, path: str | Path, episodes: int, seed: int, act
             out.add_episode(buf.get_episode(i))
     out.attrs.update({"collector": "rtpolicy.collect_suite", "env": members[0]["env"], "task": task_fields(task_cfg)["name"],
                       "tasks": names, "num_tasks": len(names), "episodes_per_task": episodes, "seed": seed,
-                      "action_noise": float(action_noise), "obs_keys": ["state", "task_id"], "action_key": "action"})
+                      "action_noise": float(action_noise), "action_key": "action",
+                      "obs_keys": ["state", *(f"rgb_{c}" for c in images.get("cameras", [])), "task_id"]})
     tmp.rename(path)
     buf = ReplayBuffer.open(path)
     return _store_info(buf, path, buf.n_episodes)
@@ -213,10 +237,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="first layout seed")
     parser.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to expert actions")
     parser.add_argument("--max-steps", type=int, default=200, help="episode step limit")
+    parser.add_argument("--cameras", nargs="*", default=[], help="also store rgb_<camera> frames, e.g. corner topview")
+    parser.add_argument("--image-size", type=int, default=84, help="side of the stored camera frames")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     out = args.out or f"data/{args.env}/{args.task}.zarr"
-    task = TaskConfig(env=args.env, name=args.task, max_episode_steps=args.max_steps)
+    task = TaskConfig(env=args.env, name=args.task, max_episode_steps=args.max_steps,
+                      obs_keys=["state", *(f"rgb_{c}" for c in args.cameras)], image_size=args.image_size)
     try:
         result = collect_demos(task, out, args.episodes, args.seed, action_noise=args.noise, progress=not args.no_progress)
     except (ValueError, RuntimeError) as e:

@@ -27,6 +27,9 @@ from zarr.core.sync import sync
 _ENDS_CHUNK = 10_000
 _CHUNK_BYTES = 4 << 20  # default time chunk: ~4 MiB, at most _MAX_CHUNK_STEPS steps
 _MAX_CHUNK_STEPS = 1000
+# image arrays (steps, H, W, C): a few frames per chunk, so a training window decodes only the frames it uses
+_IMAGE_CHUNK_BYTES = 128 << 10  # ~128 KiB: 6 frames of 84x84x3, 1 of 256x256x3
+_MAX_IMAGE_CHUNK_STEPS = 16
 # zarr 3 by default skips writing chunks equal to the fill value; a missing chunk would then be
 # indistinguishable from a lost one, so every write here stores every chunk.
 _WRITE_ALL = {"write_empty_chunks": True}
@@ -51,6 +54,15 @@ def _first_missing_chunk(arr: zarr.Array, n_rows: int) -> tuple[str, int] | None
         if f"{path}/{key}" not in stored:
             return key, coords[0] * block[0]
     return None
+
+
+def default_chunk_steps(shape: tuple[int, ...], dtype) -> int:
+    """Steps per time chunk for an array of feature ``shape``: ~4 MiB (at most 1000 steps) for vectors,
+    ~128 KiB (1 to 16 frames) for images (H, W, C)."""
+    step_bytes = max(1, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    if len(shape) == 3:
+        return max(1, min(_MAX_IMAGE_CHUNK_STEPS, _IMAGE_CHUNK_BYTES // step_bytes))
+    return max(1, min(_MAX_CHUNK_STEPS, _CHUNK_BYTES // step_bytes))
 
 
 class ReplayBuffer:
@@ -257,7 +269,7 @@ class ReplayBuffer:
                 del self._group[key], self._arrays[key]
         for key, x in data.items():
             if key not in self._arrays:
-                steps = chunk_steps or max(1, min(_MAX_CHUNK_STEPS, _CHUNK_BYTES // max(1, x[0].nbytes)))
+                steps = chunk_steps or default_chunk_steps(x.shape[1:], x.dtype)
                 arr = self._group.create_array(
                     key, shape=(0, *x.shape[1:]), chunks=(steps, *(max(1, d) for d in x.shape[1:])), dtype=x.dtype, fill_value=0
                 )
@@ -267,7 +279,8 @@ class ReplayBuffer:
         """Append one episode {key: (L, *shape)}; validated before anything is written.
 
         ``chunk_steps`` sets the time chunk of arrays created by this call (the first episode);
-        by default ~4 MiB per chunk, at most 1000 steps, always whole feature dims.
+        by default ~4 MiB per chunk, at most 1000 steps, for vectors and ~128 KiB, at most 16 steps,
+        for images (H, W, C) (see :func:`default_chunk_steps`), always whole feature dims.
         """
         if not self._writable:
             raise ReplayBufferError(f"{self._where} is open read-only; use ReplayBuffer.open(path, mode='a') to append")

@@ -32,8 +32,10 @@ def split_episodes(n_episodes: int, val_fraction: float, seed: int) -> tuple[np.
 
 
 class SequenceSampler:
-    """Fixed-length windows over in-memory arrays {key: (N, *shape)} split by ``episode_ends`` (E,).
+    """Fixed-length windows over arrays {key: (N, *shape)} split by ``episode_ends`` (E,).
 
+    Arrays are numpy arrays in memory or anything sliceable along steps (e.g. a zarr array, read
+    lazily: a window reads one contiguous row range, so only the chunks holding its steps are decoded).
     ``key_horizon`` limits a key to the first k steps of each window (e.g. observations: To).
     """
 
@@ -54,8 +56,8 @@ class SequenceSampler:
             raise ValueError(f"need horizon >= 1 and pads >= 0, got horizon={horizon} pad_before={pad_before} pad_after={pad_after}")
         n_steps = int(ends[-1]) if ends.size else 0
         for key, x in data.items():
-            if len(x) < n_steps:
-                raise ValueError(f"data[{key!r}] has {len(x)} rows but episode_ends ends at {n_steps}")
+            if x.shape[0] < n_steps:
+                raise ValueError(f"data[{key!r}] has {x.shape[0]} rows but episode_ends ends at {n_steps}")
         self.key_horizon = dict(key_horizon or {})
         for key, h in self.key_horizon.items():
             if key not in data or not 1 <= h <= horizon:
@@ -83,15 +85,28 @@ class SequenceSampler:
         out = {}
         for key, x in self.data.items():
             steps = np.arange(s, s + self.key_horizon.get(key, self.horizon))
-            out[key] = x[begin + np.clip(steps, 0, length - 1)]
+            rows = begin + np.clip(steps, 0, length - 1)
+            if isinstance(x, np.ndarray):
+                out[key] = x[rows]
+            else:  # lazy store: read the covered rows once, then pick (edge padding repeats rows)
+                lo = int(rows[0])
+                out[key] = np.asarray(x[lo : int(rows[-1]) + 1])[rows - lo]
         return out
 
 
+def is_image_key(buffer: ReplayBuffer, key: str) -> bool:
+    """True when ``key`` holds uint8 RGB frames, feature shape (H, W, 3)."""
+    shape = buffer.shape(key)
+    return len(shape) == 3 and shape[2] == 3 and buffer[key].dtype == np.uint8
+
+
 class SequenceDataset(Dataset):
-    """Training windows from a replay buffer, loaded into memory.
+    """Training windows from a replay buffer.
 
     Item: {"obs": {key: float32 (To, *shape)}, "action": float32 (H, Da)} plus, if the store has a
     per-step ``task_id`` key, "task_id": long scalar taken at the window's current step (index To - 1).
+    Image keys (feature shape (H, W, 3)) stay uint8 (To, H, W, 3) and are read from the store per item
+    (only the chunks holding the window's frames are decoded); every other key is loaded into memory.
     Obs steps are t-To+1 .. t and action steps t-To+1 .. t-To+H, as in ``rtpolicy.policies.head``.
     """
 
@@ -123,9 +138,11 @@ class SequenceDataset(Dataset):
             raise ValueError(f"task_id must be one integer per step, got shape {buffer.shape('task_id')} dtype {buffer['task_id'].dtype}")
         keys = list(dict.fromkeys([*obs_keys, action_key] + ["task_id"] * self.has_task))
         self.obs_keys, self.action_key, self.obs_horizon = list(obs_keys), action_key, obs_horizon
+        self.image_keys = [k for k in obs_keys if is_image_key(buffer, k)]
         key_horizon = {k: obs_horizon for k in keys if k != action_key}
+        data = buffer.load([k for k in keys if k not in self.image_keys]) | {k: buffer[k] for k in self.image_keys}
         self.sampler = SequenceSampler(
-            buffer.load(keys), buffer.episode_ends, horizon, pad_before=obs_horizon - 1, pad_after=action_horizon - 1,
+            data, buffer.episode_ends, horizon, pad_before=obs_horizon - 1, pad_after=action_horizon - 1,
             episode_mask=episode_mask, key_horizon=key_horizon,
         )
         if len(self.sampler) == 0:
@@ -143,7 +160,8 @@ class SequenceDataset(Dataset):
         w = self.sampler.sample(idx)
         To = self.obs_horizon
         item = {
-            "obs": {k: torch.from_numpy(w[k][:To]).float() for k in self.obs_keys},
+            "obs": {k: torch.from_numpy(w[k][:To]) if k in self.image_keys else torch.from_numpy(w[k][:To]).float()
+                    for k in self.obs_keys},
             "action": torch.from_numpy(w[self.action_key]).float(),
         }
         if self.has_task:

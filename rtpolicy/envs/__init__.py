@@ -23,7 +23,7 @@ configure_gl()  # before any family imports mujoco
 ENVS: Registry[gymnasium.Env] = Registry("env family")
 
 # the fields of a TaskConfig that the environments read
-TASK_FIELDS = ("env", "name", "max_episode_steps", "num_tasks", "task_id")
+TASK_FIELDS = ("env", "name", "max_episode_steps", "num_tasks", "task_id", "obs_keys", "image_size")
 
 
 def task_fields(task_cfg: Any) -> dict[str, Any]:
@@ -46,6 +46,8 @@ def task_fields(task_cfg: Any) -> dict[str, Any]:
     if out["num_tasks"] and not 0 <= out["task_id"] < out["num_tasks"]:
         raise ValueError(f"task_id must be in [0, num_tasks={out['num_tasks']}), got {out['task_id']}")
     out["env"], out["name"] = str(out["env"]), str(out["name"])
+    out["obs_keys"] = [str(k) for k in (out["obs_keys"] or ["state"])]  # rgb_<camera> keys: the env renders them
+    out["image_size"] = int(out["image_size"] or 84)
     kwargs = task_cfg.get("env_kwargs", None) if isinstance(task_cfg, Mapping) else getattr(task_cfg, "env_kwargs", None)
     out["env_kwargs"] = dict(kwargs or {})  # extra constructor arguments of the family's env (e.g. a scene)
     return out

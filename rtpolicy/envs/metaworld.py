@@ -1,7 +1,10 @@
 """Meta-World (V3, goal-observable) tasks as gymnasium envs with seeded layouts and absorbing ends.
 
 Observations: ``{"state": (39,) float32}`` (hand xyz + gripper, object poses, their previous-step copy,
-goal xyz), plus ``{"task_id": int}`` when ``task_cfg.num_tasks > 0``. Actions: (4,) in [-1, 1]
+goal xyz), plus ``{"task_id": int}`` when ``task_cfg.num_tasks > 0``, plus ``{"rgb_<camera>": (S, S, 3)
+uint8}`` for every ``rgb_<camera>`` key in ``task_cfg.obs_keys`` (S = ``task_cfg.image_size``), rendered
+offscreen from that MuJoCo camera (see :data:`CAMERAS`; frames of cameras mounted upside down, such as
+``corner``, are turned upright). Actions: (4,) in [-1, 1]
 (hand xyz delta, gripper). An episode terminates on success and is truncated after
 ``max_episode_steps``; later ``step()`` calls return the last observation and flags without
 stepping the physics.
@@ -26,6 +29,17 @@ from rtpolicy.envs import ENVS
 
 STATE_DIM = 39
 ACTION_DIM = 4
+CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
+IMAGE_PREFIX = "rgb_"
+
+
+def camera_keys(obs_keys: Any) -> list[str]:
+    """The ``rgb_<camera>`` keys among ``obs_keys``, checked against :data:`CAMERAS`."""
+    keys = [k for k in (obs_keys or []) if isinstance(k, str) and k.startswith(IMAGE_PREFIX)]
+    for key in keys:
+        if key[len(IMAGE_PREFIX) :] not in CAMERAS:
+            raise ValueError(f"obs key {key!r} names no Meta-World camera; use rgb_<camera> with camera in {', '.join(CAMERAS)}")
+    return keys
 
 
 def v3_task_names() -> list[str]:
@@ -80,6 +94,9 @@ class MetaWorldEnv(gymnasium.Env):
         render: build an offscreen renderer; ``render()`` then returns (height, width, 3) uint8 frames.
         max_episode_steps: overrides ``task_cfg.max_episode_steps``.
         width, height, camera: render size and MuJoCo camera name (None: a free camera over the table).
+        cameras: cameras observed as ``obs["rgb_<camera>"]``; None: the ``rgb_<camera>`` keys of
+            ``task_cfg.obs_keys``.
+        image_size: side of those frames; None: ``task_cfg.image_size`` (default 84).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 80}
@@ -105,6 +122,8 @@ class MetaWorldEnv(gymnasium.Env):
         width: int = 256,
         height: int = 256,
         camera: str | None = None,
+        cameras: list[str] | None = None,
+        image_size: int | None = None,
     ):
         super().__init__()
         get = task_cfg.get if isinstance(task_cfg, Mapping) else lambda k, d=None: getattr(task_cfg, k, d)
@@ -139,6 +158,17 @@ class MetaWorldEnv(gymnasium.Env):
         obs_spaces: dict[str, spaces.Space] = {"state": spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)}
         if self.num_tasks > 0:
             obs_spaces["task_id"] = spaces.Discrete(self.num_tasks)
+        if cameras is None:
+            cameras = [k[len(IMAGE_PREFIX) :] for k in camera_keys(get("obs_keys", None))]
+        self.cameras = [k[len(IMAGE_PREFIX) :] for k in camera_keys([IMAGE_PREFIX + str(c) for c in cameras])]
+        size = image_size if image_size is not None else (get("image_size", None) or 84)
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= 480:
+            raise ValueError(f"image_size must be an int in [1, 480] (MuJoCo's offscreen buffer), got {size!r}")
+        self.image_size = int(size)
+        for cam in self.cameras:
+            obs_spaces[IMAGE_PREFIX + cam] = spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
+        self._camera_renderer = None
+        self._upside_down: dict[str, bool] = {}
         self.observation_space = spaces.Dict(obs_spaces)
         self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
 
@@ -210,6 +240,9 @@ class MetaWorldEnv(gymnasium.Env):
         if self._renderer is not None:
             self._renderer.close()
             self._renderer = None
+        if self._camera_renderer is not None:
+            self._camera_renderer.close()
+            self._camera_renderer = None
         self._env.close()
 
     # ------------------------------------------------------------------ extras
@@ -239,7 +272,28 @@ class MetaWorldEnv(gymnasium.Env):
         obs: dict[str, Any] = {"state": np.asarray(raw, dtype=np.float32)}
         if self.num_tasks > 0:
             obs["task_id"] = np.int64(self.task_id)
+        for cam in self.cameras:
+            obs[IMAGE_PREFIX + cam] = self._camera_frame(cam)
         return obs
+
+    def _camera_frame(self, camera: str) -> np.ndarray:
+        """The current scene from a named camera, (image_size, image_size, 3) uint8, upright."""
+        import mujoco
+
+        model, data = self._env.model, self._env.data
+        if self._camera_renderer is None:
+            self._camera_renderer = mujoco.Renderer(model, self.image_size, self.image_size)
+            flags = self._camera_renderer.scene.flags
+            flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0  # as in render(): software GL cost, little visual gain
+            flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        if camera not in self._upside_down:  # decided once: the camera's image-up axis points down in the world
+            cam_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
+            self._upside_down[camera] = bool(data.cam_xmat[cam_id].reshape(3, 3)[2, 1] < 0)
+        self._camera_renderer.update_scene(data, camera=camera)
+        frame = self._camera_renderer.render()
+        if self._upside_down[camera]:
+            frame = frame[::-1, ::-1]
+        return np.ascontiguousarray(frame, dtype=np.uint8)
 
     def _copy_obs(self) -> dict[str, Any]:
         assert self._obs is not None

@@ -18,7 +18,7 @@ import torch
 from rtpolicy.datasets.normalizer import Normalizer
 from rtpolicy.policies.base import Policy, check_obs
 from rtpolicy.policies.denoisers.base import DENOISERS
-from rtpolicy.policies.encoders.state import StateEncoder
+from rtpolicy.policies.encoders.observation import build_obs_encoder, split_keys
 
 
 def validate_horizons(cfg) -> None:
@@ -47,9 +47,12 @@ class DenoisingHead(Policy):
         self.obs_shapes = {k: list(v) for k, v in shapes.items() if k != "action"}
         self.action_dim = int(shapes["action"][0])
         self.num_tasks = num_tasks
-        modes = {k: cfg.normalizer for k in self.obs_shapes} | {"action": "minmax"}
-        self.normalizer = Normalizer({k: list(v) for k, v in shapes.items()}, modes=modes)
-        self.encoder = StateEncoder(self.obs_shapes, cfg.obs_horizon, cfg.cond_dim, num_tasks)
+        enc_cfg = getattr(cfg, "encoder", None)  # an EncoderConfig (policy.encoder.*); None: its defaults
+        vector, _, self.lang_key = split_keys(self.obs_shapes, getattr(enc_cfg, "lang_key", None) or "lang_emb")
+        self.norm_keys = vector  # images are scaled inside the image encoder, embeddings are unit vectors already
+        modes = {k: cfg.normalizer for k in vector} | {"action": "minmax"}
+        self.normalizer = Normalizer({k: list(shapes[k]) for k in [*vector, "action"]}, modes=modes)
+        self.encoder = build_obs_encoder(self.obs_shapes, cfg.obs_horizon, cfg.cond_dim, num_tasks, enc_cfg)
         self.denoiser = DENOISERS.build(
             denoiser_cfg.name, denoiser_cfg, self.action_dim, cfg.horizon, cfg.cond_dim, self.encoder.n_tokens
         )
@@ -58,10 +61,17 @@ class DenoisingHead(Policy):
         """Stateless between chunks: nothing to reset."""
 
     def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Raw obs -> condition tokens (B, N, Dc); validates keys, shapes and finiteness."""
+        """Raw obs -> condition tokens (B, N, Dc); validates keys, shapes and finiteness.
+
+        Vector keys are normalized here; image keys (B, To, H, W, 3) uint8 go to the encoder as they are;
+        a language embedding may come as (B, E) instead of (B, To, E).
+        """
+        lang = obs.get(self.lang_key) if self.lang_key is not None else None
+        if lang is not None and lang.ndim == 2:
+            obs = obs | {self.lang_key: lang[:, None].expand(-1, self.obs_horizon, -1)}
         check_obs(obs, self.obs_shapes, self.obs_horizon)
-        norm = {k: self.normalizer.normalize(k, obs[k].float()) for k in self.obs_shapes}
-        return self.encoder(norm, obs.get("task_id"))
+        x = {k: self.normalizer.normalize(k, obs[k].float()) if k in self.norm_keys else obs[k] for k in self.obs_shapes}
+        return self.encoder(x, obs.get("task_id"))
 
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,205 @@
+"""Image observations end to end: env cameras, zarr storage, windowed sampling, image policies, config."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from rtpolicy.config import EncoderConfig, TaskConfig, with_encoder
+from rtpolicy.datasets.replay_buffer import ReplayBuffer
+from rtpolicy.datasets.sampler import SequenceDataset
+from rtpolicy.policies import build_policy, load_all
+from rtpolicy.policies.base import POLICIES
+from rtpolicy.policies.denoisers.base import DENOISERS
+
+load_all()
+S = 32  # frame side in these tests
+SR = 64  # resnet18 needs >= 64 pixels for a 2x2 keypoint map
+
+
+def episode(length, seed, size=S):
+    rng = np.random.default_rng(seed)
+    return {
+        "state": rng.normal(size=(length, 5)).astype(np.float32),
+        "rgb_corner": rng.integers(0, 256, size=(length, size, size, 3), dtype=np.uint8),
+        "action": rng.uniform(-1, 1, size=(length, 3)).astype(np.float32),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- storage
+def test_image_store_round_trip_and_time_chunks(tmp_path):
+    eps = [episode(7, 0), episode(12, 1)]
+    buf = ReplayBuffer.create(tmp_path / "img.zarr")
+    for ep in eps:
+        buf.add_episode(ep)
+    buf = ReplayBuffer.open(tmp_path / "img.zarr")
+    arr = buf["rgb_corner"]
+    assert arr.dtype == np.uint8 and arr.shape == (19, S, S, 3)
+    assert arr.chunks[1:] == (S, S, 3) and 1 <= arr.chunks[0] <= 16, f"frames chunked a few steps at a time, got {arr.chunks}"
+    assert buf["state"].chunks[0] > arr.chunks[0]
+    for i, ep in enumerate(eps):
+        got = buf.get_episode(i)
+        for k, v in ep.items():
+            assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
+    big = ReplayBuffer.create(tmp_path / "big.zarr")
+    big.add_episode({"rgb": np.zeros((3, 256, 256, 3), np.uint8)})
+    assert big["rgb"].chunks == (1, 256, 256, 3)
+
+
+def test_dataset_reads_only_image_windows(tmp_path):
+    eps = [episode(7, 0), episode(12, 1)]
+    buf = ReplayBuffer.create(tmp_path / "img.zarr")
+    for ep in eps:
+        buf.add_episode(ep)
+    buf = ReplayBuffer.open(tmp_path / "img.zarr")
+    ds = SequenceDataset(buf, ["state", "rgb_corner"], "action", obs_horizon=2, horizon=6, action_horizon=3)
+    assert ds.image_keys == ["rgb_corner"]
+    assert not isinstance(ds.sampler.data["rgb_corner"], np.ndarray), "image frames must stay in the store"
+    item = ds[0]  # first window of episode 0: step -1 is padded with step 0
+    assert item["obs"]["rgb_corner"].dtype == torch.uint8 and item["obs"]["rgb_corner"].shape == (2, S, S, 3)
+    assert item["obs"]["state"].dtype == torch.float32
+    ref = eps[0]["rgb_corner"]
+    assert np.array_equal(item["obs"]["rgb_corner"].numpy(), ref[[0, 0]])
+    for idx in range(len(ds)):  # frames always match the in-memory state's window
+        w = ds[idx]
+        ep = [e for e in eps if any(np.array_equal(w["obs"]["state"][-1].numpy(), s) for s in e["state"])][0]
+        rows = [int(np.flatnonzero((ep["state"] == s.numpy()).all(1))[0]) for s in w["obs"]["state"]]
+        assert np.array_equal(w["obs"]["rgb_corner"].numpy(), ep["rgb_corner"][rows])
+    batch = next(iter(DataLoader(ds, batch_size=4, shuffle=True)))
+    assert batch["obs"]["rgb_corner"].shape == (4, 2, S, S, 3) and batch["obs"]["rgb_corner"].dtype == torch.uint8
+
+
+# ---------------------------------------------------------------------------------------------- policies
+def image_policy(head="diffusion", backbone="resnet18", shared=True, cameras=("rgb_corner",), size=S):
+    base = {"horizon": 8, "obs_horizon": 2, "cond_dim": 16, "action_horizon": 4}
+    base |= {"diffusion": {"num_inference_steps": 2}, "edm": {"num_inference_steps": 2},
+             "truncated": {"num_anchors": 4, "num_inference_steps": 1},
+             "streaming": {"action_horizon": 1, "warmup_steps": 2}}[head]
+    enc = {"image_backbone": backbone, "shared_backbone": shared, "num_keypoints": 4, "crop_fraction": 0.875}
+    pol = OmegaConf.merge(OmegaConf.structured(with_encoder(POLICIES.get(head).config)), base, {"encoder": enc})
+    den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("unet1d").config), {"down_dims": [16, 32]})
+    shapes = {"state": [5], **{c: [size, size, 3] for c in cameras}, "action": [3]}
+    policy = build_policy(pol, den, shapes)
+    g = torch.Generator().manual_seed(0)
+    policy.normalizer.fit({"state": torch.randn(64, 5, generator=g), "action": torch.rand(64, 3, generator=g) * 2 - 1})
+    if head == "truncated":
+        policy.prepare(torch.rand(16, policy.data_horizon, 3, generator=g) * 2 - 1)
+    return policy
+
+
+def image_obs(b, cameras=("rgb_corner",), size=S):
+    g = torch.Generator().manual_seed(1)
+    obs = {"state": torch.randn(b, 2, 5, generator=g)}
+    return obs | {c: torch.randint(0, 256, (b, 2, size, size, 3), dtype=torch.uint8, generator=g) for c in cameras}
+
+
+def test_image_policy_trains_and_predicts():
+    torch.manual_seed(0)
+    policy = image_policy(size=SR)
+    assert sorted(policy.normalizer.shapes) == ["action", "state"], "pixels get no normalizer statistics"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in policy.modules())
+    batch = {"obs": image_obs(3, size=SR), "action": torch.rand(3, policy.data_horizon, 3) * 2 - 1}
+    policy.train()
+    loss, metrics = policy.compute_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and metrics["loss"] == pytest.approx(loss.item())
+    grads = [p.grad for p in policy.encoder.images.backbones.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), "loss must reach the backbone"
+    chunk = policy.eval().predict_chunk(image_obs(2, size=SR))
+    assert chunk.shape == (2, policy.action_horizon, 3) and torch.isfinite(chunk).all()
+    with pytest.raises(ValueError, match=r"observation 'rgb_corner' has shape \(2, 2, 16, 16, 3\)"):
+        policy.predict_chunk(image_obs(2, size=SR) | {"rgb_corner": torch.zeros(2, 2, 16, 16, 3, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match="1x1 resnet18 feature map"):
+        image_policy(size=32)
+
+
+@pytest.mark.parametrize("head", ["edm", "truncated", "streaming"])
+def test_every_head_takes_images(head):
+    torch.manual_seed(0)
+    policy = image_policy(head, backbone="small_cnn", shared=False, cameras=("rgb_a", "rgb_b"))
+    assert len(policy.encoder.images.backbones) == 2
+    batch = {"obs": image_obs(2, ("rgb_a", "rgb_b")), "action": torch.rand(2, policy.data_horizon, 3) * 2 - 1}
+    loss, _ = policy.train().compute_loss(batch)
+    loss.backward()
+    policy.eval().reset()
+    assert policy.predict_chunk(image_obs(2, ("rgb_a", "rgb_b"))).shape == (2, policy.action_horizon, 3)
+
+
+def test_language_policy_takes_embeddings():
+    base = {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16, "num_inference_steps": 2}
+    pol = OmegaConf.merge(OmegaConf.structured(with_encoder(POLICIES.get("diffusion").config)), base)
+    den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("unet1d").config), {"down_dims": [16, 32]})
+    policy = build_policy(pol, den, {"state": [5], "lang_emb": [384], "action": [3]})
+    assert sorted(policy.normalizer.shapes) == ["action", "state"]
+    policy.normalizer.fit({"state": torch.randn(64, 5), "action": torch.rand(64, 3) * 2 - 1})
+    obs = {"state": torch.randn(2, 2, 5), "lang_emb": torch.nn.functional.normalize(torch.randn(2, 384), dim=-1)}
+    loss, _ = policy.compute_loss({"obs": obs, "action": torch.rand(2, 8, 3)})
+    loss.backward()
+    assert policy.encoder.lang.proj[0].weight.grad is not None
+    assert policy.eval().predict_chunk(obs).shape == (2, 4, 3)
+
+
+# ---------------------------------------------------------------------------------------------- env + config
+def test_metaworld_camera_observations():
+    from rtpolicy.envs import make_env
+    from rtpolicy.envs.metaworld import MetaWorldEnv
+
+    cfg = {"name": "reach-v3", "max_episode_steps": 5, "obs_keys": ["state", "rgb_corner", "rgb_topview"], "image_size": 24}
+    env = MetaWorldEnv(cfg, seed=0)
+    try:
+        obs, _ = env.reset(seed=0)
+        assert set(obs) == {"state", "rgb_corner", "rgb_topview"}
+        for key in ("rgb_corner", "rgb_topview"):
+            assert obs[key].shape == (24, 24, 3) and obs[key].dtype == np.uint8
+            assert env.observation_space[key].contains(obs[key])
+            assert obs[key].std() > 5, f"{key} frame is blank"
+        first = obs["rgb_corner"].copy()
+        for _ in range(3):
+            obs, *_ = env.step(np.array([1.0, 0.0, 0.0, 0.0], np.float32))
+        assert not np.array_equal(first, obs["rgb_corner"]), "the arm moved, the frame must change"
+    finally:
+        env.close()
+    env = make_env({"name": "reach-v3", "env": "metaworld"}, seed=0, cameras=["gripperPOV"], image_size=16)
+    try:
+        assert env.reset(seed=0)[0]["rgb_gripperPOV"].shape == (16, 16, 3)
+    finally:
+        env.close()
+    with pytest.raises(ValueError, match="'rgb_nope' names no Meta-World camera"):
+        MetaWorldEnv(cfg | {"obs_keys": ["state", "rgb_nope"]}, seed=0)
+
+
+def test_collect_stores_camera_frames(tmp_path):
+    from rtpolicy.datasets.collect import collect_demos
+
+    cfg = TaskConfig(name="reach-v3", max_episode_steps=150, obs_keys=["state", "rgb_corner"], image_size=16)
+    info = collect_demos(cfg, tmp_path / "reach.zarr", 1, seed=0, progress=False)
+    assert info["obs_keys"] == ["state", "rgb_corner"]
+    buf = ReplayBuffer.open(tmp_path / "reach.zarr")
+    assert buf["rgb_corner"].dtype == np.uint8 and buf.shape("rgb_corner") == (16, 16, 3)
+    assert buf["rgb_corner"].shape[0] == buf["state"].shape[0] == buf.n_steps
+    state_only = TaskConfig(name="reach-v3", max_episode_steps=150, obs_keys=["state", "rgb_topview"], image_size=16)
+    with pytest.raises(ValueError, match=r"has no \['rgb_topview'\]"):
+        collect_demos(state_only, tmp_path / "reach.zarr", 2, seed=0, progress=False)
+
+
+def test_train_config_composes_an_image_policy():
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigKeyError
+
+    from rtpolicy.config import register_configs
+
+    register_configs()
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    over = ["task.obs_keys=[state,rgb_corner]", "task.image_size=64", "policy.encoder.image_backbone=small_cnn",
+            "policy.encoder.shared_backbone=false", "policy=edm"]
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("train", overrides=over)
+        assert cfg.policy.encoder.image_backbone == "small_cnn" and cfg.policy.encoder.crop_fraction == 0.9
+        assert list(cfg.task.obs_keys) == ["state", "rgb_corner"] and cfg.task.image_size == 64
+        with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+            compose("train", overrides=["policy.encoder.backbone=resnet18"])
+    assert EncoderConfig().image_backbone == "resnet18"
