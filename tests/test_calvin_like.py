@@ -218,3 +218,18 @@ def test_expert_noise_and_speed():
         if env.step(a)[2:4] != (False, False):
             env.reset()
     print(f"\ncalvin_like env steps/s (no rendering): {500 / (time.perf_counter() - t0):.0f}")
+
+
+def test_collected_episodes_carry_their_instruction_text(tmp_path):
+    """The collector stores each episode's task id per step and its instruction text per episode."""
+    from rtpolicy.datasets.collect import collect_demos
+    from rtpolicy.datasets.replay_buffer import ReplayBuffer
+
+    task = {"env": "calvin_like", "name": "open_drawer", "max_episode_steps": 150, "num_tasks": 27, "task_id": 0}
+    collect_demos(task, tmp_path / "d.zarr", 3, 0, progress=False)
+    buf = ReplayBuffer.open(tmp_path / "d.zarr")
+    texts = buf.attrs["instructions"]
+    assert len(texts) == buf.n_episodes == 3 and all(t in INSTRUCTIONS["open_drawer"] for t in texts)
+    for i, text in enumerate(texts):
+        ep = buf.get_episode(i)
+        assert (ep["task_id"] == 0).all() and {ALL_INSTRUCTIONS[j] for j in ep["instruction_id"]} == {text}

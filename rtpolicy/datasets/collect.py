@@ -2,7 +2,8 @@
 
     python -m rtpolicy.datasets.collect --task pick-place-v3 --episodes 50 --out data/metaworld/pick-place-v3.zarr
 
-Per step the store holds ``data/state`` (T, 39) float32 (the observation the action was chosen from)
+Envs with instructions (the CALVIN-style family) also get ``attrs["instructions"]``: the instruction
+text of each stored episode (and ``data/instruction_id`` per step). Per step the store holds ``data/state`` (T, 39) float32 (the observation the action was chosen from)
 and ``data/action`` (T, 4) float32 (the executed, clipped action), plus ``data/task_id`` (T,) int64 for
 multi-task configs, plus ``data/rgb_<camera>`` (T, S, S, 3) uint8 frames (chunked a few steps at a time)
 for every ``rgb_<camera>`` key in the task's ``obs_keys`` (S = ``image_size``).
@@ -175,6 +176,8 @@ def _collect(env, fields, images, path, episodes, seed, action_noise, steps_limi
                 buf.add_episode(episode)
                 added += 1
                 attrs["seeds"].append(ep_seed)
+                if hasattr(env, "instruction"):  # language-annotated envs: the episode's instruction text
+                    attrs.setdefault("instructions", []).append(str(env.instruction))
                 attrs["successes"] += 1
                 bar.update(1)
             else:
@@ -213,14 +216,17 @@ def collect_suite(task_cfg: Any, path: str | Path, episodes: int, seed: int, act
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     out = ReplayBuffer.create(tmp)
+    instructions: list[str] = []
     for src in sources:
         buf = ReplayBuffer.open(src["path"])
         for i in range(episodes):
             out.add_episode(buf.get_episode(i))
+        instructions += list(buf.attrs.get("instructions", []))[:episodes]
     out.attrs.update({"collector": "rtpolicy.collect_suite", "env": members[0]["env"], "task": task_fields(task_cfg)["name"],
                       "tasks": names, "num_tasks": len(names), "episodes_per_task": episodes, "seed": seed,
                       "action_noise": float(action_noise), "action_key": "action",
-                      "obs_keys": ["state", *(f"rgb_{c}" for c in images.get("cameras", [])), "task_id"]})
+                      "obs_keys": ["state", *(f"rgb_{c}" for c in images.get("cameras", [])), "task_id"]}
+                     | ({"instructions": instructions} if len(instructions) == out.n_episodes else {}))
     tmp.rename(path)
     buf = ReplayBuffer.open(path)
     return _store_info(buf, path, buf.n_episodes)
