@@ -44,6 +44,7 @@ class EncoderConfig:
 
     Vector keys (D,) -> one state token per obs step; image keys (H, W, 3) -> one token per camera per
     obs step; the ``lang_key`` (E,) -> one language token. State-only policies ignore every field here.
+    With ``vla_backbone`` set, the VLA encoder reads images, vectors and ``lang_tokens`` (L,) token ids.
     """
 
     image_backbone: str = "resnet18"  # resnet18 (GroupNorm, no pretrained weights) | small_cnn (fast)
@@ -53,6 +54,11 @@ class EncoderConfig:
     color_jitter: float = 0.0  # train-time brightness/contrast/saturation jitter strength; 0: off
     lang_key: str = "lang_emb"  # obs key of precomputed sentence embeddings (rtpolicy.policies.encoders.language)
     lang_dropout: float = 0.1  # train-time probability of replacing the language token by a learned null token
+    # VLA (rtpolicy.policies.encoders.vla): a pretrained transformer reads image, state and instruction tokens
+    vla_backbone: str = ""  # '': off (the encoders above); 'minilm': packaged all-MiniLM-L6-v2; or a local HF folder
+    vla_tuning: str = "lora"  # frozen (projections only) | lora (adapters on attention query/value) | full
+    lora_rank: int = 8  # rank of each LoRA adapter (vla_tuning=lora)
+    lang_tokens_len: int = 16  # token ids per instruction in obs["lang_tokens"] (tokenize_instructions max_len)
 
 
 @dataclass

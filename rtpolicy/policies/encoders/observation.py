@@ -4,10 +4,12 @@ Keys are told apart by their feature shape (and the language key by name):
     (D,)        vector key  -> StateEncoder: one token per obs step (all vector keys concatenated)
     (H, W, 3)   image key   -> ImageEncoder: one token per camera per obs step
     lang_key    (E,)        -> LanguageToken: one token from the newest step's embedding
+    lang_tokens (L,)        -> instruction token ids, read only by the VLA encoder (never normalized)
 A task id adds one learned token (row ``num_tasks``: the null task for classifier-free guidance).
 
 :func:`build_obs_encoder` returns a plain :class:`StateEncoder` when every key is a vector and there
-is no language key, so state-only policies keep their parameters, names and outputs.
+is no language key, so state-only policies keep their parameters, names and outputs, and the
+:class:`~rtpolicy.policies.encoders.vla.VLAEncoder` when ``cfg.vla_backbone`` is set.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from rtpolicy.policies.encoders.language import LanguageToken
 from rtpolicy.policies.encoders.state import StateEncoder
 
 DEFAULT_LANG_KEY = "lang_emb"
+TOKENS_KEY = "lang_tokens"  # (L,) long instruction token ids, 0 = pad: the VLA encoder's language input
 
 
 def is_image_shape(shape) -> bool:
@@ -29,13 +32,18 @@ def is_image_shape(shape) -> bool:
 
 
 def split_keys(shapes: dict[str, list[int]], lang_key: str = DEFAULT_LANG_KEY) -> tuple[list[str], list[str], str | None]:
-    """(vector keys, image keys, language key or None) of an obs spec; ValueError for any other shape."""
+    """(vector keys, image keys, language key or None) of an obs spec; ValueError for any other shape.
+
+    The language key is ``lang_key`` (embeddings) or :data:`TOKENS_KEY` (token ids); at most one of them.
+    """
     vector, image, lang = [], [], None
     for key in sorted(shapes):
         shape = list(shapes[key])
-        if key == lang_key:
+        if key in (lang_key, TOKENS_KEY):
             if len(shape) != 1:
-                raise ValueError(f"language key {key!r} must have shape (E,), got {shape}")
+                raise ValueError(f"language key {key!r} must have shape (E,) or (L,), got {shape}")
+            if lang is not None:
+                raise ValueError(f"obs keys {lang!r} and {key!r} are both language inputs; keep one")
             lang = key
         elif len(shape) == 1:
             vector.append(key)
@@ -121,11 +129,19 @@ class ObservationEncoder(nn.Module):
 
 
 def build_obs_encoder(shapes: dict[str, list[int]], obs_horizon: int, dim: int, num_tasks: int = 0, cfg: Any = None) -> nn.Module:
-    """The encoder for an obs spec: StateEncoder when it is vectors only (no language), else ObservationEncoder.
+    """The encoder for an obs spec: VLAEncoder when ``cfg.vla_backbone`` is set, StateEncoder when it is
+    vectors only (no language), else ObservationEncoder.
 
-    Both have ``n_tokens``, ``dim`` and ``forward(obs, task_id) -> (B, n_tokens, dim)``.
+    All three have ``n_tokens``, ``dim`` and ``forward(obs, task_id) -> (B, n_tokens, dim)``.
     """
+    if _opt(cfg, "vla_backbone", ""):
+        from rtpolicy.policies.encoders.vla import VLAEncoder  # transformers: imported only for VLA policies
+
+        return VLAEncoder(shapes, obs_horizon, dim, num_tasks, cfg)
     vector, image, lang = split_keys(shapes, _opt(cfg, "lang_key", DEFAULT_LANG_KEY))
+    if lang == TOKENS_KEY:
+        raise ValueError(f"obs[{TOKENS_KEY!r}] holds instruction token ids for a VLA encoder: set "
+                         f"policy.encoder.vla_backbone (e.g. 'minilm'), or give sentence embeddings as {DEFAULT_LANG_KEY!r}")
     if not image and lang is None:
         return StateEncoder(shapes, obs_horizon, dim, num_tasks)
     return ObservationEncoder(shapes, obs_horizon, dim, num_tasks, cfg)
