@@ -1,6 +1,6 @@
 """Per-chunk inference latency of every head and sampler setting, measured side by side in one run.
 
-    python benchmarks/latency.py --out benchmarks/latency.json [--denoisers unet1d transformer]
+    python benchmarks/latency.py --out benchmarks/latency.json [--denoisers unet1d transformer] [--vla]
                                  [--reps 30] [--lerobot-python /path/to/lerobot-venv/bin/python]
 
 Every head is built with the same denoiser config (the registry default) for Meta-World's state
@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lerobot-python", default=None, help="python of a venv with lerobot==0.3.2 installed")
     ap.add_argument("--lerobot-reps", type=int, default=10)
+    ap.add_argument("--vla", action="store_true", help="also time VLA policies (MiniLM backbone, 64x64 small-CNN camera, "
+                    "unet1d decoder) with the truncated and streaming heads (needs the lang extra)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -180,6 +182,19 @@ def main() -> None:
         meta[key] = {"nfe": 1, "unit": "forward", "params": meta[(den, "diffusion", "ddpm", 100)]["params"]}
         timers[key] = (lambda p=policy, x=x, t=t, c=cond: p.denoiser(x, t, c))
 
+    if args.vla:  # issue 7: the backbone as observation encoder, a fast head as the action decoder
+        from rtpolicy.policies.encoders.vla import TOKENS_KEY, build_report_policy, count_parameters, tokenize_instructions
+
+        ids = tokenize_instructions(["open the drawer"], "minilm", 16)
+        for head, tuning in (("truncated", "lora"), ("truncated", "frozen"), ("streaming", "lora")):
+            policy = build_report_policy(head, tuning)
+            vobs = {"rgb": torch.randint(0, 256, (1, policy.obs_horizon, 64, 64, 3), dtype=torch.uint8),
+                    "state": torch.randn(1, policy.obs_horizon, 9), TOKENS_KEY: ids}
+            total, trainable = count_parameters(policy)
+            key = ("vla", f"vla[{tuning}]+{head}", "anchored" if head == "truncated" else "stream", 1)
+            meta[key] = {"nfe": 1, "unit": "tick" if head == "streaming" else "chunk", "params": total, "trainable_params": trainable}
+            policy.reset()
+            timers[key] = (lambda p=policy, o=vobs: p.predict_chunk(o))
     with torch.inference_mode():
         for key, fn in timers.items():
             meta[key]["gflops"] = count_flops(fn) / 1e9
@@ -219,6 +234,10 @@ def main() -> None:
             if len(key) == 5:  # a cached setting: its knob and the speedup over the same head uncached
                 row |= {"cache_param": key[4], "speedup_vs_uncached": statistics.median(times[(den, "diffusion", "ddim", 10)]) / med}
             rows.append(row)
+        for key in [k for k in timers if k[0] == "vla" and den == args.denoisers[0]]:
+            med = statistics.median(times[key])
+            rows.append({"denoiser": "unet1d", "head": key[1], "sampler": key[2], "steps": key[3], **meta[key], "ms_median": med,
+                         "ms_p95": p95(times[key]), "ratio_vs_ddpm100": ddpm / med, "ratio_vs_floor": med / floor})
         if peer_times:
             med = statistics.median(peer_times)
             rows.append({"denoiser": "lerobot_unet", "head": "lerobot_diffusion", "sampler": peer.info["sampler"],
