@@ -35,6 +35,7 @@ class TaskConfig:
     tasks: list[str] = field(default_factory=list)  # a suite (e.g. MT10): member tasks; task_id = index, num_tasks = len
     task_id: int = 0  # this task's index among num_tasks (set per member when a suite is evaluated)
     chain_length: int = 0  # >0: a suite is evaluated on chains of this many subtasks (env task chain<N>, CALVIN protocol)
+    condition_on_task_id: bool = True  # False: a suite's policy gets no task token (e.g. conditioned on lang_emb instead)
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # extra env constructor arguments, e.g. {scene: B}
 
 

@@ -107,7 +107,8 @@ def train(cfg) -> dict[str, Any]:
 
     buffer = ensure_dataset(cfg.task)
     shapes = {k: list(buffer.shape(k)) for k in cfg.task.obs_keys} | {"action": list(buffer.shape(cfg.task.action_key))}
-    policy = build_policy(cfg.policy, cfg.denoiser, shapes, cfg.task.num_tasks)
+    num_tasks = cfg.task.num_tasks if cfg.task.condition_on_task_id else 0  # 0: the policy sees no task id
+    policy = build_policy(cfg.policy, cfg.denoiser, shapes, num_tasks)
     train_mask, val_mask = split_episodes(buffer.n_episodes, cfg.train.val_fraction, cfg.train.seed)
     ds_kw = dict(obs_keys=list(cfg.task.obs_keys), action_key=cfg.task.action_key, obs_horizon=policy.obs_horizon,
                  horizon=policy.data_horizon, action_horizon=policy.action_horizon)
@@ -143,7 +144,7 @@ def train(cfg) -> dict[str, Any]:
     def checkpoint(metrics=None):
         metrics = {"train_seconds": round(prior_s + time.perf_counter() - t0, 1)} | (metrics or {})
         return save_checkpoint(ckpt_path, ema=ema.model, model=policy, optimizer=optimizer, lr_scheduler=lr_sched,
-                               step=step, config=resolved, shapes=shapes, num_tasks=cfg.task.num_tasks, metrics=metrics)
+                               step=step, config=resolved, shapes=shapes, num_tasks=num_tasks, metrics=metrics)
 
     batches = _loop(loader)
     t0 = time.perf_counter()

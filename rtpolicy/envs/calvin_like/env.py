@@ -28,6 +28,8 @@ Observation dict:
   ``task_cfg.num_tasks > 0`` or in chain mode).
 * ``"instruction_id"``: np.int64 index into :data:`ALL_INSTRUCTIONS` of the current (sub)task's
   instruction (drawn per (sub)task from the reset seed); ``env.instruction`` is its text.
+* ``"lang_emb"``: (384,) float32 MiniLM embedding of that instruction, when ``task_cfg.obs_keys``
+  lists ``lang_emb`` (language-conditioned policies; needs the ``lang`` extra).
 * ``"rgb_static"`` / ``"rgb_gripper"``: (height, width, 3) uint8 for the names in ``cameras``.
 """
 
@@ -92,6 +94,19 @@ def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
+
+
+_LANG_TABLE: np.ndarray | None = None
+
+
+def instruction_embeddings() -> np.ndarray:
+    """(len(ALL_INSTRUCTIONS), 384) float32 MiniLM embeddings of every instruction, computed once per process."""
+    global _LANG_TABLE
+    if _LANG_TABLE is None:
+        from rtpolicy.policies.encoders.language import InstructionCache
+
+        _LANG_TABLE = InstructionCache()(list(ALL_INSTRUCTIONS)).float().numpy()
+    return _LANG_TABLE
 
 
 @ENVS.register("calvin_like")
@@ -199,6 +214,10 @@ class CalvinLikeEnv(gymnasium.Env):
         if self.num_tasks > 0 or self.chain_length:
             obs_spaces["task_id"] = spaces.Discrete(len(TASKS))
         obs_spaces["instruction_id"] = spaces.Discrete(len(ALL_INSTRUCTIONS))
+        # "lang_emb" in task_cfg.obs_keys: the current instruction's MiniLM sentence embedding (the lang extra)
+        self._lang = instruction_embeddings() if "lang_emb" in list(_get(task_cfg, "obs_keys", None) or []) else None
+        if self._lang is not None:
+            obs_spaces["lang_emb"] = spaces.Box(-1.0, 1.0, (self._lang.shape[1],), np.float32)
         for c in cams:
             obs_spaces[f"rgb_{c}"] = spaces.Box(0, 255, (self._height, self._width, 3), np.uint8)
         self.observation_space = spaces.Dict(obs_spaces)
@@ -478,6 +497,8 @@ class CalvinLikeEnv(gymnasium.Env):
         if self.num_tasks > 0 or self.chain_length:
             obs["task_id"] = np.int64(TASK_INDEX[self._chain[k]])
         obs["instruction_id"] = np.int64(self._instr[k])
+        if self._lang is not None:
+            obs["lang_emb"] = self._lang[self._instr[k]].copy()
         for c in self.cameras:
             obs[f"rgb_{c}"] = self._render_camera(c)
         return obs
