@@ -180,7 +180,7 @@ def test_observations_and_rendering():
     single = make("open_drawer")
     obs, _ = single.reset(seed=0)
     assert set(obs) == {"state", "instruction_id"}
-    multi = CalvinLikeEnv({"name": "open_drawer", "num_tasks": 3, "task_id": 1}, seed=0)
+    multi = CalvinLikeEnv({"name": "open_drawer", "num_tasks": len(TASKS), "task_id": TASKS.index("open_drawer")}, seed=0)
     assert multi.reset(seed=0)[0]["task_id"] == TASKS.index("open_drawer")
     # the light bulb and the LED change colour
     for seed in range(4):
