@@ -297,3 +297,15 @@ def test_render_frame():
     env.reset()
     frame = env.render()
     assert frame.shape == (48, 64, 3) and frame.dtype == np.uint8 and frame.std() > 5
+
+
+def test_envs_import_order_is_safe_under_osmesa():
+    """mujoco under OSMesa, then diffusers (-> torch._dynamo -> triton): segfaulted before envs.gl imported triton first."""
+    import subprocess
+    import sys
+
+    code = "import rtpolicy.envs, mujoco, diffusers; from rtpolicy.envs.gl import configure_gl; print(configure_gl())"
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "MUJOCO_GL": "osmesa"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("osmesa")  # a user's choice is kept
