@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import gymnasium
+import numpy as np
 
 from rtpolicy.envs.gl import configure_gl
 from rtpolicy.registry import Registry
@@ -24,6 +25,16 @@ ENVS: Registry[gymnasium.Env] = Registry("env family")
 
 # the fields of a TaskConfig that the environments read
 TASK_FIELDS = ("env", "name", "max_episode_steps", "num_tasks", "task_id", "obs_keys", "image_size")
+
+
+def check_action(action: Any, dim: int) -> np.ndarray:
+    """An env action -> (dim,) float64 clipped to [-1, 1]; ValueError for a wrong shape or a non-finite value."""
+    a = np.asarray(action, dtype=np.float64)
+    if a.shape != (dim,):
+        raise ValueError(f"action must have shape ({dim},), got {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"action has a non-finite value: {a}")
+    return np.clip(a, -1.0, 1.0)
 
 
 def task_fields(task_cfg: Any) -> dict[str, Any]:

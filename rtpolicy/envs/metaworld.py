@@ -24,7 +24,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from rtpolicy.envs import ENVS
+from rtpolicy.envs import ENVS, check_action
 
 
 STATE_DIM = 39
@@ -205,12 +205,7 @@ class MetaWorldEnv(gymnasium.Env):
             raise RuntimeError("call reset() before step()")
         if self._terminated or self._truncated:  # absorbing: no physics, same flags
             return self._copy_obs(), 0.0, self._terminated, self._truncated, dict(self._info)
-        a = np.asarray(action, dtype=np.float64)
-        if a.shape != (ACTION_DIM,):
-            raise ValueError(f"action must have shape ({ACTION_DIM},), got {a.shape}")
-        if not np.isfinite(a).all():
-            raise ValueError(f"action has a non-finite value: {a}")
-        raw, reward, _, _, info = self._env.step(np.clip(a, -1.0, 1.0))
+        raw, reward, _, _, info = self._env.step(check_action(action, ACTION_DIM))
         self._steps += 1
         success = bool(info["success"])
         self._terminated = success
