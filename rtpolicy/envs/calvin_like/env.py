@@ -35,6 +35,7 @@ Observation dict:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,7 +44,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from rtpolicy.envs import ENVS
+from rtpolicy.envs import ENVS, check_action
 from rtpolicy.envs.calvin_like import scene as S
 from rtpolicy.envs.calvin_like.chains import (
     InitSpec,
@@ -96,17 +97,12 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
-_LANG_TABLE: np.ndarray | None = None
-
-
+@functools.lru_cache(maxsize=1)
 def instruction_embeddings() -> np.ndarray:
     """(len(ALL_INSTRUCTIONS), 384) float32 MiniLM embeddings of every instruction, computed once per process."""
-    global _LANG_TABLE
-    if _LANG_TABLE is None:
-        from rtpolicy.policies.encoders.language import InstructionCache
+    from rtpolicy.policies.encoders.language import InstructionCache
 
-        _LANG_TABLE = InstructionCache()(list(ALL_INSTRUCTIONS)).float().numpy()
-    return _LANG_TABLE
+    return InstructionCache()(list(ALL_INSTRUCTIONS)).float().numpy()
 
 
 @ENVS.register("calvin_like")
@@ -296,13 +292,7 @@ class CalvinLikeEnv(gymnasium.Env):
             raise RuntimeError("call reset() before step()")
         if self._terminated or self._truncated:  # absorbing: no physics, same flags
             return self._copy_obs(), 0.0, self._terminated, self._truncated, dict(self._info)
-        a = np.asarray(action, dtype=np.float64)
-        if a.shape != (ACTION_DIM,):
-            raise ValueError(f"action must have shape ({ACTION_DIM},), got {a.shape}")
-        if not np.isfinite(a).all():
-            raise ValueError(f"action has a non-finite value: {a}")
-        a = np.clip(a, -1.0, 1.0)
-        self._apply_action(a)
+        self._apply_action(check_action(action, ACTION_DIM))
         self._mj.mj_step(self.model, self.data, nstep=FRAME_SKIP)
         self._update_lights()
         self._steps += 1
