@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -75,6 +75,15 @@ class SentenceEmbedder:
         return nn.functional.normalize(mean, dim=-1).float().cpu()
 
 
+def new_texts(texts: str | Sequence[str], seen: Collection[str]) -> tuple[list[str], list[str]]:
+    """-> (the instruction strings as a list, those not in ``seen`` in first-seen order); ValueError unless
+    ``texts`` is a string or a non-empty list of strings."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"need a non-empty list of instruction strings, got {texts!r:.200}")
+    return texts, list(dict.fromkeys(t for t in texts if t not in seen))
+
+
 class InstructionCache:
     """Embeddings per instruction string, computed once.
 
@@ -100,10 +109,7 @@ class InstructionCache:
         return text in self._table
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"need a non-empty list of instruction strings, got {texts!r:.200}")
-        new = list(dict.fromkeys(t for t in texts if t not in self._table))
+        texts, new = new_texts(texts, self._table)
         if new:
             emb = torch.as_tensor(self.embed(new)).float()
             if emb.ndim != 2 or emb.shape[0] != len(new):

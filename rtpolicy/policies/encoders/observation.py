@@ -59,6 +59,20 @@ def _opt(cfg: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def build_image_encoder(shapes: dict[str, list[int]], obs_horizon: int, dim: int, cfg: Any) -> nn.Module | None:
+    """The ImageEncoder of the image keys in ``shapes`` with the EncoderConfig's settings (None: no image keys)."""
+    if not shapes:
+        return None
+    from rtpolicy.policies.encoders.image import ImageEncoder  # torchvision: imported only for image policies
+
+    return ImageEncoder(
+        shapes, obs_horizon, dim,
+        backbone=_opt(cfg, "image_backbone", "resnet18"), shared=bool(_opt(cfg, "shared_backbone", True)),
+        num_keypoints=int(_opt(cfg, "num_keypoints", 32)), crop_fraction=float(_opt(cfg, "crop_fraction", 0.9)),
+        color_jitter=float(_opt(cfg, "color_jitter", 0.0)),
+    )
+
+
 class TaskToken(nn.Embedding):
     """task_id (B,) long in [-1, num_tasks) -> (B, 1, D); -1 selects the learned null task (last row)."""
 
@@ -94,16 +108,7 @@ class ObservationEncoder(nn.Module):
         if not vector and not image:
             raise ValueError(f"the policy needs at least one vector or image obs key besides language; got {sorted(shapes)}")
         self.state = StateEncoder({k: shapes[k] for k in vector}, obs_horizon, dim) if vector else None
-        self.images = None
-        if image:
-            from rtpolicy.policies.encoders.image import ImageEncoder  # torchvision: imported only for image policies
-
-            self.images = ImageEncoder(
-                {k: shapes[k] for k in image}, obs_horizon, dim,
-                backbone=_opt(cfg, "image_backbone", "resnet18"), shared=bool(_opt(cfg, "shared_backbone", True)),
-                num_keypoints=int(_opt(cfg, "num_keypoints", 32)), crop_fraction=float(_opt(cfg, "crop_fraction", 0.9)),
-                color_jitter=float(_opt(cfg, "color_jitter", 0.0)),
-            )
+        self.images = build_image_encoder({k: shapes[k] for k in image}, obs_horizon, dim, cfg)
         self.task = TaskToken(num_tasks, dim) if num_tasks > 0 else None
         self.lang = LanguageToken(int(shapes[lang][0]), dim, float(_opt(cfg, "lang_dropout", 0.1))) if lang else None
         self.vector_keys, self.image_keys = vector, image

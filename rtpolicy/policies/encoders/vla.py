@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rtpolicy.policies.encoders.observation import TOKENS_KEY, TaskToken, _opt, split_keys
+from rtpolicy.policies.encoders.language import new_texts
+from rtpolicy.policies.encoders.observation import TOKENS_KEY, TaskToken, _opt, build_image_encoder, split_keys
 from rtpolicy.policies.encoders.state import StateEncoder
 
 TUNINGS = ("frozen", "lora", "full")
@@ -89,10 +90,7 @@ class InstructionTokenizer:
         self._table: dict[str, torch.Tensor] = {}
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"need a non-empty list of instruction strings, got {texts!r:.200}")
-        new = list(dict.fromkeys(t for t in texts if t not in self._table))
+        texts, new = new_texts(texts, self._table)
         if new:
             if self._tokenizer is None:
                 from transformers import AutoTokenizer
@@ -182,16 +180,7 @@ class VLAEncoder(nn.Module):
             add_lora(backbone, int(_opt(cfg, "lora_rank", 8)))
         self.tuning = tuning
 
-        self.images = None
-        if image:
-            from rtpolicy.policies.encoders.image import ImageEncoder
-
-            self.images = ImageEncoder(
-                {k: shapes[k] for k in image}, obs_horizon, width,
-                backbone=_opt(cfg, "image_backbone", "resnet18"), shared=bool(_opt(cfg, "shared_backbone", True)),
-                num_keypoints=int(_opt(cfg, "num_keypoints", 32)), crop_fraction=float(_opt(cfg, "crop_fraction", 0.9)),
-                color_jitter=float(_opt(cfg, "color_jitter", 0.0)),
-            )
+        self.images = build_image_encoder({k: shapes[k] for k in image}, obs_horizon, width, cfg)
         self.state = StateEncoder({k: shapes[k] for k in vector}, obs_horizon, width) if vector else None
         self.task = TaskToken(num_tasks, width) if num_tasks > 0 else None
         self.vector_keys, self.image_keys, self.lang_key = vector, image, lang
