@@ -38,6 +38,7 @@ from rtpolicy.policies.accelerators.cache import calibrate  # noqa: E402
 from rtpolicy.policies.denoisers.mode import cache_policy_experts  # noqa: E402
 from rtpolicy.policies.base import POLICIES  # noqa: E402
 from rtpolicy.policies.denoisers.base import DENOISERS  # noqa: E402
+from rtpolicy.policies.head import denoiser_calls  # noqa: E402
 
 SHAPES = {"state": [39], "action": [4]}
 # (head, overrides): every sampler setting the heads offer at the step counts people use.
@@ -84,13 +85,11 @@ def count_flops(fn) -> int:
 
 
 def count_nfe(policy, obs) -> int:
-    """Denoiser calls of one steady-state call (after streaming's warm start)."""
+    """Denoiser calls of one steady-state call (after streaming's warm start). Leaves the policy warmed
+    up (streaming's buffer filled), so the FLOP count taken next measures a steady-state call too."""
+    n = len(denoiser_calls(policy, obs, steady=True))
     policy.predict_chunk(obs)
-    calls = []
-    hook = policy.denoiser.register_forward_hook(lambda *a: calls.append(1))
-    policy.predict_chunk(obs)
-    hook.remove()
-    return len(calls)
+    return n
 
 
 class Peer:

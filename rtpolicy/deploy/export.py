@@ -128,18 +128,12 @@ def export_bundle(
 
 def _denoiser_inputs(policy) -> tuple[torch.Tensor, ...]:
     """The (x, t, cond) of the denoiser's first call in a batch-1 ``predict_chunk`` on a zero observation."""
-    captured: list[tuple] = []
-    hook = policy.denoiser.register_forward_pre_hook(lambda _m, args: captured.append(tuple(a.detach() for a in args)))
+    from rtpolicy.policies.head import denoiser_calls
+
     obs = {k: torch.zeros(1, policy.obs_horizon, *v) for k, v in policy.obs_shapes.items()}
     if getattr(policy, "num_tasks", 0):
         obs["task_id"] = torch.zeros(1, dtype=torch.long)
-    try:
-        policy.reset()
-        with torch.no_grad():
-            policy.predict_chunk(obs)
-    finally:
-        hook.remove()
-        policy.reset()
+    captured = denoiser_calls(policy, obs)
     if not captured:
         raise BundleError("predict_chunk never called the denoiser; nothing to export")
     return captured[0]

@@ -33,6 +33,28 @@ def validate_horizons(cfg) -> None:
         )
 
 
+def denoiser_calls(policy, obs: dict[str, torch.Tensor], steady: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """The arguments (x, t, cond) of every denoiser call in one ``predict_chunk(obs)`` right after ``reset()``.
+
+    ``steady``: record the second call instead (a streaming tick without the warm start of the first).
+    The policy is reset again afterwards.
+    """
+    calls: list[tuple[torch.Tensor, ...]] = []
+    policy.reset()
+    try:
+        with torch.no_grad():
+            if steady:
+                policy.predict_chunk(obs)
+            hook = policy.denoiser.register_forward_pre_hook(lambda _m, args: calls.append(tuple(a.detach() for a in args)))
+            try:
+                policy.predict_chunk(obs)
+            finally:
+                hook.remove()
+    finally:
+        policy.reset()
+    return calls
+
+
 class DenoisingHead(Policy):
     """cfg needs obs_horizon, horizon, action_horizon, normalizer ('minmax'|'meanstd'), cond_dim."""
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtpolicy.policies.denoisers.transformer import DiTDenoiser, modulate, per_token
+from rtpolicy.policies.head import denoiser_calls
 
 MODES = ("bac", "uniform", "taylor")
 
@@ -206,13 +207,7 @@ def calibrate(policy, obs: dict[str, torch.Tensor], mode: str = "bac", budget: i
     """
     inner = policy.denoiser.inner if isinstance(policy.denoiser, CachedDiT) else policy.denoiser
     policy.denoiser = inner
-    calls = []
-    policy.reset()
-    policy.predict_chunk(obs)
-    hook = inner.register_forward_hook(lambda *a: calls.append(1))
-    policy.predict_chunk(obs)
-    hook.remove()
-    k, units = len(calls), 2 * len(inner.blocks)
+    k, units = len(denoiser_calls(policy, obs, steady=True)), 2 * len(inner.blocks)
     if mode == "bac":
         probe = CachedDiT(inner, torch.ones(units, k, dtype=torch.bool), "bac")
         policy.denoiser = probe

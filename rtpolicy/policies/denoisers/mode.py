@@ -188,12 +188,8 @@ def cache_policy_experts(policy, obs: dict[str, torch.Tensor]) -> int:
     den = policy.denoiser
     if not isinstance(den, MoDEDenoiser):
         raise TypeError(f"expert caching needs the mode denoiser, got {type(den).__name__}")
-    seen: list[float] = []
-    hook = den.register_forward_pre_hook(lambda m, args: seen.extend(args[1].flatten().tolist()))
+    from rtpolicy.policies.head import denoiser_calls
+
     den.fused = {}
-    policy.reset()
-    policy.predict_chunk(obs)
-    hook.remove()
-    den.cache_experts(seen)
-    policy.reset()
+    den.cache_experts([level for _x, t, _cond in denoiser_calls(policy, obs) for level in t.flatten().tolist()])
     return len(den.fused)
