@@ -53,6 +53,12 @@ class EncoderConfig:
     num_keypoints: int = 32  # spatial-softmax keypoints per camera (2 coordinates each)
     crop_fraction: float = 0.9  # side of the crop / side of the frame: random crop in train(), centre crop in eval()
     color_jitter: float = 0.0  # train-time brightness/contrast/saturation jitter strength; 0: off
+    # a pretrained image encoder: the safetensors file of an rtpolicy checkpoint (its image encoder) or of
+    # an image encoder's own state dict; '': random init
+    image_weights: str = ""
+    # True: the backbone and keypoints are not trained (centre crop, no augmentation), so training encodes
+    # every stored frame once and reads those cached keypoints instead of decoding frames
+    freeze_image: bool = False
     lang_key: str = "lang_emb"  # obs key of precomputed sentence embeddings (rtpolicy.policies.encoders.language)
     lang_dropout: float = 0.1  # train-time probability of replacing the language token by a learned null token
     # VLA (rtpolicy.policies.encoders.vla): a pretrained transformer reads image, state and instruction tokens

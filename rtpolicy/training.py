@@ -72,6 +72,21 @@ def ensure_dataset(task_cfg) -> ReplayBuffer:
     return ReplayBuffer.open(path)
 
 
+def cached_keypoints(policy, buffer: ReplayBuffer, device: torch.device) -> dict[str, np.ndarray]:
+    """The keypoints of every stored frame for a policy with a frozen image encoder ({} otherwise):
+    training then reads (T, 2K) floats instead of decoding (T, H, W, 3) frames and running the backbone."""
+    if not getattr(policy, "keypoint_shapes", None):
+        return {}
+    from rtpolicy.policies.encoders.image import cache_keypoints, find_image_encoder
+
+    t0 = time.perf_counter()
+    encoder = find_image_encoder(policy).to(device)
+    feats = cache_keypoints(encoder, {k: buffer[k] for k in policy.keypoint_shapes}, device=device)
+    print(f"[rtpolicy] frozen image encoder: cached keypoints of {buffer.n_steps} steps x {len(feats)} cameras "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return feats
+
+
 def _loop(loader: DataLoader):
     while True:
         yield from loader
@@ -111,7 +126,8 @@ def train(cfg) -> dict[str, Any]:
     policy = build_policy(cfg.policy, cfg.denoiser, shapes, num_tasks)
     train_mask, val_mask = split_episodes(buffer.n_episodes, cfg.train.val_fraction, cfg.train.seed)
     ds_kw = dict(obs_keys=list(cfg.task.obs_keys), action_key=cfg.task.action_key, obs_horizon=policy.obs_horizon,
-                 horizon=policy.data_horizon, action_horizon=policy.action_horizon)
+                 horizon=policy.data_horizon, action_horizon=policy.action_horizon,
+                 arrays=cached_keypoints(policy, buffer, device))
     train_ds = SequenceDataset(buffer, episode_mask=train_mask, **ds_kw)
     loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.train.batch_size,
                         num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)

@@ -73,12 +73,12 @@ def test_dataset_reads_only_image_windows(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- policies
-def image_policy(head="diffusion", backbone="resnet18", shared=True, cameras=("rgb_corner",), size=S):
+def image_policy(head="diffusion", backbone="resnet18", shared=True, cameras=("rgb_corner",), size=S, **encoder):
     base = {"horizon": 8, "obs_horizon": 2, "cond_dim": 16, "action_horizon": 4}
     base |= {"diffusion": {"num_inference_steps": 2}, "edm": {"num_inference_steps": 2},
              "truncated": {"num_anchors": 4, "num_inference_steps": 1},
              "streaming": {"action_horizon": 1, "warmup_steps": 2}}[head]
-    enc = {"image_backbone": backbone, "shared_backbone": shared, "num_keypoints": 4, "crop_fraction": 0.875}
+    enc = {"image_backbone": backbone, "shared_backbone": shared, "num_keypoints": 4, "crop_fraction": 0.875} | encoder
     pol = OmegaConf.merge(OmegaConf.structured(with_encoder(POLICIES.get(head).config)), base, {"encoder": enc})
     den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("unet1d").config), {"down_dims": [16, 32]})
     shapes = {"state": [5], **{c: [size, size, 3] for c in cameras}, "action": [3]}
@@ -128,6 +128,50 @@ def test_every_head_takes_images(head):
     assert policy.predict_chunk(image_obs(2, ("rgb_a", "rgb_b"))).shape == (2, policy.action_horizon, 3)
 
 
+def test_frozen_image_encoder_trains_on_cached_keypoints(tmp_path):
+    from rtpolicy.checkpoint import save_checkpoint
+    from rtpolicy.policies.encoders.image import cache_keypoints
+    from rtpolicy.training import cached_keypoints
+
+    torch.manual_seed(0)
+    trained = image_policy(backbone="small_cnn")
+    save_checkpoint(tmp_path / "pre.safetensors", ema=trained, model=trained, optimizer=None, lr_scheduler=None, step=0,
+                    config={}, shapes={}, num_tasks=0, metrics={})
+    policy = image_policy(backbone="small_cnn", freeze_image=True, image_weights=str(tmp_path / "pre.safetensors"))
+    enc = policy.encoder.images
+    for a, b in zip(enc.backbones.parameters(), trained.encoder.images.backbones.parameters()):
+        assert torch.equal(a, b), "image_weights initialises the backbone from the checkpoint"
+    assert not any(p.requires_grad for p in enc.backbones.parameters())
+    assert all(p.requires_grad for p in enc.heads[0][1].parameters()), "the projection still trains"
+    # a store's frames -> cached keypoints that the dataset serves in place of frames
+    buf = ReplayBuffer.create(tmp_path / "img.zarr")
+    for i, n in enumerate((7, 12)):
+        buf.add_episode(episode(n, i))
+    feats = cached_keypoints(policy, buf, torch.device("cpu"))
+    assert feats["rgb_corner"].shape == (19, enc.keypoint_dim)
+    ds = SequenceDataset(buf, ["state", "rgb_corner"], "action", obs_horizon=2, horizon=8, action_horizon=4, arrays=feats)
+    assert ds.image_keys == []
+    batch = next(iter(DataLoader(ds, batch_size=5)))
+    frames = next(iter(DataLoader(SequenceDataset(buf, ["state", "rgb_corner"], "action", obs_horizon=2, horizon=8,
+                                                  action_horizon=4), batch_size=5)))
+    assert batch["obs"]["rgb_corner"].shape == (5, 2, enc.keypoint_dim)
+    policy.train()  # a frozen encoder does not augment, even in train(): cached == computed from frames
+    torch.testing.assert_close(policy.encode(batch["obs"]), policy.encode(frames["obs"]))
+    before = [p.clone() for p in enc.backbones.parameters()]
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    loss, _ = policy.compute_loss(batch)
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, enc.backbones.parameters()))
+    assert policy.eval().predict_chunk(image_obs(2)).shape == (2, policy.action_horizon, 3)  # frames at inference
+    with pytest.raises(ValueError, match="needs a frozen image encoder"):
+        cache_keypoints(trained.encoder.images, {"rgb_corner": buf["rgb_corner"]})
+    with pytest.raises(ValueError, match="no image encoder weights"):
+        image_policy(backbone="resnet18", size=SR, freeze_image=True, image_weights=str(tmp_path / "pre.safetensors"))
+    with pytest.raises(ValueError, match="one row per stored step"):
+        SequenceDataset(buf, ["state", "rgb_corner"], "action", 2, 8, 4, arrays={"rgb_corner": feats["rgb_corner"][:5]})
+
+
 def test_language_policy_takes_embeddings():
     base = {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16, "num_inference_steps": 2}
     pol = OmegaConf.merge(OmegaConf.structured(with_encoder(POLICIES.get("diffusion").config)), base)
@@ -169,6 +213,22 @@ def test_metaworld_camera_observations():
         env.close()
     with pytest.raises(ValueError, match="'rgb_nope' names no Meta-World camera"):
         MetaWorldEnv(cfg | {"obs_keys": ["state", "rgb_nope"]}, seed=0)
+
+
+def test_metaworld_proprio_is_the_robot_state_only():
+    from rtpolicy.envs.metaworld import PROPRIO_DIM, MetaWorldEnv
+
+    env = MetaWorldEnv({"name": "pick-place-v3", "obs_keys": ["proprio", "rgb_corner"], "image_size": 16}, seed=0)
+    try:
+        obs, _ = env.reset(seed=0)
+        assert obs["proprio"].shape == (PROPRIO_DIM,) and env.observation_space["proprio"].contains(obs["proprio"])
+        np.testing.assert_array_equal(obs["proprio"], obs["state"][:PROPRIO_DIM])  # hand xyz, gripper
+        obs2, _ = env.reset(seed=1)  # another layout moves the puck and goal, not the robot's start
+        assert not np.allclose(obs["state"][4:7], obs2["state"][4:7])
+        np.testing.assert_allclose(obs["proprio"][:3], obs2["proprio"][:3], atol=0.02)
+    finally:
+        env.close()
+    assert "proprio" not in MetaWorldEnv({"name": "reach-v3"}, seed=0).reset(seed=0)[0]
 
 
 def test_collect_stores_camera_frames(tmp_path):

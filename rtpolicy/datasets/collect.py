@@ -142,7 +142,8 @@ def _collect(env, fields, images, path, episodes, seed, action_noise, steps_limi
             "next_seed": seed,
             "action_noise": action_noise,
             "max_episode_steps": steps_limit,
-            "obs_keys": ["state"] + image_keys + (["task_id"] if fields["num_tasks"] > 0 else []),
+            "obs_keys": ["state"] + [k for k in env.observation_space.spaces if k not in ("state", "task_id")]
+            + (["task_id"] if fields["num_tasks"] > 0 else []),
             "action_key": "action",
             "seeds": [],
             "failed_seeds": [],
@@ -209,10 +210,7 @@ def collect_suite(task_cfg: Any, path: str | Path, episodes: int, seed: int, act
         raise ValueError(f"{path} exists but is not a complete suite store of {names} with {episodes} episodes each; "
                          "move it away or choose another task.dataset")
     parts = path.with_name(path.name + ".parts")
-    images = image_kwargs(task_cfg)
-    sources = [collect_demos(m | ({"obs_keys": [f"rgb_{c}" for c in images["cameras"]], "image_size": images["image_size"]}
-                                  if images else {}), parts / f"{m['name']}.zarr", episodes, seed, action_noise, progress)
-               for m in members]
+    sources = [collect_demos(m, parts / f"{m['name']}.zarr", episodes, seed, action_noise, progress) for m in members]
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     out = ReplayBuffer.create(tmp)
@@ -225,7 +223,7 @@ def collect_suite(task_cfg: Any, path: str | Path, episodes: int, seed: int, act
     out.attrs.update({"collector": "rtpolicy.collect_suite", "env": members[0]["env"], "task": task_fields(task_cfg)["name"],
                       "tasks": names, "num_tasks": len(names), "episodes_per_task": episodes, "seed": seed,
                       "action_noise": float(action_noise), "action_key": "action",
-                      "obs_keys": ["state", *(f"rgb_{c}" for c in images.get("cameras", [])), "task_id"]}
+                      "obs_keys": list(dict.fromkeys([*sources[0]["obs_keys"], "task_id"]))}
                      | ({"instructions": instructions} if len(instructions) == out.n_episodes else {}))
     tmp.rename(path)
     buf = ReplayBuffer.open(path)

@@ -100,14 +100,23 @@ def is_image_key(buffer: ReplayBuffer, key: str) -> bool:
     return len(shape) == 3 and shape[2] == 3 and buffer[key].dtype == np.uint8
 
 
+def _obs_tensor(x: np.ndarray, image: bool) -> torch.Tensor:
+    """Frames stay uint8, integer keys (e.g. lang_tokens ids) become long, the rest float32."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t if image else t.long() if x.dtype.kind in "iu" else t.float()
+
+
 class SequenceDataset(Dataset):
     """Training windows from a replay buffer.
 
-    Item: {"obs": {key: float32 (To, *shape)}, "action": float32 (H, Da)} plus, if the store has a
+    Item: {"obs": {key: float32 (To, *shape), or long for integer keys such as lang_tokens},
+    "action": float32 (H, Da)} plus, if the store has a
     per-step ``task_id`` key, "task_id": long scalar taken at the window's current step (index To - 1).
     Image keys (feature shape (H, W, 3)) stay uint8 (To, H, W, 3) and are read from the store per item
     (only the chunks holding the window's frames are decoded); every other key is loaded into memory.
     Obs steps are t-To+1 .. t and action steps t-To+1 .. t-To+H, as in ``rtpolicy.policies.head``.
+    ``arrays``: in-memory per-step arrays (n_steps, ...) served in place of stored obs keys, e.g. the
+    cached keypoints of a frozen image encoder (rtpolicy.policies.encoders.image.cache_keypoints).
     """
 
     def __init__(
@@ -119,6 +128,7 @@ class SequenceDataset(Dataset):
         horizon: int,
         action_horizon: int,
         episode_mask: np.ndarray | None = None,
+        arrays: dict[str, np.ndarray] | None = None,
     ):
         if obs_horizon < 1 or horizon < obs_horizon:
             raise ValueError(f"need 1 <= obs_horizon <= horizon, got obs_horizon={obs_horizon} horizon={horizon}")
@@ -138,9 +148,15 @@ class SequenceDataset(Dataset):
             raise ValueError(f"task_id must be one integer per step, got shape {buffer.shape('task_id')} dtype {buffer['task_id'].dtype}")
         keys = list(dict.fromkeys([*obs_keys, action_key] + ["task_id"] * self.has_task))
         self.obs_keys, self.action_key, self.obs_horizon = list(obs_keys), action_key, obs_horizon
-        self.image_keys = [k for k in obs_keys if is_image_key(buffer, k)]
+        arrays = dict(arrays or {})
+        for key, arr in arrays.items():
+            if key not in obs_keys or len(arr) != buffer.n_steps:
+                raise ValueError(f"arrays[{key!r}] must stand in for an obs key with one row per stored step "
+                                 f"({buffer.n_steps}); got {len(arr)} rows for obs keys {obs_keys}")
+        self.image_keys = [k for k in obs_keys if k not in arrays and is_image_key(buffer, k)]
         key_horizon = {k: obs_horizon for k in keys if k != action_key}
-        data = buffer.load([k for k in keys if k not in self.image_keys]) | {k: buffer[k] for k in self.image_keys}
+        data = (buffer.load([k for k in keys if k not in self.image_keys and k not in arrays])
+                | {k: buffer[k] for k in self.image_keys} | arrays)
         self.sampler = SequenceSampler(
             data, buffer.episode_ends, horizon, pad_before=obs_horizon - 1, pad_after=action_horizon - 1,
             episode_mask=episode_mask, key_horizon=key_horizon,
@@ -160,8 +176,7 @@ class SequenceDataset(Dataset):
         w = self.sampler.sample(idx)
         To = self.obs_horizon
         item = {
-            "obs": {k: torch.from_numpy(w[k][:To]) if k in self.image_keys else torch.from_numpy(w[k][:To]).float()
-                    for k in self.obs_keys},
+            "obs": {k: _obs_tensor(w[k][:To], k in self.image_keys) for k in self.obs_keys},
             "action": torch.from_numpy(w[self.action_key]).float(),
         }
         if self.has_task:

@@ -1,7 +1,9 @@
 """Meta-World (V3, goal-observable) tasks as gymnasium envs with seeded layouts and absorbing ends.
 
 Observations: ``{"state": (39,) float32}`` (hand xyz + gripper, object poses, their previous-step copy,
-goal xyz), plus ``{"task_id": int}`` when ``task_cfg.num_tasks > 0``, plus ``{"rgb_<camera>": (S, S, 3)
+goal xyz), plus ``{"task_id": int}`` when ``task_cfg.num_tasks > 0``, plus ``{"proprio": (4,) float32}`` (hand
+xyz and gripper opening: the robot's own state, no object or goal) when ``"proprio"`` is in
+``task_cfg.obs_keys`` (the state key of image-only policies), plus ``{"rgb_<camera>": (S, S, 3)
 uint8}`` for every ``rgb_<camera>`` key in ``task_cfg.obs_keys`` (S = ``task_cfg.image_size``), rendered
 offscreen from that MuJoCo camera (see :data:`CAMERAS`; frames of cameras mounted upside down, such as
 ``corner``, are turned upright). Actions: (4,) in [-1, 1]
@@ -28,6 +30,7 @@ from rtpolicy.envs import ENVS, check_action
 
 
 STATE_DIM = 39
+PROPRIO_DIM = 4  # state[:4]: hand xyz, gripper opening
 ACTION_DIM = 4
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 IMAGE_PREFIX = "rgb_"
@@ -110,7 +113,8 @@ class MetaWorldEnv(gymnasium.Env):
         "action_high": [1.0, 1.0, 1.0, 1.0],
         "delta_dims": [0, 1, 2],
         "control_rate_hz": 80.0,
-        "obs_names": {"state": "hand xyz, gripper opening, object 1 pose (7), object 2 pose (7), previous 18, goal xyz"},
+        "obs_names": {"state": "hand xyz, gripper opening, object 1 pose (7), object 2 pose (7), previous 18, goal xyz",
+                      "proprio": "hand xyz, gripper opening"},
     }
 
     def __init__(
@@ -158,6 +162,9 @@ class MetaWorldEnv(gymnasium.Env):
         obs_spaces: dict[str, spaces.Space] = {"state": spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)}
         if self.num_tasks > 0:
             obs_spaces["task_id"] = spaces.Discrete(self.num_tasks)
+        self.proprio = "proprio" in list(get("obs_keys", None) or [])
+        if self.proprio:
+            obs_spaces["proprio"] = spaces.Box(-np.inf, np.inf, (PROPRIO_DIM,), np.float32)
         if cameras is None:
             cameras = [k[len(IMAGE_PREFIX) :] for k in camera_keys(get("obs_keys", None))]
         self.cameras = [k[len(IMAGE_PREFIX) :] for k in camera_keys([IMAGE_PREFIX + str(c) for c in cameras])]
@@ -267,6 +274,8 @@ class MetaWorldEnv(gymnasium.Env):
         obs: dict[str, Any] = {"state": np.asarray(raw, dtype=np.float32)}
         if self.num_tasks > 0:
             obs["task_id"] = np.int64(self.task_id)
+        if self.proprio:
+            obs["proprio"] = obs["state"][:PROPRIO_DIM].copy()
         for cam in self.cameras:
             obs[IMAGE_PREFIX + cam] = self._camera_frame(cam)
         return obs

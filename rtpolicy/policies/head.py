@@ -78,6 +78,13 @@ class DenoisingHead(Policy):
         self.denoiser = DENOISERS.build(
             denoiser_cfg.name, denoiser_cfg, self.action_dim, cfg.horizon, cfg.cond_dim, self.encoder.n_tokens
         )
+        # a frozen image encoder also takes its cached keypoints (B, To, 2K) in place of a camera's frames
+        self.keypoint_shapes: dict[str, list[int]] = {}
+        if getattr(enc_cfg, "freeze_image", False):
+            from rtpolicy.policies.encoders.image import find_image_encoder
+
+            images = find_image_encoder(self.encoder)
+            self.keypoint_shapes = {k: [images.keypoint_dim] for k in images.keys} if images is not None else {}
 
     def reset(self) -> None:
         """Stateless between chunks: nothing to reset."""
@@ -85,13 +92,15 @@ class DenoisingHead(Policy):
     def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Raw obs -> condition tokens (B, N, Dc); validates keys, shapes and finiteness.
 
-        Vector keys are normalized here; image keys (B, To, H, W, 3) uint8 go to the encoder as they are;
-        a language embedding may come as (B, E) instead of (B, To, E).
+        Vector keys are normalized here; image keys (B, To, H, W, 3) uint8 (or, for a frozen image
+        encoder, their cached keypoints (B, To, 2K)) go to the encoder as they are; a language embedding
+        may come as (B, E) instead of (B, To, E).
         """
         lang = obs.get(self.lang_key) if self.lang_key is not None else None
         if lang is not None and lang.ndim == 2:
             obs = obs | {self.lang_key: lang[:, None].expand(-1, self.obs_horizon, -1)}
-        check_obs(obs, self.obs_shapes, self.obs_horizon)
+        shapes = self.obs_shapes | {k: v for k, v in self.keypoint_shapes.items() if k in obs and obs[k].ndim == 3}
+        check_obs(obs, shapes, self.obs_horizon)
         x = {k: self.normalizer.normalize(k, obs[k].float()) if k in self.norm_keys else obs[k] for k in self.obs_shapes}
         return self.encoder(x, obs.get("task_id"))
 

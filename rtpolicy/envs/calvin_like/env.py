@@ -30,7 +30,11 @@ Observation dict:
   instruction (drawn per (sub)task from the reset seed); ``env.instruction`` is its text.
 * ``"lang_emb"``: (384,) float32 MiniLM embedding of that instruction, when ``task_cfg.obs_keys``
   lists ``lang_emb`` (language-conditioned policies; needs the ``lang`` extra).
-* ``"rgb_static"`` / ``"rgb_gripper"``: (height, width, 3) uint8 for the names in ``cameras``.
+* ``"lang_tokens"``: (L,) int64 token ids of that instruction for a VLA policy (0 = pad; the tokenizer
+  of ``lang_backbone``, L = ``lang_tokens_len``; the defaults match ``policy.encoder.vla_backbone=minilm``),
+  when ``task_cfg.obs_keys`` lists ``lang_tokens``.
+* ``"rgb_static"`` / ``"rgb_gripper"``: (S, S, 3) uint8 frames, S = ``image_size``, for the cameras
+  named by ``cameras`` or, without it, by the ``rgb_<camera>`` keys of ``task_cfg.obs_keys``.
 """
 
 from __future__ import annotations
@@ -98,6 +102,14 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 
 @functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=4)
+def instruction_tokens(backbone: str = "minilm", max_len: int = 16) -> np.ndarray:
+    """(len(ALL_INSTRUCTIONS), max_len) int64 token ids of every instruction (0 = pad), computed once per process."""
+    from rtpolicy.policies.encoders.vla import tokenize_instructions
+
+    return tokenize_instructions(list(ALL_INSTRUCTIONS), backbone, max_len).numpy()
+
+
 def instruction_embeddings() -> np.ndarray:
     """(len(ALL_INSTRUCTIONS), 384) float32 MiniLM embeddings of every instruction, computed once per process."""
     from rtpolicy.policies.encoders.language import InstructionCache
@@ -116,9 +128,12 @@ class CalvinLikeEnv(gymnasium.Env):
         render: enable ``render()`` (static camera, (height, width, 3) uint8).
         max_episode_steps: overrides ``task_cfg.max_episode_steps`` (single task); in chain mode it
             sets ``subtask_steps = max_episode_steps // N`` unless ``subtask_steps`` is given.
-        width, height: rendered image size.
+        width, height: ``render()`` size.
         scene: layout, one of "A", "B", "C", "D".
-        cameras: cameras rendered into the observation ("static", "gripper").
+        cameras: cameras rendered into the observation ("static", "gripper"); None: the ``rgb_<camera>``
+            keys of ``task_cfg.obs_keys``.
+        image_size: side of the observed frames; None: ``task_cfg.image_size`` (default 84).
+        lang_backbone, lang_tokens_len: tokenizer (name or local HF folder) and length of ``lang_tokens``.
         subtask_steps: chain mode step budget per subtask (default 150).
     """
 
@@ -143,8 +158,11 @@ class CalvinLikeEnv(gymnasium.Env):
         width: int = 128,
         height: int = 128,
         scene: str = "A",
-        cameras: tuple[str, ...] | list[str] = (),
+        cameras: tuple[str, ...] | list[str] | None = None,
         subtask_steps: int | None = None,
+        image_size: int | None = None,
+        lang_backbone: str = "minilm",
+        lang_tokens_len: int = 16,
         **_: Any,
     ):
         super().__init__()
@@ -193,7 +211,11 @@ class CalvinLikeEnv(gymnasium.Env):
             seed = int(np.random.SeedSequence().generate_state(1)[0])
         self._next_seed_rng = np.random.default_rng(seed)
         self._width, self._height = _check_int("width", width, 1), _check_int("height", height, 1)
-        cams = tuple(cameras or ())
+        obs_keys = [str(k) for k in (_get(task_cfg, "obs_keys", None) or [])]
+        if cameras is None:
+            cameras = [k[len("rgb_"):] for k in obs_keys if k.startswith("rgb_")]
+        cams = tuple(cameras)
+        self.image_size = _check_int("image_size", image_size or _get(task_cfg, "image_size", None) or 84, 1)
         bad = [c for c in cams if c not in CAMERAS]
         if bad:
             raise ValueError(f"unknown camera(s) {bad}; available: {', '.join(CAMERAS)}")
@@ -211,16 +233,21 @@ class CalvinLikeEnv(gymnasium.Env):
             obs_spaces["task_id"] = spaces.Discrete(len(TASKS))
         obs_spaces["instruction_id"] = spaces.Discrete(len(ALL_INSTRUCTIONS))
         # "lang_emb" in task_cfg.obs_keys: the current instruction's MiniLM sentence embedding (the lang extra)
-        self._lang = instruction_embeddings() if "lang_emb" in list(_get(task_cfg, "obs_keys", None) or []) else None
+        self._lang = instruction_embeddings() if "lang_emb" in obs_keys else None
         if self._lang is not None:
             obs_spaces["lang_emb"] = spaces.Box(-1.0, 1.0, (self._lang.shape[1],), np.float32)
+        # "lang_tokens": the instruction's token ids, the input of a VLA policy's backbone
+        self._tokens = None
+        if "lang_tokens" in obs_keys:
+            self._tokens = instruction_tokens(str(lang_backbone), _check_int("lang_tokens_len", lang_tokens_len, 2))
+            obs_spaces["lang_tokens"] = spaces.Box(0, np.iinfo(np.int64).max, (self._tokens.shape[1],), np.int64)
         for c in cams:
-            obs_spaces[f"rgb_{c}"] = spaces.Box(0, 255, (self._height, self._width, 3), np.uint8)
+            obs_spaces[f"rgb_{c}"] = spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
         self.observation_space = spaces.Dict(obs_spaces)
         self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
 
         self.render_mode = "rgb_array" if render else None
-        self._renderer = None  # mujoco.Renderer, built on the first rendered frame
+        self._renderers: dict[tuple[int, int], Any] = {}  # (height, width) -> mujoco.Renderer, built on first use
         self.record_frames = False
         self._frames: list[np.ndarray] = []
 
@@ -321,12 +348,12 @@ class CalvinLikeEnv(gymnasium.Env):
         """The static camera frame (height, width, 3) uint8 (needs ``render=True``)."""
         if self.render_mode is None:
             raise RuntimeError("this env was built with render=False; build it with render=True to render")
-        return self._render_camera("static")
+        return self._render_camera("static", (self._height, self._width))
 
     def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        for renderer in self._renderers.values():
+            renderer.close()
+        self._renderers = {}
 
     # ------------------------------------------------------------------ extras
     @property
@@ -371,7 +398,7 @@ class CalvinLikeEnv(gymnasium.Env):
         """(height, width, 3) uint8 frame of camera "static" or "gripper"."""
         if camera not in CAMERAS:
             raise ValueError(f"unknown camera {camera!r}; available: {', '.join(CAMERAS)}")
-        return self._render_camera(camera)
+        return self._render_camera(camera, (self._height, self._width))
 
     def symbolic_state(self):
         """The symbolic state of the current scene (see :class:`tasks.SymState`)."""
@@ -489,8 +516,10 @@ class CalvinLikeEnv(gymnasium.Env):
         obs["instruction_id"] = np.int64(self._instr[k])
         if self._lang is not None:
             obs["lang_emb"] = self._lang[self._instr[k]].copy()
+        if self._tokens is not None:
+            obs["lang_tokens"] = self._tokens[self._instr[k]].copy()
         for c in self.cameras:
-            obs[f"rgb_{c}"] = self._render_camera(c)
+            obs[f"rgb_{c}"] = self._render_camera(c, (self.image_size, self.image_size))
         return obs
 
     def _make_info(self, success_: bool) -> dict[str, Any]:
@@ -502,14 +531,16 @@ class CalvinLikeEnv(gymnasium.Env):
             "subtask": self._chain[min(self._sub, len(self._chain) - 1)],
         }
 
-    def _render_camera(self, camera: str) -> np.ndarray:
+    def _render_camera(self, camera: str, size: tuple[int, int]) -> np.ndarray:
+        """Camera ``camera`` at ``size`` = (height, width) -> (height, width, 3) uint8."""
         mujoco = self._mj
-        if self._renderer is None:
-            self._renderer = mujoco.Renderer(self.model, height=self._height, width=self._width)
-            self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
-            self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
-        self._renderer.update_scene(self.data, camera=camera)
-        return np.ascontiguousarray(self._renderer.render(), dtype=np.uint8)
+        renderer = self._renderers.get(size)
+        if renderer is None:
+            renderer = self._renderers[size] = mujoco.Renderer(self.model, height=size[0], width=size[1])
+            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+            renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        renderer.update_scene(self.data, camera=camera)
+        return np.ascontiguousarray(renderer.render(), dtype=np.uint8)
 
     def _record(self) -> None:
         if self.record_frames:

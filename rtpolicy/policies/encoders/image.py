@@ -134,11 +134,16 @@ class ImageAugment(nn.Module):
 class ImageEncoder(nn.Module):
     """Camera frames -> one token per camera per observation step.
 
-    obs[key]  (B, To, H, W, 3) uint8 for every key in ``shapes`` ({key: [H, W, 3]}, cameras in sorted order)
+    obs[key]  (B, To, H, W, 3) uint8 for every key in ``shapes`` ({key: [H, W, 3]}, cameras in sorted order),
+              or, when ``frozen``, its cached keypoints (B, To, 2K) float from :meth:`keypoints`
     ->        (B, To * C, D): camera-major, i.e. tokens [c * To + t] for camera c, step t
 
     Each frame: ImageAugment -> backbone (shared by every camera, or one per camera) -> SpatialSoftmax
     (num_keypoints) -> Linear -> D, plus a learned step and camera embedding.
+
+    ``frozen``: the backbones and keypoint layers get no gradient and frames are always centre-cropped,
+    so a frame's keypoints are a fixed function of the frame and can be computed once (see
+    :func:`cache_keypoints`); the Linear projections and embeddings still train.
     """
 
     def __init__(
@@ -151,6 +156,7 @@ class ImageEncoder(nn.Module):
         num_keypoints: int = 32,
         crop_fraction: float = 1.0,
         color_jitter: float = 0.0,
+        frozen: bool = False,
     ):
         super().__init__()
         if not shapes:
@@ -181,16 +187,100 @@ class ImageEncoder(nn.Module):
         self.camera = nn.Parameter(torch.zeros(1, len(self.keys), 1, dim))
         self.n_tokens = obs_horizon * len(self.keys)
         self.dim = dim
+        self.keypoint_dim = 2 * num_keypoints
+        self.frozen = bool(frozen)
+        if self.frozen:
+            self.backbones.requires_grad_(False)
+            for head in self.heads:
+                head[0].requires_grad_(False)
+            self.augment.eval()
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        super().train(mode)
+        if self.frozen:  # a frozen encoder never augments: its keypoints must match the cached ones
+            self.augment.eval()
+        return self
+
+    def keypoints(self, key: str, frames: torch.Tensor) -> torch.Tensor:
+        """Frames (N, H, W, 3) of camera ``key`` -> spatial-softmax keypoints (N, 2K)."""
+        i = self.keys.index(key)
+        net = 0 if len(self.backbones) == 1 else i
+        return self.heads[net][0](self.backbones[net](self.augment[i](frames)))
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = []
         for i, key in enumerate(self.keys):
             x = obs[key]
-            if x.ndim != 5:
-                raise ValueError(f"image obs {key!r} has shape {tuple(x.shape)}; expected (B, To, H, W, 3)")
-            b, to = x.shape[:2]
             net = 0 if len(self.backbones) == 1 else i
-            feats = self.heads[net](self.backbones[net](self.augment[i](x.flatten(0, 1))))  # (B*To, D)
-            tokens.append(feats.view(b, to, -1))
+            if x.ndim == 3 and self.frozen and x.shape[-1] == self.keypoint_dim:  # cached keypoints (B, To, 2K)
+                tokens.append(self.heads[net][1](x.float()))
+                continue
+            if x.ndim != 5:
+                raise ValueError(f"image obs {key!r} has shape {tuple(x.shape)}; expected (B, To, H, W, 3)"
+                                 + (f" or cached keypoints (B, To, {self.keypoint_dim})" if self.frozen else ""))
+            b, to = x.shape[:2]
+            tokens.append(self.heads[net][1](self.keypoints(key, x.flatten(0, 1))).view(b, to, -1))
         out = torch.stack(tokens, dim=1) + self.pos[:, :, : tokens[0].shape[1]] + self.camera  # (B, C, To, D)
         return out.flatten(1, 2)
+
+
+def find_image_encoder(module: nn.Module) -> ImageEncoder | None:
+    """The ImageEncoder inside a policy (or any module), or None."""
+    return next((m for m in module.modules() if isinstance(m, ImageEncoder)), None)
+
+
+def load_image_weights(encoder: ImageEncoder, path: str) -> int:
+    """Initialise ``encoder``'s backbones and keypoint layers from a safetensors file; returns the tensors loaded.
+
+    The file is an rtpolicy checkpoint (its EMA policy's image encoder is used) or an ImageEncoder state
+    dict. Names are matched after their ``images.`` prefix; a file with no matching tensor, or with a
+    tensor of another shape, raises ValueError naming it.
+    """
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    if any(k.startswith("ema/") for k in tensors):
+        tensors = {k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")}
+    if any("images." in k for k in tensors):  # a policy's state dict: its encoder's "...images.<name>" tensors
+        tensors = {k.split("images.", 1)[1]: v for k, v in tensors.items() if "images." in k}
+    # the frozen part: backbones.* and heads.<i>.0.* (spatial-softmax keypoints)
+    own = {k: v for k, v in encoder.state_dict().items()
+           if k.startswith("backbones.") or (k.startswith("heads.") and k.split(".")[2] == "0")}
+    found = {k: v for k, v in tensors.items() if k in own}
+    missing = sorted(set(own) - set(found))
+    if missing:
+        raise ValueError(f"{path} has no image encoder weights for {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                         f"({len(missing)} of {len(own)} missing); is it a checkpoint of a policy with the same image backbone?")
+    for k in own:
+        if tuple(found[k].shape) != tuple(own[k].shape):
+            raise ValueError(f"{path}: image encoder weight {k!r} has shape {tuple(found[k].shape)}, expected {tuple(own[k].shape)}")
+    encoder.load_state_dict({k: found[k] for k in own}, strict=False)
+    return len(own)
+
+
+@torch.no_grad()
+def cache_keypoints(encoder: ImageEncoder, frames: dict[str, "object"], batch_size: int = 256,
+                    device: torch.device | str = "cpu") -> dict[str, "object"]:
+    """Every stored frame of a frozen encoder's cameras -> its keypoints, computed once.
+
+    frames: {key: (T, H, W, 3) uint8 array-like (a zarr array or numpy)}
+    ->      {key: (T, 2K) float32 numpy}, equal to what ``encoder`` computes for those frames at any time
+    """
+    import numpy as np
+
+    if not encoder.frozen:
+        raise ValueError("cache_keypoints needs a frozen image encoder (policy.encoder.freeze_image=true): "
+                         "a trained encoder's keypoints change at every step")
+    was_training = encoder.training
+    encoder.eval()
+    out = {}
+    try:
+        for key, arr in frames.items():
+            feats = np.empty((arr.shape[0], encoder.keypoint_dim), np.float32)
+            for start in range(0, arr.shape[0], batch_size):
+                chunk = torch.from_numpy(np.asarray(arr[start:start + batch_size])).to(device)
+                feats[start:start + len(chunk)] = encoder.keypoints(key, chunk).float().cpu().numpy()
+            out[key] = feats
+    finally:
+        encoder.train(was_training)
+    return out

@@ -63,14 +63,17 @@ def build_image_encoder(shapes: dict[str, list[int]], obs_horizon: int, dim: int
     """The ImageEncoder of the image keys in ``shapes`` with the EncoderConfig's settings (None: no image keys)."""
     if not shapes:
         return None
-    from rtpolicy.policies.encoders.image import ImageEncoder  # torchvision: imported only for image policies
+    from rtpolicy.policies.encoders.image import ImageEncoder, load_image_weights  # torchvision: image policies only
 
-    return ImageEncoder(
+    encoder = ImageEncoder(
         shapes, obs_horizon, dim,
         backbone=_opt(cfg, "image_backbone", "resnet18"), shared=bool(_opt(cfg, "shared_backbone", True)),
         num_keypoints=int(_opt(cfg, "num_keypoints", 32)), crop_fraction=float(_opt(cfg, "crop_fraction", 0.9)),
-        color_jitter=float(_opt(cfg, "color_jitter", 0.0)),
+        color_jitter=float(_opt(cfg, "color_jitter", 0.0)), frozen=bool(_opt(cfg, "freeze_image", False)),
     )
+    if _opt(cfg, "image_weights", ""):
+        load_image_weights(encoder, str(cfg.image_weights))
+    return encoder
 
 
 class TaskToken(nn.Embedding):
