@@ -184,6 +184,35 @@ def test_language_policy_takes_embeddings():
     loss.backward()
     assert policy.encoder.lang.proj[0].weight.grad is not None
     assert policy.eval().predict_chunk(obs).shape == (2, 4, 3)
+    # a zero embedding is "no instruction": the null token that lang_dropout trains
+    tok = policy.encoder.lang(torch.cat([obs["lang_emb"][:1], torch.zeros(1, 384)]))
+    assert torch.equal(tok[1], policy.encoder.lang.null[0]) and not torch.equal(tok[0], policy.encoder.lang.null[0])
+
+
+def test_edm_guidance_over_language():
+    base = {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16, "num_inference_steps": 3}
+    den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("unet1d").config), {"down_dims": [16, 32]})
+    torch.manual_seed(0)
+    policies = {}
+    for g in (1.0, 3.0):
+        pol = OmegaConf.merge(OmegaConf.structured(with_encoder(POLICIES.get("edm").config)), base, {"guidance": g})
+        policies[g] = build_policy(pol, den, {"state": [5], "lang_emb": [384], "action": [3]})
+    with torch.no_grad():
+        policies[1.0].encoder.lang.null.normal_()  # an instruction-free token unlike any instruction
+    policies[3.0].load_state_dict(policies[1.0].state_dict())
+    obs = {"state": torch.randn(2, 2, 5), "lang_emb": torch.nn.functional.normalize(torch.randn(2, 384), dim=-1)}
+    calls = {}
+    for g, policy in policies.items():
+        policy.normalizer.fit({"state": torch.randn(64, 5), "action": torch.rand(64, 3) * 2 - 1})
+        policy.eval()
+        n = [0]
+        policy.denoiser.register_forward_hook(lambda *_, n=n: n.__setitem__(0, n[0] + 1))
+        torch.manual_seed(1)
+        calls[g] = (policy.predict_chunk(obs), n)
+    assert calls[3.0][1][0] == 2 * calls[1.0][1][0], "guidance adds one instruction-free call per step"
+    assert not torch.allclose(calls[1.0][0], calls[3.0][0]), "guidance over language changes the actions"
+    uncond = policies[3.0].unconditional(obs)
+    assert torch.equal(uncond["lang_emb"], torch.zeros(2, 384)) and torch.equal(uncond["state"], obs["state"])
 
 
 # ---------------------------------------------------------------------------------------------- env + config

@@ -2,9 +2,11 @@
 
 Denoiser D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma), cond), trained on
 ln(sigma) ~ N(p_mean, p_std^2). Sampling walks the Karras sigma ladder sigma_max -> sigma_min -> 0 with
-Euler (NFE = steps), Heun (NFE = 2 steps - 1) or DPM-Solver++(2M) (NFE = steps). With a multi-task
-policy, ``guidance`` > 1 applies classifier-free guidance over the task token (trained with
-``cond_dropout``); guidance 1 means off and costs no extra denoiser call.
+Euler (NFE = steps), Heun (NFE = 2 steps - 1) or DPM-Solver++(2M) (NFE = steps). With a multi-task or
+language-conditioned policy, ``guidance`` > 1 applies classifier-free guidance over the task token
+(trained with ``cond_dropout``) and the instruction (trained with ``policy.encoder.lang_dropout``):
+D = D(no task, no instruction) + guidance * (D(obs) - D(no task, no instruction)); guidance 1 means off
+and costs no extra denoiser call.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class EDMConfig:
     rho: float = 7.0
     p_mean: float = -1.2
     p_std: float = 1.2
-    guidance: float = 1.0  # classifier-free guidance scale over the task token; 1 = off
+    guidance: float = 1.0  # classifier-free guidance scale over the task token and the instruction; 1 = off
     cond_dropout: float = 0.1  # share of training samples whose task token is dropped (multi-task only)
     normalizer: str = "minmax"
     cond_dim: int = 64
@@ -80,8 +82,8 @@ class EDMPolicy(DenoisingHead):
     def predict_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         self.start_chunk()
         uncond = None
-        if self.cfg.guidance != 1.0 and self.num_tasks > 0:
-            uncond = self.encode(obs | {"task_id": torch.full_like(obs["task_id"], -1)})
+        if self.cfg.guidance != 1.0 and (self.num_tasks > 0 or self.lang_key is not None):
+            uncond = self.encode(self.unconditional(obs))  # no task, no instruction
         return self.to_chunk(self.sample(self.encode(obs), uncond))
 
     def _guided(self, x: torch.Tensor, sigma: float, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:

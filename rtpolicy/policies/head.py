@@ -104,6 +104,16 @@ class DenoisingHead(Policy):
         x = {k: self.normalizer.normalize(k, obs[k].float()) if k in self.norm_keys else obs[k] for k in self.obs_shapes}
         return self.encoder(x, obs.get("task_id"))
 
+    def unconditional(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``obs`` without its instruction and task: task_id -1 (the null task), the language key zeroed
+        (a zero embedding / all-pad token ids: the null instruction). For classifier-free guidance."""
+        out = dict(obs)
+        if "task_id" in out:
+            out["task_id"] = torch.full_like(out["task_id"], -1)
+        if self.lang_key is not None and self.lang_key in out:
+            out[self.lang_key] = torch.zeros_like(out[self.lang_key])
+        return out
+
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         self.start_chunk()

@@ -164,10 +164,12 @@ def instruction_obs(instructions: Sequence[str], cache: InstructionCache, key: s
 class LanguageToken(nn.Module):
     """Sentence embedding -> one condition token, with classifier-free-guidance dropout.
 
-    emb  (B, E) float, or None for the unconditional (null) token
+    emb  (B, E) float, or None for the unconditional (null) token; an all-zero row (sentence embeddings
+         are unit vectors) means "no instruction" and also gets the null token
     ->   (B, 1, D)
     In ``train()`` each sample's token is replaced by a learned null token with probability ``p_drop``
-    (as BESO/MDT do), so the same network also models p(actions | obs without instruction).
+    (as BESO/MDT do), so the same network also models p(actions | obs without instruction), which
+    classifier-free guidance (``policy=edm policy.guidance=...``) contrasts with the instructed one.
     """
 
     def __init__(self, emb_dim: int, dim: int, p_drop: float = 0.1):
@@ -186,7 +188,7 @@ class LanguageToken(nn.Module):
         if emb.ndim != 2 or emb.shape[1] != self.emb_dim:
             raise ValueError(f"language embedding has shape {tuple(emb.shape)}, expected (B, {self.emb_dim})")
         tokens = self.proj(emb.float())[:, None]
+        drop = (emb == 0).all(dim=1)[:, None, None]
         if self.training and self.p_drop > 0:
-            drop = torch.rand(emb.shape[0], 1, 1, device=emb.device) < self.p_drop
-            tokens = torch.where(drop, self.null.to(tokens.dtype), tokens)
-        return tokens
+            drop = drop | (torch.rand(emb.shape[0], 1, 1, device=emb.device) < self.p_drop)
+        return torch.where(drop, self.null.to(tokens.dtype), tokens)
