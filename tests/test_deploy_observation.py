@@ -102,6 +102,26 @@ def test_task_id_for_multi_task_bundles():
         builder(task_id=0)
 
 
+def test_instruction_features_for_language_bundles():
+    b = builder(language=("lang_tokens", [4]))
+    b.update_joint_state("/joint_states", JOINTS, {"position": [0.0] * 4})
+    b.update_array("/object_state", np.zeros(35))
+    assert "no instruction" in b.sample().reason
+    b.set_instruction(np.array([101, 7, 102, 0]))
+    assert b.sample().valid
+    ids = b.observation()["lang_tokens"]
+    assert ids.dtype == torch.long and ids.shape == (1, 2, 4) and ids[0, -1].tolist() == [101, 7, 102, 0]
+    with pytest.raises(ObservationConfigError, match=r"shape \(3,\), the policy's 'lang_tokens' is \(4,\)"):
+        b.set_instruction(np.zeros(3))
+    emb = builder(language=("lang_emb", [3]))
+    with pytest.raises(ObservationConfigError, match="non-finite"):
+        emb.set_instruction(np.array([0.0, np.nan, 1.0]))
+    with pytest.raises(ObservationConfigError, match="not language-conditioned"):
+        builder().set_instruction(np.zeros(3))
+    with pytest.raises(ObservationConfigError, match="has no topic source"):
+        builder(shapes={"state": [39], "lang_emb": [3]}, language=("lang_emb", [3]))
+
+
 @pytest.mark.parametrize("spec, shapes, match", [
     (SOURCES | {"state": SOURCES["state"][:1]}, {"state": [39]}, r"sources give 4 \(/joint_states\) = 4 values, the policy expects 39"),
     (SOURCES, {"state": [39], "image": [3, 8, 8]}, r"the policy observes \['image'\] but no sources"),

@@ -41,7 +41,10 @@ Published per tick, by ``action.kind`` of the bundle:
 Operator topics: std_msgs/Bool ``true`` on estop_topic latches the e-stop (``false`` does NOT clear it);
 std_msgs/String on reset_topic: ``reset_estop`` clears the e-stop and drops the queued actions;
 ``episode`` starts a new episode (policy.reset(), observation history, queue, in-flight inference).
-std_msgs/String on instruction_topic: a task name of a multi-task bundle selects its task id.
+std_msgs/String on instruction_topic: a task name of a multi-task bundle selects its task id; for a
+language-conditioned bundle (its ``language`` spec) the text is encoded once on arrival (MiniLM sentence
+embedding or backbone token ids, memoized per string) and conditions every following chunk; until the
+first instruction (or the ``instruction`` parameter) the node holds.
 diagnostic_msgs/DiagnosticArray on diagnostics_topic at ``diagnostics_rate_hz``: see ``stats()``.
 """
 
@@ -99,7 +102,9 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "trajectory_topic": ("/rtpolicy/joint_trajectory", "joint_position: trajectory_msgs/JointTrajectory out"),
     "estop_topic": ("/rtpolicy/estop", "std_msgs/Bool in: true latches the e-stop"),
     "reset_topic": ("/rtpolicy/reset", f"std_msgs/String in: '{RESET_EPISODE}' or '{RESET_ESTOP}'"),
-    "instruction_topic": ("/rtpolicy/instruction", "std_msgs/String in: task name (multi-task bundles)"),
+    "instruction_topic": ("/rtpolicy/instruction", "std_msgs/String in: task name (multi-task bundles) or instruction "
+                                                    "text (language-conditioned bundles)"),
+    "instruction": ("", "language-conditioned bundles: the instruction to start with; '': wait for instruction_topic"),
     "diagnostics_topic": ("/diagnostics", "diagnostic_msgs/DiagnosticArray out"),
     "diagnostics_rate_hz": (1.0, "diagnostics publish rate"),
     "frame_id": ("base_link", "header.frame_id of TwistStamped / JointTrajectory"),
@@ -171,6 +176,7 @@ class PolicyNode(LifecycleNode):
         self._tick_times: collections.deque | None = None
         self.episode = 0
         self.instruction = ""
+        self.encode_instruction = None  # language-conditioned bundles: text -> the policy's language input
 
     # ================================================================== lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -213,8 +219,20 @@ class PolicyNode(LifecycleNode):
         shapes = {k: v["shape"] for k, v in bundle["observation"].items()}
         num_tasks = int(bundle.get("num_tasks") or 0)
         self.task_names = list((bundle.get("task") or {}).get("tasks") or [])
-        builder = ObservationBuilder(p["observation_sources"], shapes, self.obs_horizon, num_tasks,
-                                     p["task_id"] if p["task_id"] >= 0 else None)
+        language = bundle.get("language")  # instruction text -> the policy's language input, encoded on arrival
+        self.encode_instruction = None
+        if language:
+            from rtpolicy.policies.encoders.language import instruction_encoder
+
+            self.encode_instruction = instruction_encoder(language)
+        builder = ObservationBuilder(p["observation_sources"], {k: v for k, v in shapes.items() if not language or k != language["key"]},
+                                     self.obs_horizon, num_tasks, p["task_id"] if p["task_id"] >= 0 else None,
+                                     language=(language["key"], shapes[language["key"]]) if language else None)
+        if language:
+            first = self.encode_instruction(p["instruction"])  # loads the text model now, not at the first instruction
+            if p["instruction"]:
+                builder.set_instruction(first)
+                self.instruction = p["instruction"]
 
         def limit(name: str) -> np.ndarray:
             v = np.asarray(p[name], dtype=np.float64)
@@ -549,13 +567,16 @@ class PolicyNode(LifecycleNode):
             if text == self.instruction:
                 return
             self.instruction = text
+            if self.encode_instruction is not None:
+                self.builder.set_instruction(self.encode_instruction(text))
+                self.get_logger().info(f"instruction {text!r}")
             if text in self.task_names:
                 self.builder.set_task_id(self.task_names.index(text))
                 self.get_logger().info(f"instruction {text!r}: task id {self.builder.task_id}")
             elif self.builder.num_tasks:
                 self.get_logger().warning(f"instruction {text!r} is none of this bundle's tasks {self.task_names}; "
                                           f"task id stays {self.builder.task_id}")
-            else:
+            elif self.encode_instruction is None:
                 self.get_logger().warning(f"instruction {text!r} ignored: this policy is single-task and not language-conditioned")
 
     # ================================================================== diagnostics

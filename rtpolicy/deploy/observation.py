@@ -29,6 +29,8 @@ returns it in the policy's layout:
     obs[key]        (1, To, D) float32, oldest sample first
     obs[image key]  (1, To, H, W, 3) uint8 (the policy's image encoder converts and normalizes)
     obs["task_id"]  (1,)       long, only for multi-task bundles (num_tasks > 0)
+    obs[lang key]   (1, To, E) float32 or (1, To, L) long: the current instruction's features
+                    (``set_instruction``), only for language-conditioned bundles
 
 A sample's ``stamp`` is the OLDEST receive time of the sources it used, so a caller's stale-observation
 watchdog (``SafetyLayer.filter(..., obs_stamp)``) fires when any one source goes quiet.
@@ -189,15 +191,21 @@ class ObservationBuilder:
         num_tasks, task_id: multi-task bundles need a task id in [0, num_tasks) (None: not chosen yet,
             samples are invalid until ``set_task_id``).
         clock: steady clock for receive stamps (seconds).
+        language: (key, shape) of a language-conditioned bundle's instruction input (not a topic source:
+            samples are invalid until ``set_instruction``); None: the policy takes no instruction.
     """
 
     def __init__(self, spec: ObservationSpec | Mapping[str, Any] | str, shapes: Mapping[str, Sequence[int]], obs_horizon: int,
-                 num_tasks: int = 0, task_id: int | None = None, clock: Callable[[], float] = time.monotonic):
+                 num_tasks: int = 0, task_id: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 language: tuple[str, Sequence[int]] | None = None):
         self.spec = spec if isinstance(spec, ObservationSpec) else ObservationSpec.from_config(spec)
         if obs_horizon < 1:
             raise ObservationConfigError(f"obs_horizon must be >= 1, got {obs_horizon}")
         self.obs_horizon, self.num_tasks, self.clock = int(obs_horizon), int(num_tasks), clock
         self.shapes = {k: [int(d) for d in v] for k, v in shapes.items()}
+        self.language = (str(language[0]), tuple(int(d) for d in language[1])) if language is not None else None
+        if self.language is not None and self.language[0] in self.shapes:
+            raise ObservationConfigError(f"{self.language[0]!r} is the instruction input; it has no topic source")
         if missing := sorted(set(self.shapes) - set(self.spec.sources)):
             raise ObservationConfigError(f"the policy observes {missing} but no sources are configured for them "
                                          f"(configured: {sorted(self.spec.sources)})")
@@ -228,6 +236,7 @@ class ObservationBuilder:
         self._history: collections.deque[dict[str, np.ndarray]] = collections.deque(maxlen=self.obs_horizon)
         self.task_id: int | None = None
         self.set_task_id(task_id)
+        self._instruction: np.ndarray | None = None
 
     # ---------------------------------------------------------------- inputs
     def set_task_id(self, task_id: int | None) -> None:
@@ -238,6 +247,21 @@ class ObservationBuilder:
         if task_id is not None and not 0 <= task_id < self.num_tasks:
             raise ObservationConfigError(f"task_id must be in [0, {self.num_tasks}), got {task_id}")
         self.task_id = task_id
+
+    def set_instruction(self, features: np.ndarray | None) -> None:
+        """The current instruction's features (the bundle's language input, see ``instruction_encoder``);
+        None: no instruction (samples are invalid)."""
+        if self.language is None:
+            raise ObservationConfigError("this policy is not language-conditioned: it takes no instruction")
+        if features is not None:
+            features = np.asarray(features)
+            if features.shape != self.language[1]:
+                raise ObservationConfigError(f"instruction features have shape {features.shape}, "
+                                             f"the policy's {self.language[0]!r} is {self.language[1]}")
+            if features.dtype.kind == "f" and not np.isfinite(features).all():
+                raise ObservationConfigError("instruction features have non-finite values")
+        with self._lock:
+            self._instruction = None if features is None else features.copy()
 
     def update_joint_state(self, topic: str, names: Sequence[str], fields: Mapping[str, Sequence[float]],
                            stamp: float | None = None) -> None:
@@ -350,6 +374,8 @@ class ObservationBuilder:
                 vectors[key] = vec.astype(np.float32)
         if self.num_tasks and self.task_id is None:
             return Sample(False, None, "multi-task policy and no task chosen: set task_id or publish a task name as instruction")
+        if self.language is not None and self._instruction is None:
+            return Sample(False, None, "language-conditioned policy and no instruction yet: publish one on the instruction topic")
         return Sample(True, min(stamps), "", vectors)
 
     def sample(self) -> Sample:
@@ -392,9 +418,12 @@ class ObservationBuilder:
                 raise RuntimeError("no valid observation sampled since the last reset")
             hist = list(self._history)
             task_id = self.task_id
+            instruction = self._instruction
         obs = {k: torch.from_numpy(np.stack([h[k] for h in hist]))[None] for k in self.shapes}
         if self.num_tasks:
             obs["task_id"] = torch.tensor([task_id], dtype=torch.long)
+        if self.language is not None and instruction is not None:
+            obs[self.language[0]] = torch.from_numpy(np.stack([instruction] * len(hist)))[None]
         return obs
 
 
