@@ -54,15 +54,19 @@ SETTINGS = {
 }
 
 
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        return compose("train", overrides=[
+            "task=drawer_open", "task.demos=10", "task.image_size=84",
+            "task.dataset=data/bench/drawer-open-v3-corner84.zarr", "policy=truncated", "policy.obs_horizon=1",
+            *overrides])
+
+
 class Setting:
     """One policy with its optimizer and an endless batch iterator over the shared store."""
 
     def __init__(self, overrides: list[str], batch: int):
-        with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-            self.cfg = cfg = compose("train", overrides=[
-                "task=drawer_open", "task.demos=10", "task.image_size=84",
-                "task.dataset=data/bench/drawer-open-v3-corner84.zarr", "policy=truncated", "policy.obs_horizon=1",
-                *overrides])
+        self.cfg = cfg = compose_train(overrides)
         buffer = ensure_dataset(cfg.task)
         shapes = {k: list(buffer.shape(k)) for k in cfg.task.obs_keys} | {"action": list(buffer.shape("action"))}
         self.policy = policy = build_policy(cfg.policy, cfg.denoiser, shapes, 0)
@@ -74,8 +78,8 @@ class Setting:
         self.cache_s = time.perf_counter() - t0 if arrays else 0.0
         ds = SequenceDataset(buffer, list(cfg.task.obs_keys), "action", policy.obs_horizon, policy.data_horizon,
                              policy.action_horizon, arrays=arrays)
-        windows = torch.from_numpy(data["action"][: policy.data_horizon * 64].reshape(64, policy.data_horizon, -1))
-        policy.prepare(policy.normalizer.normalize("action", windows.float()))
+        windows = torch.stack([ds[i]["action"] for i in range(0, len(ds), max(1, len(ds) // 256))])
+        policy.prepare(policy.normalizer.normalize("action", windows))
         self.loader = DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True)
         self.batches = iter(())
         self.opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
@@ -106,6 +110,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     register_configs()
+    ensure_dataset(compose_train(CAMERA).task)  # the store every setting reads (its state and its frames)
     settings = {name: Setting(SETTINGS[name], args.batch) for name in args.settings}
     for s in settings.values():  # warm-up: first-call allocations, zarr caches
         s.step()
