@@ -560,17 +560,25 @@ def test_multi_task_bundle_needs_a_task_chosen_by_parameter_or_instruction(rig, 
     assert bad.trigger_configure() == TransitionCallbackReturn.FAILURE and "task_id must be in [0, 2)" in bad.configure_error
     rig.nodes.remove(bad)
     bad.destroy_node()
+    seen = held_until_instructed(rig, suite, "no task chosen", "push-v3", "task_id")
+    assert all(t.tolist() == [1] for t in seen)  # the policy got push-v3's task id
+
+
+def held_until_instructed(rig, bundle, reason, text, key):
+    """Start the node on ``bundle`` with valid sensors: it holds (``reason``) until ``text`` arrives on the
+    instruction topic, then runs; returns the obs[key] of every chunk it predicted."""
     rig.sensors()
-    node = start(rig.policy(suite))  # no task yet: valid sensors, but nothing to condition on
-    assert wait_for(lambda: "no task chosen" in node.stats()["observation"])
+    node = start(rig.policy(bundle))
+    assert wait_for(lambda: reason in node.stats()["observation"])
     assert node.stats()["chunks"] == 0 and not any(moving(m) for m in rig.got("twist"))
     seen = []
     predict = node.predict
-    node.predict = lambda obs: (seen.append(obs["task_id"].tolist()), predict(obs))[1]
+    node.predict = lambda obs: (seen.append(obs[key].clone()), predict(obs))[1]
     instruction = rig.node.create_publisher(String, "/rtpolicy/instruction", COMMAND_QOS)
-    rig.send(instruction, String(data="push-v3"))
+    rig.send(instruction, String(data=text))
     assert runs_policy(rig, 0.0)
-    assert seen and all(t == [1] for t in seen)  # the policy got push-v3's task id
+    assert seen
+    return seen
 
 
 def test_language_bundle_is_conditioned_on_instruction_text(rig, tmp_path):
@@ -583,15 +591,7 @@ def test_language_bundle_is_conditioned_on_instruction_text(rig, tmp_path):
     lang = make_bundle(tmp_path, cfg, shapes=SHAPES | {"lang_emb": [384]})
     assert json.loads((lang / "bundle.json").read_text())["language"] == {
         "key": "lang_emb", "kind": "sentence_embedding", "model": "minilm"}
-    rig.sensors()
-    node = start(rig.policy(lang))  # sources for the state only: the instruction comes as text
-    assert wait_for(lambda: "no instruction" in node.stats()["observation"])
-    assert node.stats()["chunks"] == 0 and not any(moving(m) for m in rig.got("twist"))
-    seen = []
-    predict = node.predict
-    node.predict = lambda obs: (seen.append(obs["lang_emb"].clone()), predict(obs))[1]
-    instruction = rig.node.create_publisher(String, "/rtpolicy/instruction", COMMAND_QOS)
-    rig.send(instruction, String(data="open the drawer"))
-    assert runs_policy(rig, 0.0)
+    # sources for the state only: the instruction comes as text
+    seen = held_until_instructed(rig, lang, "no instruction", "open the drawer", "lang_emb")
     want = InstructionCache()(["open the drawer"])[0].float()
-    assert seen and all(torch.allclose(o[0, -1], want, atol=1e-6) for o in seen)
+    assert all(torch.allclose(o[0, -1], want, atol=1e-6) for o in seen)
