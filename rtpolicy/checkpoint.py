@@ -167,6 +167,8 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", policy_ove
         pol_schema = repo["policy"][f"{cfg['policy']['name']}.yaml"].node
         den_schema = repo["denoiser"][f"{cfg['denoiser']['name']}.yaml"].node
         pol = OmegaConf.merge(pol_schema, cfg["policy"], policy_overrides or {})
+        if "encoder" in pol:  # the image encoder's init file was read at training time; the weights are here
+            pol.encoder.image_weights = ""
         den = OmegaConf.merge(den_schema, cfg["denoiser"])
     except (KeyError, OmegaConfBaseException) as e:
         raise CheckpointError(f"{path}: config does not match this rtpolicy's schemas ({e})") from e

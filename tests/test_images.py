@@ -170,6 +170,15 @@ def test_frozen_image_encoder_trains_on_cached_keypoints(tmp_path):
         image_policy(backbone="resnet18", size=SR, freeze_image=True, image_weights=str(tmp_path / "pre.safetensors"))
     with pytest.raises(ValueError, match="one row per stored step"):
         SequenceDataset(buf, ["state", "rgb_corner"], "action", 2, 8, 4, arrays={"rgb_corner": feats["rgb_corner"][:5]})
+    # its checkpoint loads after the init file is gone: the weights are in the checkpoint
+    from rtpolicy.checkpoint import load_policy
+
+    cfg = {"policy": OmegaConf.to_container(policy.cfg), "denoiser": {"name": "unet1d", "down_dims": [16, 32]}}
+    ckpt = save_checkpoint(tmp_path / "run.safetensors", ema=policy, step=1, config=cfg,
+                           shapes={"state": [5], "rgb_corner": [S, S, 3], "action": [3]})
+    (tmp_path / "pre.safetensors").unlink()
+    loaded, _ = load_policy(ckpt)
+    torch.testing.assert_close(loaded.encode(frames["obs"]), policy.eval().encode(frames["obs"]))
 
 
 def test_language_policy_takes_embeddings():

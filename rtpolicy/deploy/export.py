@@ -86,7 +86,7 @@ def export_bundle(
         raise BundleError("no control rate known for this env family: pass control_rate_hz")
     bundle = {
         "bundle_version": BUNDLE_VERSION,
-        "policy": {k: v for k, v in cfg["policy"].items()} | dict(policy_overrides or {}),
+        "policy": _without_init_files(cfg["policy"]) | dict(policy_overrides or {}),
         "denoiser": cfg["denoiser"],
         "shapes": shapes,
         "num_tasks": meta.get("num_tasks", 0),
@@ -124,6 +124,14 @@ def export_bundle(
     tmp_json = out / f".bundle.json.tmp-{os.getpid()}"
     tmp_json.write_text(json.dumps(bundle, indent=2))
     os.replace(tmp_json, out / "bundle.json")
+    return out
+
+
+def _without_init_files(policy_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The policy config without training-time init files (encoder.image_weights): the bundle holds the weights."""
+    out = dict(policy_cfg)
+    if isinstance(out.get("encoder"), dict):
+        out["encoder"] = dict(out["encoder"], image_weights="")
     return out
 
 

@@ -12,6 +12,10 @@ optionally jitters colour, and maps them to (N, 3, h, w) float in [-1, 1].
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
@@ -259,15 +263,13 @@ def load_image_weights(encoder: ImageEncoder, path: str) -> int:
 
 
 @torch.no_grad()
-def cache_keypoints(encoder: ImageEncoder, frames: dict[str, "object"], batch_size: int = 256,
-                    device: torch.device | str = "cpu") -> dict[str, "object"]:
+def cache_keypoints(encoder: ImageEncoder, frames: Mapping[str, Any], batch_size: int = 256,
+                    device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Every stored frame of a frozen encoder's cameras -> its keypoints, computed once.
 
     frames: {key: (T, H, W, 3) uint8 array-like (a zarr array or numpy)}
     ->      {key: (T, 2K) float32 numpy}, equal to what ``encoder`` computes for those frames at any time
     """
-    import numpy as np
-
     if not encoder.frozen:
         raise ValueError("cache_keypoints needs a frozen image encoder (policy.encoder.freeze_image=true): "
                          "a trained encoder's keypoints change at every step")
