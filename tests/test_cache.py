@@ -57,7 +57,6 @@ def test_skipping_changes_output_and_taylor_differs_from_reuse():
 
 def test_adaptive_schedule_picks_the_change_points():
     # steps 0-3 alike, 4-9 alike, the two groups unlike: two updates belong at 0 and 4
-    k = 10
     group = torch.tensor([0] * 4 + [1] * 6)
     sim = torch.where(group[:, None] == group[None], 1.0, 0.1)
     assert adaptive_schedule(sim, 2).nonzero().flatten().tolist() == [0, 4]
