@@ -101,7 +101,6 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
-@functools.lru_cache(maxsize=1)
 @functools.lru_cache(maxsize=4)
 def instruction_tokens(backbone: str = "minilm", max_len: int = 16) -> np.ndarray:
     """(len(ALL_INSTRUCTIONS), max_len) int64 token ids of every instruction (0 = pad), computed once per process."""
@@ -110,6 +109,7 @@ def instruction_tokens(backbone: str = "minilm", max_len: int = 16) -> np.ndarra
     return tokenize_instructions(list(ALL_INSTRUCTIONS), backbone, max_len).numpy()
 
 
+@functools.lru_cache(maxsize=1)
 def instruction_embeddings() -> np.ndarray:
     """(len(ALL_INSTRUCTIONS), 384) float32 MiniLM embeddings of every instruction, computed once per process."""
     from rtpolicy.policies.encoders.language import InstructionCache
