@@ -78,8 +78,7 @@ class Setting:
         self.cache_s = time.perf_counter() - t0 if arrays else 0.0
         ds = SequenceDataset(buffer, list(cfg.task.obs_keys), "action", policy.obs_horizon, policy.data_horizon,
                              policy.action_horizon, arrays=arrays)
-        windows = torch.stack([ds[i]["action"] for i in range(0, len(ds), max(1, len(ds) // 256))])
-        policy.prepare(policy.normalizer.normalize("action", windows))
+        policy.prepare(policy.normalizer.normalize("action", ds.action_windows()))
         self.loader = DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True)
         self.batches = iter(())
         self.opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)

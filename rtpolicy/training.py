@@ -138,8 +138,7 @@ def train(cfg) -> dict[str, Any]:
     fit_keys = [k for k in cfg.task.obs_keys if k in policy.normalizer.shapes]  # images, embeddings: no stats
     data = buffer.load([*fit_keys, cfg.task.action_key])
     policy.normalizer.fit({k: data[k] for k in fit_keys} | {"action": data[cfg.task.action_key]})
-    windows = torch.cat([b["action"] for b in DataLoader(train_ds, batch_size=4096)])
-    policy.prepare(policy.normalizer.normalize("action", windows))  # data-dependent state, e.g. anchors
+    policy.prepare(policy.normalizer.normalize("action", train_ds.action_windows()))  # data-dependent state, e.g. anchors
     policy.to(device)
     ema = EMA(policy, cfg.train.ema_decay)
     o = cfg.optim

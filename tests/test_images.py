@@ -70,6 +70,10 @@ def test_dataset_reads_only_image_windows(tmp_path):
         assert np.array_equal(w["obs"]["rgb_corner"].numpy(), ep["rgb_corner"][rows])
     batch = next(iter(DataLoader(ds, batch_size=4, shuffle=True)))
     assert batch["obs"]["rgb_corner"].shape == (4, 2, S, S, 3) and batch["obs"]["rgb_corner"].dtype == torch.uint8
+    frames, ds.sampler.data["rgb_corner"] = ds.sampler.data["rgb_corner"], None  # action windows read no frame
+    windows = ds.action_windows()
+    ds.sampler.data["rgb_corner"] = frames
+    assert torch.equal(windows, torch.stack([ds[i]["action"] for i in range(len(ds))]))
 
 
 # ---------------------------------------------------------------------------------------------- policies

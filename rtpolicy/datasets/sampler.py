@@ -8,6 +8,8 @@ step (never a neighbouring episode's). With pad_before = To - 1 the first window
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -76,14 +78,16 @@ class SequenceSampler:
     def __len__(self) -> int:
         return len(self._episode)
 
-    def sample(self, idx: int) -> dict[str, np.ndarray]:
-        """Window ``idx``: {key: (key_horizon.get(key, horizon), *shape)}, edge-padded within its episode."""
+    def sample(self, idx: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Window ``idx``: {key: (key_horizon.get(key, horizon), *shape)}, edge-padded within its episode,
+        for every key (or only ``keys``)."""
         if not -len(self) <= idx < len(self):
             raise IndexError(f"window {idx} out of range for {len(self)} windows")
         ep, s = self._episode[idx], self._start[idx]
         begin, length = self._begins[ep], self._lengths[ep]
         out = {}
-        for key, x in self.data.items():
+        for key in self.data if keys is None else keys:
+            x = self.data[key]
             steps = np.arange(s, s + self.key_horizon.get(key, self.horizon))
             rows = begin + np.clip(steps, 0, length - 1)
             if isinstance(x, np.ndarray):
@@ -171,6 +175,12 @@ class SequenceDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    def action_windows(self) -> torch.Tensor:
+        """Every window's actions (N, H, Da) float32, in item order, without reading any observation
+        (e.g. camera frames): the windows a head's ``prepare`` fits."""
+        key = self.action_key
+        return torch.from_numpy(np.stack([self.sampler.sample(i, [key])[key] for i in range(len(self))])).float()
 
     def __getitem__(self, idx: int) -> dict:
         w = self.sampler.sample(idx)
