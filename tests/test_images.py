@@ -285,6 +285,9 @@ def test_collect_stores_camera_frames(tmp_path):
     state_only = TaskConfig(name="reach-v3", max_episode_steps=150, obs_keys=["state", "rgb_topview"], image_size=16)
     with pytest.raises(ValueError, match=r"has no \['rgb_topview'\]"):
         collect_demos(state_only, tmp_path / "reach.zarr", 2, seed=0, progress=False)
+    resized = TaskConfig(name="reach-v3", max_episode_steps=150, obs_keys=["state", "rgb_corner"], image_size=24)
+    with pytest.raises(ValueError, match=r"rgb_corner frames of \(16, 16, 3\), not image_size=24"):
+        collect_demos(resized, tmp_path / "reach.zarr", 2, seed=0, progress=False)
 
 
 def test_train_config_composes_an_image_policy():

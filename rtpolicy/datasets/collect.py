@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +33,6 @@ def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
-
-
-def image_kwargs(task_cfg: Any) -> dict[str, Any]:
-    """Env keyword arguments for the camera keys of a task config: {"cameras": [...], "image_size": S},
-    or {} when its ``obs_keys`` name no ``rgb_<camera>`` key."""
-    get = task_cfg.get if isinstance(task_cfg, Mapping) else lambda k, d=None: getattr(task_cfg, k, d)
-    cameras = [k[len("rgb_") :] for k in list(get("obs_keys", None) or []) if str(k).startswith("rgb_")]
-    if not cameras:
-        return {}
-    return {"cameras": cameras, "image_size": int(get("image_size", None) or 84)}
 
 
 def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0) -> tuple[dict[str, np.ndarray], bool]:
@@ -91,11 +80,10 @@ def collect_demos(
         raise ValueError(f"action_noise must be a finite float >= 0, got {action_noise!r}")
     steps_limit = _check_int("max_episode_steps", max_episode_steps or fields["max_episode_steps"], 1)
 
-    images = image_kwargs(task_cfg)
-    # validates the task before touching the store
-    env = make_env(fields, seed=seed, max_episode_steps=steps_limit, **images)
+    # validates the task before touching the store; the env renders the cameras its obs_keys name
+    env = make_env(fields, seed=seed, max_episode_steps=steps_limit)
     try:
-        return _collect(env, fields, images, Path(path), episodes, seed, action_noise, steps_limit, progress)
+        return _collect(env, fields, Path(path), episodes, seed, action_noise, steps_limit, progress)
     finally:
         env.close()
 
@@ -105,15 +93,15 @@ def _store_info(buf: ReplayBuffer, path: Path, new: int) -> dict[str, Any]:
     return dict(buf.attrs) | {"path": str(path), "episodes": buf.n_episodes, "steps": buf.n_steps, "new_episodes": new}
 
 
-def _collect(env, fields, images, path, episodes, seed, action_noise, steps_limit, progress) -> dict[str, Any]:
+def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progress) -> dict[str, Any]:
     buf = ReplayBuffer.open_or_create(path)
     attrs = dict(buf.attrs)
-    image_keys = [f"rgb_{c}" for c in images.get("cameras", [])]
+    frames = {k: tuple(s.shape) for k, s in env.observation_space.spaces.items() if len(s.shape) == 3}  # camera keys
     if buf.n_episodes > 0:
-        if missing := [k for k in image_keys if k not in buf.keys]:
+        if missing := [k for k in frames if k not in buf.keys]:
             raise ValueError(f"{path} has no {missing} (its keys: {buf.keys}); collect camera frames into another task.dataset")
-        if image_keys and buf.shape(image_keys[0])[:2] != (images["image_size"],) * 2:
-            raise ValueError(f"{path} holds {image_keys[0]} frames of {buf.shape(image_keys[0])}, not image_size={images['image_size']}")
+        if wrong := [k for k, shape in frames.items() if buf.shape(k) != shape]:
+            raise ValueError(f"{path} holds {wrong[0]} frames of {buf.shape(wrong[0])}, not image_size={frames[wrong[0]][0]}")
         if attrs.get("collector") != "rtpolicy.collect_demos":
             raise ValueError(
                 f"{path} holds {buf.n_episodes} episodes not written by collect_demos (no collector attrs); "
