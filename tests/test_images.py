@@ -29,13 +29,18 @@ def episode(length, seed, size=S):
     }
 
 
-# ---------------------------------------------------------------------------------------------- storage
-def test_image_store_round_trip_and_time_chunks(tmp_path):
+def image_store(tmp_path):
+    """Two episodes (7 and 12 steps) of state, 32x32 frames and actions in a zarr store, reopened -> (episodes, store)."""
     eps = [episode(7, 0), episode(12, 1)]
     buf = ReplayBuffer.create(tmp_path / "img.zarr")
     for ep in eps:
         buf.add_episode(ep)
-    buf = ReplayBuffer.open(tmp_path / "img.zarr")
+    return eps, ReplayBuffer.open(tmp_path / "img.zarr")
+
+
+# ---------------------------------------------------------------------------------------------- storage
+def test_image_store_round_trip_and_time_chunks(tmp_path):
+    eps, buf = image_store(tmp_path)
     arr = buf["rgb_corner"]
     assert arr.dtype == np.uint8 and arr.shape == (19, S, S, 3)
     assert arr.chunks[1:] == (S, S, 3) and 1 <= arr.chunks[0] <= 16, f"frames chunked a few steps at a time, got {arr.chunks}"
@@ -50,11 +55,7 @@ def test_image_store_round_trip_and_time_chunks(tmp_path):
 
 
 def test_dataset_reads_only_image_windows(tmp_path):
-    eps = [episode(7, 0), episode(12, 1)]
-    buf = ReplayBuffer.create(tmp_path / "img.zarr")
-    for ep in eps:
-        buf.add_episode(ep)
-    buf = ReplayBuffer.open(tmp_path / "img.zarr")
+    eps, buf = image_store(tmp_path)
     ds = SequenceDataset(buf, ["state", "rgb_corner"], "action", obs_horizon=2, horizon=6, action_horizon=3)
     assert ds.image_keys == ["rgb_corner"]
     assert not isinstance(ds.sampler.data["rgb_corner"], np.ndarray), "image frames must stay in the store"
@@ -148,9 +149,7 @@ def test_frozen_image_encoder_trains_on_cached_keypoints(tmp_path):
     assert not any(p.requires_grad for p in enc.backbones.parameters())
     assert all(p.requires_grad for p in enc.heads[0][1].parameters()), "the projection still trains"
     # a store's frames -> cached keypoints that the dataset serves in place of frames
-    buf = ReplayBuffer.create(tmp_path / "img.zarr")
-    for i, n in enumerate((7, 12)):
-        buf.add_episode(episode(n, i))
+    _, buf = image_store(tmp_path)
     feats = cached_keypoints(policy, buf, torch.device("cpu"))
     assert feats["rgb_corner"].shape == (19, enc.keypoint_dim)
     ds = SequenceDataset(buf, ["state", "rgb_corner"], "action", obs_horizon=2, horizon=8, action_horizon=4, arrays=feats)
