@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from rtpolicy.policies import build_policy, load_all  # noqa: E402
+from rtpolicy.policies import load_all  # noqa: E402
+
+from rtpolicy.factory import build_policy, denoiser_config, policy_config  # noqa: E402
 from rtpolicy.policies.accelerators.cache import calibrate  # noqa: E402
 from rtpolicy.policies.denoisers.mode import cache_policy_experts  # noqa: E402
-from rtpolicy.policies.base import POLICIES  # noqa: E402
-from rtpolicy.policies.denoisers.base import DENOISERS  # noqa: E402
 from rtpolicy.policies.head import denoiser_calls  # noqa: E402
 
 SHAPES = {"state": [39], "action": [4]}
@@ -64,7 +64,7 @@ CACHES = [("bac", {"mode": "bac", "budget": 4}), ("bac", {"mode": "bac", "budget
 
 
 def build(head: str, over: dict, den_cfg) -> torch.nn.Module:
-    cfg = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config), over)
+    cfg = policy_config(head, over)
     policy = build_policy(cfg, den_cfg, SHAPES).eval()
     g = torch.Generator().manual_seed(0)
     policy.normalizer.fit({"state": torch.randn(256, 39, generator=g), "action": torch.rand(256, 4, generator=g) * 2 - 1})
@@ -139,7 +139,7 @@ def main() -> None:
     timers: dict[tuple, callable] = {}
     meta: dict[tuple, dict] = {}
     for den in args.denoisers:
-        den_cfg = OmegaConf.structured(DENOISERS.get(den).config)
+        den_cfg = denoiser_config(den)
         for head, over in SETTINGS:
             policy = build(head, over, den_cfg)
             sampler, steps = label(head, over)

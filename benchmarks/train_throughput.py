@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from rtpolicy.config import register_configs  # noqa: E402
 from rtpolicy.datasets.sampler import SequenceDataset  # noqa: E402
-from rtpolicy.policies import build_policy  # noqa: E402
+from rtpolicy.factory import build_policy  # noqa: E402
 from rtpolicy.training import cached_keypoints, ensure_dataset  # noqa: E402
 
 CAMERA = ["task.obs_keys=[proprio,rgb_corner]"]
@@ -58,7 +58,7 @@ def compose_train(overrides: list[str]):
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         return compose("train", overrides=[
             "task=drawer_open", "task.demos=10", "task.image_size=84",
-            "task.dataset=data/bench/drawer-open-v3-corner84.zarr", "policy=truncated", "policy.obs_horizon=1",
+            "task.dataset=data/bench/drawer-open-v3-corner84.zarr", "task.collect=true", "policy=truncated", "policy.obs_horizon=1",
             *overrides])
 
 

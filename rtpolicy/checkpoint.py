@@ -5,12 +5,15 @@ Tensors:   ``ema/<param>`` (weights used for evaluation and deployment), ``model
 Metadata:  ``rtpolicy`` -> JSON {schema_version, step, config (resolved), shapes, num_tasks,
            optim_groups, lr_scheduler, metrics}. Normalizer stats are buffers inside ``ema/`` and
            ``model/``, so a checkpoint evaluates without its dataset.
-Writes go to a temporary file in the same folder and are moved into place with ``os.replace``,
-so a killed writer never leaves a half-written checkpoint under the final name.
+Writes go to a temporary file in the same folder and are moved into place with ``os.replace``
+(:func:`atomic_path`), so a killed writer never leaves a half-written checkpoint under the final name,
+and its leftover temporary file is removed by the next write. ``python -m rtpolicy.checkpoint PATH``
+prints the metadata.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -20,11 +23,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from rtpolicy.errors import UserError
+
 SCHEMA_VERSION = 1
 _META_KEY = "rtpolicy"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 
@@ -100,11 +105,45 @@ def save_checkpoint(
     if lr_scheduler is not None:
         meta["lr_scheduler"] = {k: v for k, v in lr_scheduler.state_dict().items() if k != "lr_lambdas"}
     tensors["rng/torch"] = torch.get_rng_state()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps({k: v for k, v in meta.items() if k != "optim_groups"}, indent=2))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary name beside ``path`` to write to; on success it gets the mode a plain new file
+    would (0666 minus the umask: safetensors writes 0600, which the robot's user could not read) and is
+    moved onto ``path`` in one ``os.replace``; on failure it is removed. Temporary files left by writers
+    that were killed (their pid is gone) are removed first."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.stem}.tmp-*{path.suffix}"):
+        pid = stale.name[len(f".{path.stem}.tmp-"): len(stale.name) - len(path.suffix)]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # keeps the suffix (torch.export wants .pt2)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -151,30 +190,26 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", policy_ove
     ``policy_overrides`` changes inference-only fields (e.g. ``num_inference_steps``, ``sampler``).
     Returns (policy in eval mode, metadata).
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from rtpolicy.factory import policy_from_stored
 
-    from rtpolicy.config import register_configs
-    from rtpolicy.policies import build_policy
-
-    register_configs()
     meta, tensors = read_checkpoint(path)
-    cfg = meta["config"]
-    try:
-        from hydra.core.config_store import ConfigStore
+    stored = {"policy": meta["config"].get("policy"), "denoiser": meta["config"].get("denoiser"),
+              "shapes": meta.get("shapes"), "num_tasks": meta.get("num_tasks", 0)}
+    policy = policy_from_stored(stored, _sub(tensors, "ema"), source=str(path), overrides=policy_overrides,
+                                error=CheckpointError)
+    return policy.to(device), meta
 
-        repo = ConfigStore.instance().repo
-        pol_schema = repo["policy"][f"{cfg['policy']['name']}.yaml"].node
-        den_schema = repo["denoiser"][f"{cfg['denoiser']['name']}.yaml"].node
-        pol = OmegaConf.merge(pol_schema, cfg["policy"], policy_overrides or {})
-        if "encoder" in pol:  # the image encoder's init file was read at training time; the weights are here
-            pol.encoder.image_weights = ""
-        den = OmegaConf.merge(den_schema, cfg["denoiser"])
-    except (KeyError, OmegaConfBaseException) as e:
-        raise CheckpointError(f"{path}: config does not match this rtpolicy's schemas ({e})") from e
-    policy = build_policy(pol, den, meta["shapes"], meta.get("num_tasks", 0))
-    try:
-        policy.load_state_dict(_sub(tensors, "ema"))
-    except RuntimeError as e:  # missing/unexpected keys or size mismatches, all listed by torch
-        raise CheckpointError(f"{path}: weights do not match the policy built from its config: {e}") from e
-    return policy.to(device).eval(), meta
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m rtpolicy.checkpoint", description="Print a checkpoint's metadata as JSON.")
+    ap.add_argument("checkpoint")
+    meta, _ = read_checkpoint(ap.parse_args(argv).checkpoint)
+    print(json.dumps({k: v for k, v in meta.items() if k != "optim_groups"}, indent=2))
+
+
+if __name__ == "__main__":
+    from rtpolicy.errors import run_cli
+
+    run_cli(main)

@@ -11,8 +11,8 @@ os.environ.setdefault("MUJOCO_GL", "osmesa")
 import hydra  # noqa: E402
 
 from rtpolicy.config import TaskConfig, register_configs  # noqa: E402
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from rtpolicy.errors import reported, take_traceback_flag  # noqa: E402
+from rtpolicy.factory import CONF_DIR  # noqa: E402
 REPORT_KEYS = ("success", "ci95", "episodes", "chunk_ms_p50", "chunk_ms_p95")
 
 register_configs()
@@ -22,11 +22,12 @@ def _report(results: dict) -> None:
     print(json.dumps({k: results[k] for k in REPORT_KEYS if k in results}))
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _train(cfg) -> None:
     from rtpolicy.training import train
 
-    results = train(cfg)
+    with reported():
+        results = train(cfg)
     ckpt = results["checkpoint"]
     if "success" not in results:  # eval.episodes=0: training only
         print(f"trained in {results['train_seconds']:.0f} s; checkpoint: {ckpt}")
@@ -40,12 +41,19 @@ def _train(cfg) -> None:
     _report(results)
     bundle = Path("bundles") / f"{cfg.task.name}-{cfg.policy.name}"
     print(f"checkpoint: {ckpt}\nnext:\n  python eval.py checkpoint={ckpt} eval.episodes=50 eval.out=results.json\n"
-          f"  python -m rtpolicy.deploy.export --checkpoint {ckpt} --out {bundle}\n"
-          f"  rtpolicy deploy bundle={bundle} --ros-args --params-file conf/deploy/metaworld.yaml")
+          f"  python -m rtpolicy.deploy.export --checkpoint {ckpt} --out {bundle}")
+    if cfg.task.env == "metaworld" and not cfg.task.tasks:
+        print(f"  rtpolicy sim task={cfg.task.name} &    # a simulated robot on ROS 2\n"
+              f"  rtpolicy deploy bundle={bundle} --ros-args --params-file {CONF_DIR / 'deploy' / 'metaworld.yaml'}")
 
 
-@hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
 def _eval(cfg) -> None:
+    with reported():
+        _evaluate(cfg)
+
+
+def _evaluate(cfg) -> None:
     from omegaconf import OmegaConf
 
     from rtpolicy.checkpoint import load_policy
@@ -63,8 +71,10 @@ def _eval(cfg) -> None:
 
 
 def train_main() -> None:
+    take_traceback_flag()
     _train()
 
 
 def eval_main() -> None:
+    take_traceback_flag()
     _eval()

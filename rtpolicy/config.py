@@ -7,8 +7,8 @@ Groups: ``task=`` (conf/task/*.yaml on the ``metaworld`` schema), ``policy=`` an
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -21,7 +21,10 @@ class TaskConfig:
 
     env: str = "metaworld"  # environment family (rtpolicy.envs registry)
     name: str = MISSING  # e.g. pick-place-v3
-    dataset: str = "data/metaworld/${task.name}.zarr"  # zarr replay buffer; collected if missing
+    # the demonstration store; when it is missing, demos are collected into it only if it is this default
+    # path (DEFAULT_DATASET) or task.collect=true, so a mistyped path fails instead of collecting there
+    dataset: str = "data/${task.env}/${task.name}.zarr"
+    collect: bool = False  # collect demos into a missing task.dataset that is not the default path
     demos: int = 50  # episodes to collect when the dataset is missing
     demo_seed: int = 0
     action_noise: float = 0.0  # Gaussian std added to expert actions while collecting
@@ -37,6 +40,50 @@ class TaskConfig:
     chain_length: int = 0  # >0: a suite is evaluated on chains of this many subtasks (env task chain<N>, CALVIN protocol)
     condition_on_task_id: bool = True  # False: a suite's policy gets no task token (e.g. conditioned on lang_emb instead)
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # extra env constructor arguments, e.g. {scene: B}
+
+
+class Choice(str, Enum):
+    """A config choice: OmegaConf rejects any other value at compose time, and a member compares (and
+    hashes) equal to its string, so ``cfg.sampler == "ddim"`` and dict lookups by name keep working."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+class Normalization(Choice):
+    minmax = "minmax"
+    meanstd = "meanstd"
+
+
+class BetaSchedule(Choice):
+    linear = "linear"
+    scaled_linear = "scaled_linear"
+    squaredcos_cap_v2 = "squaredcos_cap_v2"
+
+
+class PredictionType(Choice):
+    epsilon = "epsilon"
+    sample = "sample"
+
+
+class VLATuning(Choice):
+    frozen = "frozen"  # projections only
+    lora = "lora"  # adapters on attention query/value
+    full = "full"
+
+
+DEFAULT_DATASET = "data/{env}/{name}.zarr"
+
+
+def default_dataset(task_cfg) -> str:
+    """The store a task collects into without being asked: data/<env>/<name>.zarr."""
+    return DEFAULT_DATASET.format(env=task_cfg.env, name=task_cfg.name)
 
 
 @dataclass
@@ -63,9 +110,24 @@ class EncoderConfig:
     lang_dropout: float = 0.1  # train-time probability of replacing the language token by a learned null token
     # VLA (rtpolicy.policies.encoders.vla): a pretrained transformer reads image, state and instruction tokens
     vla_backbone: str = ""  # '': off (the encoders above); 'minilm': packaged all-MiniLM-L6-v2; or a local HF folder
-    vla_tuning: str = "lora"  # frozen (projections only) | lora (adapters on attention query/value) | full
+    vla_tuning: VLATuning = VLATuning.lora  # frozen (projections only) | lora (adapters on attention query/value) | full
     lora_rank: int = 8  # rank of each LoRA adapter (vla_tuning=lora)
     lang_tokens_len: int = 16  # token ids per instruction in obs["lang_tokens"] (tokenize_instructions max_len)
+
+
+@dataclass
+class HeadConfig:
+    """What every policy head's config has: its registry name, the window horizons, the observation
+    normalization, the condition width and the observation encoder. A head's config subclasses this and
+    is registered (``POLICIES.register(name, config=...)``) and stored in Hydra's ConfigStore as written."""
+
+    name: str = MISSING
+    obs_horizon: int = 2  # To, observation steps per inference call
+    horizon: int = 16  # H, actions predicted per denoising
+    action_horizon: int = 8  # Ha, actions executed per chunk
+    normalizer: Normalization = Normalization.minmax  # observations; actions are always min-max
+    cond_dim: int = 64  # width of the observation tokens
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # policy.encoder.* on the command line
 
 
 @dataclass
@@ -124,15 +186,6 @@ class EvalMainConfig:
     policy: dict[str, Any] = field(default_factory=dict)  # inference-time overrides, e.g. +policy.num_inference_steps=4
 
 
-def with_encoder(config: type) -> type:
-    """A head's config dataclass with an ``encoder: EncoderConfig`` field (``policy.encoder.*`` on the
-    command line); returned as is when it already has one. Every DenoisingHead reads it, so it is added
-    here once instead of in each head's dataclass; heads built without it use ``EncoderConfig()``."""
-    if any(f.name == "encoder" for f in dataclasses.fields(config)):
-        return config
-    extra = [("encoder", EncoderConfig, field(default_factory=EncoderConfig))]
-    return dataclasses.make_dataclass(config.__name__, extra, bases=(config,))
-
 
 def register_configs() -> ConfigStore:
     """Put every schema and every registered policy/denoiser config into Hydra's ConfigStore."""
@@ -146,7 +199,7 @@ def register_configs() -> ConfigStore:
     cs.store(name="eval_schema", node=EvalMainConfig)
     cs.store(group="task", name="task_schema", node=TaskConfig)
     for name, entry in POLICIES.items():
-        cs.store(group="policy", name=name, node=with_encoder(entry.config))
+        cs.store(group="policy", name=name, node=entry.config)
     for name, entry in DENOISERS.items():
         cs.store(group="denoiser", name=name, node=entry.config)
     return cs

@@ -18,10 +18,15 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from rtpolicy.checkpoint import restore_training, save_checkpoint
+from rtpolicy.checkpoint import read_checkpoint, restore_training, save_checkpoint
+from rtpolicy.config import default_dataset
 from rtpolicy.datasets.replay_buffer import ReplayBuffer
 from rtpolicy.datasets.sampler import SequenceDataset, split_episodes
-from rtpolicy.policies import build_policy
+from rtpolicy.factory import ConfigError, build_policy
+
+#: config keys a resumed run may change (how long, how often, where, how fast); any other change is refused
+RESUMABLE = ("resume", "run_dir", "device", "eval", "task.collect", "task.demos", "train.steps", "train.log_every", "train.val_every",
+             "train.eval_every", "train.ckpt_every", "train.num_workers", "train.threads")
 
 
 class EMA:
@@ -60,8 +65,14 @@ def resolve_run_dir(cfg) -> Path:
 
 
 def ensure_dataset(task_cfg) -> ReplayBuffer:
+    """The task's demonstration store, opened (validated); a missing store is collected first when it is
+    the task's default path or ``task.collect=true``, and is an error otherwise (a mistyped path)."""
     path = Path(task_cfg.dataset)
     if not path.exists():
+        if not task_cfg.collect and path != Path(default_dataset(task_cfg)):
+            raise FileNotFoundError(
+                f"task.dataset={path} does not exist (the default for {task_cfg.name} is {default_dataset(task_cfg)}); "
+                "fix the path, or pass task.collect=true to collect scripted demos there")
         from rtpolicy.datasets.collect import collect_demos, collect_suite
 
         suite = list(task_cfg.tasks)
@@ -70,6 +81,25 @@ def ensure_dataset(task_cfg) -> ReplayBuffer:
         collect = collect_suite if suite else collect_demos
         collect(task_cfg, path, task_cfg.demos, task_cfg.demo_seed, action_noise=task_cfg.action_noise)
     return ReplayBuffer.open(path)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        return {k: v for key, sub in d.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: d}
+
+
+def check_resumable(stored: dict[str, Any], new: dict[str, Any], ckpt: Path) -> None:
+    """Raise ConfigError naming every key (outside RESUMABLE) whose value differs between the run's
+    checkpoint config and the config of this launch."""
+    a, b = _flat(stored), _flat(new)
+    free = lambda k: any(k == r or k.startswith(r + ".") for r in RESUMABLE)  # noqa: E731
+    diff = [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
+            if not free(k) and a.get(k, "<unset>") != b.get(k, "<unset>")]
+    if diff:
+        shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+        raise ConfigError(f"resume=true: {ckpt} was trained with another config ({shown}); nothing was changed. "
+                          "Resume with the run's own config, or start a new run (another run_dir)")
 
 
 def cached_keypoints(policy, buffer: ReplayBuffer, device: torch.device) -> dict[str, np.ndarray]:
@@ -115,12 +145,14 @@ def train(cfg) -> dict[str, Any]:
     ckpt_path = run_dir / "checkpoints" / "last.safetensors"
     if ckpt_path.exists() and not cfg.resume:
         raise FileExistsError(f"{run_dir} already holds a checkpoint; pass resume=true to continue it or another run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resolved["run_dir"] = str(run_dir)
+    if cfg.resume and ckpt_path.exists():  # before anything is written: a refused resume changes nothing
+        check_resumable(read_checkpoint(ckpt_path)[0]["config"], resolved, ckpt_path)
+    buffer = ensure_dataset(cfg.task)  # validated (or collected) before the run directory exists
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
-    buffer = ensure_dataset(cfg.task)
     shapes = {k: list(buffer.shape(k)) for k in cfg.task.obs_keys} | {"action": list(buffer.shape(cfg.task.action_key))}
     num_tasks = cfg.task.num_tasks if cfg.task.condition_on_task_id else 0  # 0: the policy sees no task id
     policy = build_policy(cfg.policy, cfg.denoiser, shapes, num_tasks)

@@ -12,15 +12,11 @@ torch.set_num_threads(2)
 @pytest.fixture
 def small_cfgs():
     """(policy_cfg, {denoiser name: cfg}) for tiny, fast models."""
-    from omegaconf import OmegaConf
-
-    from rtpolicy.policies import load_all
+    from rtpolicy.factory import denoiser_config, policy_config
     from rtpolicy.policies.denoisers.base import DENOISERS
-    from rtpolicy.policies.diffusion import DiffusionConfig
 
-    load_all()
-    pol = OmegaConf.structured(DiffusionConfig(horizon=8, obs_horizon=2, action_horizon=4, cond_dim=16, num_inference_steps=3))
+    pol = policy_config("diffusion", dict(horizon=8, obs_horizon=2, action_horizon=4, cond_dim=16, num_inference_steps=3))
     small = {"unet1d": {"down_dims": [16, 32]}, "transformer": {"n_layer": 1, "n_head": 2, "n_emb": 16},
              "mode": {"n_layer": 1, "n_head": 2, "n_emb": 16, "expert_hidden": 16}}
-    dens = {name: OmegaConf.merge(OmegaConf.structured(DENOISERS.get(name).config), small[name]) for name in DENOISERS.names()}
+    dens = {name: denoiser_config(name, small[name]) for name in DENOISERS.names()}
     return pol, dens

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from rtpolicy.policies import build_policy, load_all
+from rtpolicy.policies import load_all
+
+from rtpolicy.factory import build_policy, denoiser_config, policy_config
 from rtpolicy.policies.accelerators.cache import (CachedDiT, adaptive_schedule, bubbling_union, calibrate,
                                                  uniform_schedule)
-from rtpolicy.policies.base import POLICIES
 from rtpolicy.policies.denoisers.base import DENOISERS
 
 SHAPES = {"state": [6], "action": [2]}
@@ -15,9 +15,8 @@ SHAPES = {"state": [6], "action": [2]}
 
 def make(head="diffusion", **over):
     load_all()
-    pol = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config),
-                          {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16}, over)
-    den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("transformer").config), {"n_layer": 3, "n_head": 2, "n_emb": 16})
+    pol = policy_config(head, {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16}, over)
+    den = denoiser_config("transformer", {"n_layer": 3, "n_head": 2, "n_emb": 16})
     torch.manual_seed(0)
     policy = build_policy(pol, den, SHAPES).eval()
     for p in policy.denoiser.parameters():  # adaLN-Zero starts as identity: give the gates real values
@@ -99,7 +98,7 @@ def test_edm_calls_counted_and_bad_inputs():
     with pytest.raises(ValueError, match="cache mode"):
         calibrate(policy, OBS, "deepcache")
     load_all()
-    unet = DENOISERS.build("unet1d", OmegaConf.structured(DENOISERS.get("unet1d").config), 2, 8, 16, 3)
+    unet = DENOISERS.build("unet1d", denoiser_config("unet1d"), 2, 8, 16, 3)
     with pytest.raises(TypeError, match="transformer"):
         CachedDiT(unet, torch.ones(2, 2, dtype=torch.bool))
 

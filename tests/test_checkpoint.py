@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from rtpolicy import checkpoint as ck
-from rtpolicy.policies import build_policy
+from rtpolicy.factory import build_policy
 
 SHAPES = {"state": [5], "action": [3]}
 
@@ -29,8 +29,27 @@ def test_round_trip_builds_policy_from_checkpoint_alone(tmp_path, small_cfgs):
     assert loaded.sampler.num_inference_steps == 2
     for (k, a), (_, b) in zip(policy.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
-    assert json.loads(path.with_suffix(".json").read_text())["step"] == 7
+    assert not path.with_suffix(".json").exists(), "no sidecar: the metadata lives in the safetensors header"
     assert not list(path.parent.glob(".*tmp*")), "temporary file left behind"
+
+
+def test_checkpoint_mode_follows_umask_and_orphan_temporaries_are_removed(tmp_path, small_cfgs):
+    import os
+    import subprocess
+    import sys
+
+    pol, dens = small_cfgs
+    (tmp_path / "c").mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / "c" / f".last.tmp-{int(dead.stdout)}.safetensors"  # a writer killed mid-write
+    orphan.write_bytes(b"half a checkpoint")
+    old = os.umask(0o022)
+    try:
+        _, path = _save(tmp_path, pol, dens["unet1d"])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644, oct(path.stat().st_mode)  # safetensors alone writes 0600
+    assert not orphan.exists()
 
 
 def test_resume_state_round_trip(tmp_path, small_cfgs):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import rtpolicy.policies.denoisers.transformer  # noqa: F401  (registers)
 import rtpolicy.policies.denoisers.unet1d  # noqa: F401  (registers)
+from rtpolicy.factory import denoiser_config
 from rtpolicy.policies.denoisers.base import DENOISERS
 
 B, T, DA, DC, N = 3, 8, 3, 10, 2
@@ -13,7 +13,7 @@ SMALL = {"unet1d": {"down_dims": [16, 32]}, "transformer": {"n_layer": 1, "n_hea
 
 
 def build(name: str, horizon: int = T, **over):
-    cfg = OmegaConf.merge(OmegaConf.structured(DENOISERS.get(name).config), SMALL.get(name, {}), over)
+    cfg = denoiser_config(name, SMALL.get(name, {}), over)
     torch.manual_seed(0)
     return DENOISERS.build(name, cfg, DA, horizon, DC, N)
 
@@ -44,7 +44,7 @@ def test_both_registered():
 
 @pytest.mark.parametrize("name", DENOISERS.names())
 def test_config_is_structured(name):
-    cfg = OmegaConf.structured(DENOISERS.get(name).config)
+    cfg = denoiser_config(name)
     assert cfg.name == name
 
 

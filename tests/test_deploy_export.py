@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from rtpolicy import checkpoint as ck
 from rtpolicy.deploy.export import BundleError, export_bundle, load_bundle, main, read_bundle
-from rtpolicy.policies import build_policy
+from rtpolicy.factory import build_policy, policy_config
 
 SHAPES = {"state": [39], "action": [4]}
 
@@ -76,11 +76,9 @@ def test_export_cli(tmp_path, ckpt, capsys):
 @pytest.mark.parametrize("head", ["diffusion", "streaming"])
 def test_exported_program_matches_eager_denoiser(tmp_path, small_cfgs, head):
     from rtpolicy.deploy.export import load_program
-    from rtpolicy.policies.base import POLICIES
 
     pol, dens = small_cfgs
-    pol = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config),
-                          {k: v for k, v in pol.items() if k in ("obs_horizon", "horizon", "cond_dim")}
+    pol = policy_config(head, {k: v for k, v in pol.items() if k in ("obs_horizon", "horizon", "cond_dim")}
                           | {"action_horizon": 1 if head == "streaming" else 4})
     policy = build_policy(pol, dens["unet1d"], SHAPES)
     policy.normalizer.fit({"state": torch.randn(50, 39), "action": torch.rand(50, 4) * 2 - 1})
@@ -130,3 +128,73 @@ def test_calvin_like_bundle_maps_the_yaw_delta_to_angular_z(tmp_path, small_cfgs
     for bad in (["linear.x"], ["linear.x", "linear.x", "linear.y", "angular.z"], ["linear.x", "linear.y", "linear.z", "yaw"]):
         with pytest.raises(ValueError, match="twist_axes"):
             check_twist_axes(bad, 4)
+
+
+def _rewrite_archive(path, edit):
+    """Rewrite the zip at ``path`` member by member through ``edit(name, data) -> data | None`` (None drops it)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members:
+            data = edit(name, data)
+            if data is not None:
+                z.writestr(name, data)
+
+
+class _Payload:  # what an attacker pickles: loading it creates a file
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+@pytest.mark.parametrize("attack", ["use_pickle_without_space", "extra_member", "sample_inputs"])
+def test_program_archive_that_could_run_code_is_refused(tmp_path, small_cfgs, attack):
+    """The archive's own metadata is parsed (not matched as text) and only the members the bundle format
+    names are accepted, so no spelling of a pickled payload reaches torch.export.load."""
+    import hashlib
+    import pickle
+
+    from rtpolicy.deploy.export import load_program
+
+    pol, dens = small_cfgs
+    policy = build_policy(pol, dens["unet1d"], SHAPES)
+    policy.normalizer.fit({"state": torch.randn(50, 39), "action": torch.rand(50, 4) * 2 - 1})
+    cfg = {"policy": OmegaConf.to_container(pol), "denoiser": OmegaConf.to_container(dens["unet1d"]),
+           "task": {"env": "metaworld", "name": "reach-v3", "tasks": []}}
+    ckpt = ck.save_checkpoint(tmp_path / "run" / "last.safetensors", ema=policy, step=1, config=cfg, shapes=SHAPES)
+    out = export_bundle(ckpt, tmp_path / "bundle", program=True)
+    load_program(out)  # the archive as exported loads
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(_Payload(marker))
+
+    def edit(name, data):
+        if attack == "use_pickle_without_space" and name.endswith("model_weights_config.json"):
+            doc = json.loads(data)
+            first = next(iter(doc["config"]))
+            doc["config"][first]["use_pickle"] = True
+            return json.dumps(doc, separators=(",", ":")).encode()  # "use_pickle":true, no space
+        if attack == "use_pickle_without_space" and name.endswith("data/weights/weight_0"):
+            return evil
+        if attack == "sample_inputs" and name.endswith("data/sample_inputs/model.pt"):
+            return evil
+        return data
+
+    _rewrite_archive(out / "denoiser.pt2", edit)
+    if attack == "extra_member":
+        import zipfile
+
+        with zipfile.ZipFile(out / "denoiser.pt2", "a") as z:
+            top = z.namelist()[0].split("/")[0]
+            z.writestr(f"{top}/extra/payload.pkl", evil)
+    meta = json.loads((out / "bundle.json").read_text())  # the attacker controls bundle.json too
+    meta["program"]["sha256"] = hashlib.sha256((out / "denoiser.pt2").read_bytes()).hexdigest()
+    (out / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="refusing to load"):
+        load_program(out)
+    assert not marker.exists()

@@ -45,7 +45,8 @@ from rtpolicy.deploy import rosparams  # noqa: E402
 from rtpolicy.deploy.export import export_bundle  # noqa: E402
 from rtpolicy.deploy.node import COMMAND_QOS, PolicyNode  # noqa: E402
 from rtpolicy.deploy.sim_robot import JOINT_NAMES, SimRobotNode  # noqa: E402
-from rtpolicy.policies import build_policy, load_all  # noqa: E402
+from rtpolicy.factory import build_policy, denoiser_config, policy_config  # noqa: E402
+from rtpolicy.policies import load_all  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"state": [39], "action": [4]}
@@ -67,12 +68,11 @@ def wait_for(pred, timeout=WAIT, period=0.01):
 # ---------------------------------------------------------------------------------------------- bundles
 def make_bundle(out_dir, pol_cfg, tasks=(), shapes=SHAPES):
     """A tiny random-weight policy (Meta-World shapes, ee_delta actions) exported as a bundle; ``tasks``: a suite."""
-    from rtpolicy.policies.denoisers.base import DENOISERS
 
     load_all()
     torch.manual_seed(0)
-    pol = OmegaConf.structured(pol_cfg)
-    den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("unet1d").config), {"down_dims": [16, 32]})
+    pol = policy_config(pol_cfg)
+    den = denoiser_config("unet1d", {"down_dims": [16, 32]})
     policy = build_policy(pol, den, shapes, len(tasks))
     policy.normalizer.fit({"state": torch.randn(50, 39), "action": torch.rand(50, 4) * 2 - 1})
     cfg = {"policy": OmegaConf.to_container(pol), "denoiser": OmegaConf.to_container(den),

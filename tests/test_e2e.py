@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import zarr
 
+from rtpolicy.checkpoint import read_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "denoiser.down_dims=[16,32]", "policy.cond_dim=16", "policy.num_inference_steps=3",
@@ -29,10 +31,10 @@ def _run(script, *args, cwd):
 @pytest.mark.slow
 def test_collect_train_resume_eval(tmp_path):
     data = tmp_path / "demos.zarr"
-    out = _run("train.py", f"task.dataset={data}", "task.demos=3", "train.steps=10", f"run_dir={tmp_path}/run", *TINY, cwd=tmp_path)
+    out = _run("train.py", f"task.dataset={data}", "task.collect=true", "task.demos=3", "train.steps=10", f"run_dir={tmp_path}/run", *TINY, cwd=tmp_path)
     assert "success" in out and "checkpoint:" in out
     ckpt = tmp_path / "run" / "checkpoints" / "last.safetensors"
-    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    meta = read_checkpoint(ckpt)[0]
     assert meta["step"] == 10 and meta["config"]["task"]["name"] == "pick-place-v3"
     assert (tmp_path / "run" / "config.yaml").exists() and list((tmp_path / "run" / "tb").iterdir())
     report = json.loads([ln for ln in out.splitlines() if ln.startswith('{"success"')][-1])
@@ -47,7 +49,7 @@ def test_collect_train_resume_eval(tmp_path):
     first_s = json.loads((tmp_path / "run" / "results.json").read_text())["train_seconds"]
     out = _run("train.py", f"task.dataset={data}", "train.steps=15", f"run_dir={tmp_path}/run", "resume=true", *TINY, cwd=tmp_path)
     assert "resumed" in out and "at step 10" in out
-    assert json.loads(ckpt.with_suffix(".json").read_text())["step"] == 15
+    assert read_checkpoint(ckpt)[0]["step"] == 15
     assert json.loads((tmp_path / "run" / "results.json").read_text())["train_seconds"] > first_s  # time accumulates
 
     res_path = tmp_path / "eval" / "results.json"
@@ -73,7 +75,7 @@ def test_foreign_diffusion_policy_store_trains(tmp_path):
     out = _run("train.py", f"task.dataset={tmp_path}/pusht.zarr", "task.name=pusht", "train.steps=6", "eval.episodes=0",
                f"run_dir={tmp_path}/run", *[o for o in TINY if not o.startswith("eval.")], cwd=tmp_path)
     assert "checkpoint:" in out
-    assert json.loads((tmp_path / "run" / "checkpoints" / "last.json").read_text())["shapes"] == {"state": [5], "action": [2]}
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")[0]["shapes"] == {"state": [5], "action": [2]}
 
 
 def test_unknown_config_key_fails_at_launch(tmp_path):

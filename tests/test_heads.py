@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from rtpolicy.policies import build_policy, load_all
-from rtpolicy.policies.base import POLICIES
+from rtpolicy.policies import load_all
+
+from rtpolicy.factory import build_policy, denoiser_config, policy_config
 from rtpolicy.policies.denoisers.base import DENOISERS
 
 load_all()
@@ -16,8 +16,8 @@ SMALL = {"unet1d": {"down_dims": [16, 32]}, "transformer": {"n_layer": 1, "n_hea
 
 def make(head, den="unet1d", num_tasks=0, **over):
     base = {"horizon": 8, "obs_horizon": 2, "cond_dim": 16, "action_horizon": 1 if head == "streaming" else 4}
-    pol = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config), base, over)
-    dcfg = OmegaConf.merge(OmegaConf.structured(DENOISERS.get(den).config), SMALL[den])
+    pol = policy_config(head, base, over)
+    dcfg = denoiser_config(den, SMALL[den])
     policy = build_policy(pol, dcfg, SHAPES, num_tasks)
     g = torch.Generator().manual_seed(0)
     policy.normalizer.fit({"state": torch.randn(64, 4, generator=g), "action": torch.rand(64, 2, generator=g) * 2 - 1})
@@ -150,9 +150,8 @@ def test_truncated_needs_anchors_before_training():
 
 @pytest.mark.parametrize("den", ["unet1d", "transformer"])
 def test_per_position_levels_match_scalar_levels(den):
-    from rtpolicy.policies.denoisers.base import DENOISERS
 
-    dcfg = OmegaConf.merge(OmegaConf.structured(DENOISERS.get(den).config), SMALL[den])
+    dcfg = denoiser_config(den, SMALL[den])
     net = DENOISERS.build(den, dcfg, 2, 8, 16, 3).eval()
     for p in net.parameters():  # DiT starts with a zero output; give it non-trivial weights
         torch.nn.init.normal_(p, std=0.1)

@@ -8,12 +8,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from rtpolicy.config import EncoderConfig, TaskConfig, with_encoder
+from rtpolicy.config import EncoderConfig, TaskConfig
 from rtpolicy.datasets.replay_buffer import ReplayBuffer
 from rtpolicy.datasets.sampler import SequenceDataset
-from rtpolicy.policies import build_policy, load_all
-from rtpolicy.policies.base import POLICIES
-from rtpolicy.policies.denoisers.base import DENOISERS
+from rtpolicy.policies import load_all
+from rtpolicy.factory import build_policy, denoiser_config, policy_config
 
 load_all()
 S = 32  # frame side in these tests
@@ -84,8 +83,8 @@ def image_policy(head="diffusion", backbone="resnet18", shared=True, cameras=("r
              "truncated": {"num_anchors": 4, "num_inference_steps": 1},
              "streaming": {"action_horizon": 1, "warmup_steps": 2}}[head]
     enc = {"image_backbone": backbone, "shared_backbone": shared, "num_keypoints": 4, "crop_fraction": 0.875} | encoder
-    pol = OmegaConf.merge(OmegaConf.structured(with_encoder(POLICIES.get(head).config)), base, {"encoder": enc})
-    den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("unet1d").config), {"down_dims": [16, 32]})
+    pol = policy_config(head, base, {"encoder": enc})
+    den = denoiser_config("unet1d", {"down_dims": [16, 32]})
     shapes = {"state": [5], **{c: [size, size, 3] for c in cameras}, "action": [3]}
     policy = build_policy(pol, den, shapes)
     g = torch.Generator().manual_seed(0)
@@ -186,8 +185,8 @@ def test_frozen_image_encoder_trains_on_cached_keypoints(tmp_path):
 
 def test_language_policy_takes_embeddings():
     base = {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16, "num_inference_steps": 2}
-    pol = OmegaConf.merge(OmegaConf.structured(with_encoder(POLICIES.get("diffusion").config)), base)
-    den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("unet1d").config), {"down_dims": [16, 32]})
+    pol = policy_config("diffusion", base)
+    den = denoiser_config("unet1d", {"down_dims": [16, 32]})
     policy = build_policy(pol, den, {"state": [5], "lang_emb": [384], "action": [3]})
     assert sorted(policy.normalizer.shapes) == ["action", "state"]
     policy.normalizer.fit({"state": torch.randn(64, 5), "action": torch.rand(64, 3) * 2 - 1})
@@ -203,11 +202,11 @@ def test_language_policy_takes_embeddings():
 
 def test_edm_guidance_over_language():
     base = {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16, "num_inference_steps": 3}
-    den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("unet1d").config), {"down_dims": [16, 32]})
+    den = denoiser_config("unet1d", {"down_dims": [16, 32]})
     torch.manual_seed(0)
     policies = {}
     for g in (1.0, 3.0):
-        pol = OmegaConf.merge(OmegaConf.structured(with_encoder(POLICIES.get("edm").config)), base, {"guidance": g})
+        pol = policy_config("edm", base, {"guidance": g})
         policies[g] = build_policy(pol, den, {"state": [5], "lang_emb": [384], "action": [3]})
     with torch.no_grad():
         policies[1.0].encoder.lang.null.normal_()  # an instruction-free token unlike any instruction

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from rtpolicy.policies import build_policy, load_all
-from rtpolicy.policies.base import POLICIES
-from rtpolicy.policies.denoisers.base import DENOISERS
+from rtpolicy.policies import load_all
+
+from rtpolicy.factory import build_policy, denoiser_config, policy_config
 from rtpolicy.policies.denoisers.mode import cache_policy_experts
 
 SHAPES = {"state": [6], "action": [2]}
@@ -15,10 +14,8 @@ OBS = {"state": torch.randn(3, 2, 6)}
 
 def make(head="diffusion", den_over=None, **over):
     load_all()
-    pol = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config),
-                          {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16}, over)
-    den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("mode").config),
-                          {"n_layer": 2, "n_head": 2, "n_emb": 16, "expert_hidden": 32}, den_over or {})
+    pol = policy_config(head, {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16}, over)
+    den = denoiser_config("mode", {"n_layer": 2, "n_head": 2, "n_emb": 16, "expert_hidden": 32}, den_over or {})
     torch.manual_seed(0)
     policy = build_policy(pol, den, SHAPES).eval()
     policy.normalizer.fit({"state": torch.randn(64, 6), "action": torch.rand(64, 2) * 2 - 1})

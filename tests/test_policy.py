@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rtpolicy.policies import build_policy
+from rtpolicy.factory import build_policy
 
 SHAPES = {"state": [5], "action": [3]}
 

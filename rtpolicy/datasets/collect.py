@@ -15,6 +15,7 @@ noise comes from an RNG seeded by that layout seed, so the same arguments give i
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 from pathlib import Path
@@ -23,7 +24,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from rtpolicy.datasets.replay_buffer import ReplayBuffer
+from rtpolicy.errors import run_cli
+from rtpolicy.datasets.replay_buffer import ReplayBuffer, ReplayBufferError
 from rtpolicy.envs import make_env, suite_members, task_fields
 
 MAX_ATTEMPTS_FACTOR = 3  # give up after this many attempts per missing success
@@ -93,33 +95,52 @@ def _store_info(buf: ReplayBuffer, path: Path, new: int) -> dict[str, Any]:
     return dict(buf.attrs) | {"path": str(path), "episodes": buf.n_episodes, "steps": buf.n_steps, "new_episodes": new}
 
 
+def _reconcile(attrs: dict[str, Any], n_episodes: int, path: Path) -> dict[str, Any]:
+    """The bookkeeping of a store whose writer may have been killed between an episode's attrs and its
+    commit (attrs list one seed more than the store holds: that episode was never committed, so its seed is
+    collected again) or, in stores written before attrs and episode committed together, between the commit
+    and the attrs (one seed fewer: the committed episode used ``next_seed``). Anything else is refused."""
+    seeds = list(attrs.get("seeds", []))
+    per_episode = [k for k in ("seeds", "instructions") if k in attrs]
+    if len(seeds) == n_episodes + 1:
+        lost = seeds[-1]
+        attrs = attrs | {k: list(attrs[k])[:n_episodes] for k in per_episode}
+        attrs |= {"next_seed": lost, "successes": n_episodes, "attempts": max(0, int(attrs.get("attempts", 1)) - 1)}
+        print(f"[rtpolicy] {path}: the episode of seed {lost} was not committed (an interrupted write); collecting it again")
+    elif len(seeds) == n_episodes - 1 and "instructions" not in attrs:
+        used = int(attrs["next_seed"])
+        attrs = attrs | {"seeds": seeds + [used], "next_seed": used + 1, "successes": n_episodes,
+                         "attempts": int(attrs.get("attempts", 0)) + 1}
+        print(f"[rtpolicy] {path}: the last committed episode (seed {used}) was missing from the attrs; recorded it")
+    elif len(seeds) != n_episodes:
+        raise ReplayBufferError(f"{path}: attrs list {len(seeds)} seeds for {n_episodes} episodes; "
+                         "cannot tell which seeds are used; choose another path")
+    return attrs
+
+
 def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progress) -> dict[str, Any]:
     buf = ReplayBuffer.open_or_create(path)
-    attrs = dict(buf.attrs)
+    attrs = json.loads(json.dumps(dict(buf.attrs)))  # a deep copy: never shares lists with zarr's cached metadata
     frames = {k: tuple(s.shape) for k, s in env.observation_space.spaces.items() if len(s.shape) == 3}  # camera keys
     if buf.n_episodes > 0:
         if missing := [k for k in frames if k not in buf.keys]:
-            raise ValueError(f"{path} has no {missing} (its keys: {buf.keys}); collect camera frames into another task.dataset")
+            raise ReplayBufferError(f"{path} has no {missing} (its keys: {buf.keys}); collect camera frames into another task.dataset")
         if wrong := [k for k, shape in frames.items() if buf.shape(k) != shape]:
-            raise ValueError(f"{path} holds {wrong[0]} frames of {buf.shape(wrong[0])}, not image_size={frames[wrong[0]][0]}")
+            raise ReplayBufferError(f"{path} holds {wrong[0]} frames of {buf.shape(wrong[0])}, not image_size={frames[wrong[0]][0]}")
         if attrs.get("collector") != "rtpolicy.collect_demos":
-            raise ValueError(
+            raise ReplayBufferError(
                 f"{path} holds {buf.n_episodes} episodes not written by collect_demos (no collector attrs); "
                 "refusing to append expert demos of unknown seeds to it; choose another path"
             )
         stored = (attrs.get("env"), attrs.get("task"))
         if stored != (fields["env"], fields["name"]):
-            raise ValueError(f"{path} holds demos of {stored[0]}/{stored[1]}, not {fields['env']}/{fields['name']}")
+            raise ReplayBufferError(f"{path} holds demos of {stored[0]}/{stored[1]}, not {fields['env']}/{fields['name']}")
         if float(attrs.get("action_noise", 0.0)) != action_noise:
-            raise ValueError(
+            raise ReplayBufferError(
                 f"{path} was collected with action_noise={attrs.get('action_noise')}, not {action_noise}; "
                 "use the same noise to extend it, or another path"
             )
-        if len(attrs.get("seeds", [])) != buf.n_episodes:
-            raise ValueError(
-                f"{path}: attrs list {len(attrs.get('seeds', []))} seeds for {buf.n_episodes} episodes "
-                "(an interrupted write?); cannot tell which seeds are used"
-            )
+        attrs = _reconcile(attrs, buf.n_episodes, path)
     else:
         attrs = {
             "collector": "rtpolicy.collect_demos",
@@ -138,7 +159,7 @@ def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progr
             "attempts": 0,
             "successes": 0,
         }
-        buf.attrs.update(attrs)
+        buf.put_attrs(attrs)
 
     missing = episodes - buf.n_episodes
     if missing <= 0:
@@ -162,16 +183,16 @@ def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progr
             attrs["next_seed"] = ep_seed + 1
             attrs["attempts"] += 1
             if success:
-                buf.add_episode(episode)
-                added += 1
                 attrs["seeds"].append(ep_seed)
                 if hasattr(env, "instruction"):  # language-annotated envs: the episode's instruction text
                     attrs.setdefault("instructions", []).append(str(env.instruction))
                 attrs["successes"] += 1
+                buf.add_episode(episode, attrs=attrs)  # the episode and its bookkeeping commit together
+                added += 1
                 bar.update(1)
             else:
                 attrs["failed_seeds"].append(ep_seed)
-            buf.attrs.update(attrs)
+                buf.put_attrs(attrs)
             bar.set_postfix(success_rate=f"{attrs['successes'] / max(1, attrs['attempts']):.2f}")
     finally:
         bar.close()
@@ -248,8 +269,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def cli() -> None:
-    """Console-script entry point (``sys.exit`` would treat main()'s return value as an error)."""
-    main()
+    """Console-script entry point: expected errors are one line and exit 2 (``--traceback`` keeps it)."""
+    run_cli(main)
 
 
 if __name__ == "__main__":

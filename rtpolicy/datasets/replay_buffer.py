@@ -14,15 +14,19 @@ A trailing ``episode_ends`` entry holding the fill value (a killed resize-then-w
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync
+
+from rtpolicy.errors import UserError
 
 _ENDS_CHUNK = 10_000
 _CHUNK_BYTES = 4 << 20  # default time chunk: ~4 MiB, at most _MAX_CHUNK_STEPS steps
@@ -35,7 +39,7 @@ _MAX_IMAGE_CHUNK_STEPS = 16
 _WRITE_ALL = {"write_empty_chunks": True}
 
 
-class ReplayBufferError(ValueError):
+class ReplayBufferError(UserError):
     """A store that is not a valid replay buffer, or an episode that does not fit the store."""
 
 
@@ -275,8 +279,19 @@ class ReplayBuffer:
                 )
                 self._arrays[key] = arr.with_config(_WRITE_ALL)
 
-    def add_episode(self, data: Mapping[str, np.ndarray], chunk_steps: int | None = None) -> None:
+    def put_attrs(self, attrs: Mapping[str, Any]) -> None:
+        """Replace the store's attrs with ``attrs`` (JSON-able) in one metadata write, from a deep copy, so
+        nothing the caller keeps shares state with zarr's cached metadata."""
+        self._root.attrs.put(json.loads(json.dumps(dict(attrs))))
+
+    def add_episode(self, data: Mapping[str, np.ndarray], chunk_steps: int | None = None,
+                    attrs: Mapping[str, Any] | None = None) -> None:
         """Append one episode {key: (L, *shape)}; validated before anything is written.
+
+        ``attrs``: the store's bookkeeping as it is with this episode (e.g. its seed appended), written in
+        one piece after the episode's rows and just before the commit point (its ``meta/episode_ends``
+        entry). A writer killed between the two leaves attrs that describe one episode more than the
+        store holds, which a resuming writer can tell from ``n_episodes`` and repair; never the reverse.
 
         ``chunk_steps`` sets the time chunk of arrays created by this call (the first episode);
         by default ~4 MiB per chunk, at most 1000 steps, for vectors and ~128 KiB, at most 16 steps,
@@ -295,6 +310,8 @@ class ReplayBuffer:
             arr = self._arrays[key]
             arr.resize((stop, *arr.shape[1:]))
             arr[start:stop] = x
+        if attrs is not None:
+            self.put_attrs(attrs)
         n = self.n_episodes  # commit point: one more episode end
         self._ends_arr.resize((n + 1,))
         self._ends_arr[n] = stop

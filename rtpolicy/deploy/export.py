@@ -24,15 +24,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from rtpolicy.checkpoint import load_policy
+from omegaconf import OmegaConf
+
+from rtpolicy.checkpoint import atomic_path, load_policy
 from rtpolicy.deploy.rosparams import parse_key_values
+from rtpolicy.errors import UserError, run_cli
 
 BUNDLE_VERSION = 1
 PROGRAM_FILE = "denoiser.pt2"
@@ -40,7 +43,7 @@ PROGRAM_ATOL = 1e-5
 ACTION_KINDS = ("ee_delta", "joint_position", "joint_velocity")
 
 
-class BundleError(ValueError):
+class BundleError(UserError):
     pass
 
 
@@ -86,7 +89,7 @@ def export_bundle(
         raise BundleError("no control rate known for this env family: pass control_rate_hz")
     bundle = {
         "bundle_version": BUNDLE_VERSION,
-        "policy": _without_init_files(cfg["policy"]) | dict(policy_overrides or {}),
+        "policy": OmegaConf.to_container(policy.cfg, enum_to_str=True),  # inference overrides applied
         "denoiser": cfg["denoiser"],
         "shapes": shapes,
         "num_tasks": meta.get("num_tasks", 0),
@@ -112,26 +115,16 @@ def export_bundle(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "policy.safetensors"
-    tmp = out / f".policy.safetensors.tmp-{os.getpid()}"
     state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
-    save_file(state, str(tmp), metadata={"rtpolicy_bundle": json.dumps(bundle)})
-    os.replace(tmp, weights)
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"rtpolicy_bundle": json.dumps(bundle)})
     bundle["weights_sha256"] = _sha256(weights)
     if program:
         bundle["program"] = export_program(policy, out / PROGRAM_FILE)
     else:
         (out / PROGRAM_FILE).unlink(missing_ok=True)  # a replaced bundle must not keep a stale program
-    tmp_json = out / f".bundle.json.tmp-{os.getpid()}"
-    tmp_json.write_text(json.dumps(bundle, indent=2))
-    os.replace(tmp_json, out / "bundle.json")
-    return out
-
-
-def _without_init_files(policy_cfg: dict[str, Any]) -> dict[str, Any]:
-    """The policy config without training-time init files (encoder.image_weights): the bundle holds the weights."""
-    out = dict(policy_cfg)
-    if isinstance(out.get("encoder"), dict):
-        out["encoder"] = dict(out["encoder"], image_weights="")
+    with atomic_path(out / "bundle.json") as tmp:
+        tmp.write_text(json.dumps(bundle, indent=2))
     return out
 
 
@@ -182,38 +175,90 @@ def export_program(policy, path: Path) -> dict[str, Any]:
         diff = max(float((ep.module()(*p) - denoiser(*p)).abs().max()) for p in probes)
     if not diff <= PROGRAM_ATOL:
         raise BundleError(f"exported denoiser differs from the eager one by {diff:.3g} > {PROGRAM_ATOL}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.export.save(ep, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.export.save(ep, str(tmp))
+    check_program_archive(path)  # what we write must pass what we read
     return {"file": path.name, "sha256": _sha256(path), "parity_max_abs": diff,
             "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype).removeprefix("torch.")}
                        for n, a in zip(("x", "t", "cond"), args)]}
 
 
+#: the only members a program archive may hold, under its one top-level folder (torch.export's .pt2 layout);
+#: weights and constants are raw tensor payloads, described by their JSON configs
+_PROGRAM_MEMBERS = re.compile(
+    r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/[\w.-]+\.json"
+    r"|data/(weights|constants)/[\w.-]+_config\.json|data/weights/weight_\d+|data/constants/(constant|tensor)_\d+"
+    r"|data/sample_inputs/[\w.-]+\.pt)")
+
+
+def check_program_archive(path: Path) -> None:
+    """Refuse a ``.pt2`` archive that could run code on load: any member the bundle format does not name,
+    any payload its own configs mark as pickled (``use_pickle`` parsed as JSON, not matched as text), any
+    non-empty sample inputs (torch pickles those), and any custom object or pickled constant in the graph."""
+    import zipfile
+
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise BundleError(f"{path}: not a program archive ({e})") from e
+    with z:
+        infos = z.infolist()
+        tops = {i.filename.split("/", 1)[0] for i in infos}
+        if len(tops) != 1:
+            raise BundleError(f"{path}: a program archive has one top-level folder, this one has {sorted(tops)}")
+        for info in infos:
+            name = info.filename.split("/", 1)[1] if "/" in info.filename else ""
+            if info.is_dir():
+                continue
+            if not _PROGRAM_MEMBERS.fullmatch(name):
+                raise BundleError(f"{path}: unexpected member {info.filename!r}; refusing to load")
+            if name.startswith("data/sample_inputs/") and info.file_size:
+                raise BundleError(f"{path}: {info.filename} holds pickled sample inputs; refusing to load")
+            if name.endswith(".json"):
+                try:
+                    doc = json.loads(z.read(info))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise BundleError(f"{path}: {info.filename} is not valid JSON ({e})") from e
+                if name.endswith("_config.json"):
+                    entries = doc.get("config") if isinstance(doc, dict) else None
+                    if not isinstance(entries, dict):
+                        raise BundleError(f"{path}: {info.filename} has no 'config' table; refusing to load")
+                    for key, entry in entries.items():
+                        if not isinstance(entry, dict) or entry.get("use_pickle") is not False:
+                            raise BundleError(f"{path}: {info.filename}: payload {key!r} is not declared pickle-free; "
+                                              "refusing to load")
+                elif _has_custom_objects(doc):
+                    raise BundleError(f"{path}: {info.filename} holds custom (pickled) objects; refusing to load")
+
+
+def _has_custom_objects(doc: Any) -> bool:
+    if isinstance(doc, dict):
+        return any(k in ("custom_obj", "as_custom_obj", "custom_obj_info") and v for k, v in doc.items()) or \
+            any(_has_custom_objects(v) for v in doc.values())
+    if isinstance(doc, list):
+        return any(_has_custom_objects(v) for v in doc)
+    return False
+
+
 def load_program(bundle_dir: str | Path) -> torch.nn.Module:
     """The bundle's exported denoiser as a callable module ``(x, t, cond) -> (1, H, Da)``.
 
-    Verifies the bundle and the archive's SHA-256, and refuses archives that carry pickled payloads
-    (``torch.export.load`` would unpickle them) before loading.
+    Verifies the bundle and the archive's SHA-256 and refuses archives that could execute code on load
+    (:func:`check_program_archive`) before ``torch.export.load`` reads them.
     """
-    import zipfile
-
     d = Path(bundle_dir)
     bundle = read_bundle(d)
     entry = bundle.get("program")
     if not entry:
         raise BundleError(f"{d}: the bundle has no exported program (export it with --program)")
-    path = d / entry["file"]
+    if not isinstance(entry, dict) or entry.get("file") != PROGRAM_FILE:
+        raise BundleError(f"{d}/bundle.json: program.file must be {PROGRAM_FILE!r}, got {entry!r:.80}")
+    path = d / PROGRAM_FILE
     if not path.is_file():
         raise BundleError(f"{path} is missing")
-    if _sha256(path) != entry["sha256"]:
+    if _sha256(path) != entry.get("sha256"):
         raise BundleError(f"{path}: SHA-256 does not match bundle.json; the program was changed or truncated")
-    with zipfile.ZipFile(path) as z:
-        for name in z.namelist():
-            if name.endswith("_config.json") and '"use_pickle": true' in z.read(name).decode():
-                raise BundleError(f"{path}: {name} declares pickled payloads; refusing to load")
-            if "/sample_inputs/" in name and z.getinfo(name).file_size:
-                raise BundleError(f"{path}: {name} holds pickled sample inputs; refusing to load")
+    check_program_archive(path)
     return torch.export.load(str(path)).module()
 
 
@@ -247,25 +292,12 @@ def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
 
 def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu"):
     """-> (policy in eval mode, bundle dict); verifies the bundle first (see :func:`read_bundle`)."""
-    from omegaconf import OmegaConf
-
-    from rtpolicy.policies import build_policy, load_all
-    from rtpolicy.policies.base import POLICIES
-    from rtpolicy.policies.denoisers.base import DENOISERS
+    from rtpolicy.factory import policy_from_stored
 
     bundle = read_bundle(bundle_dir)
-    load_all()
-    try:
-        pol = OmegaConf.merge(OmegaConf.structured(POLICIES.get(bundle["policy"]["name"]).config), bundle["policy"])
-        den = OmegaConf.merge(OmegaConf.structured(DENOISERS.get(bundle["denoiser"]["name"]).config), bundle["denoiser"])
-    except Exception as e:  # unknown head/denoiser or a field this version lacks: name the bundle
-        raise BundleError(f"{bundle_dir}: config does not match this rtpolicy ({e})") from e
-    policy = build_policy(pol, den, bundle["shapes"], bundle.get("num_tasks", 0))
-    try:
-        policy.load_state_dict(load_file(str(Path(bundle_dir) / "policy.safetensors")))
-    except RuntimeError as e:
-        raise BundleError(f"{bundle_dir}: weights do not match the policy its config builds: {e}") from e
-    return policy.to(device).eval(), bundle
+    weights = load_file(str(Path(bundle_dir) / "policy.safetensors"))
+    policy = policy_from_stored(bundle, weights, source=str(bundle_dir), error=BundleError)
+    return policy.to(device), bundle
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -288,8 +320,8 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def cli() -> None:
-    """Console-script entry point (``sys.exit`` would treat main()'s return value as an error)."""
-    main()
+    """Console-script entry point: expected errors are one line and exit 2 (``--traceback`` keeps it)."""
+    run_cli(main)
 
 
 if __name__ == "__main__":

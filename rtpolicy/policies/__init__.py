@@ -20,14 +20,3 @@ def load_all() -> None:
     for mod in _MODULES:
         importlib.import_module(mod)
 
-
-def build_policy(policy_cfg, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0):
-    """Build a registered head from its config.
-
-    shapes: {obs_key: feature shape, ..., "action": [Da]}; the head builds its normalizer,
-    encoder and denoiser from them, so a checkpoint needs only configs + shapes + weights.
-    """
-    from rtpolicy.policies.base import POLICIES
-
-    load_all()
-    return POLICIES.build(policy_cfg.name, policy_cfg, denoiser_cfg, shapes, num_tasks)

@@ -8,24 +8,25 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from rtpolicy.config import BetaSchedule, Choice, HeadConfig, PredictionType
 from rtpolicy.policies.base import POLICIES
 from rtpolicy.policies.head import DenoisingHead
 
 
+class DiffusionSampler(Choice):
+    ddpm = "ddpm"
+    ddim = "ddim"
+
+
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(HeadConfig):
     name: str = "diffusion"
-    obs_horizon: int = 2  # To
-    horizon: int = 16  # H, actions predicted per denoising
-    action_horizon: int = 8  # Ha, actions executed per chunk
     num_train_timesteps: int = 100
     num_inference_steps: int = 10
-    sampler: str = "ddim"  # ddpm | ddim
-    prediction_type: str = "epsilon"  # epsilon | sample
-    beta_schedule: str = "squaredcos_cap_v2"
+    sampler: DiffusionSampler = DiffusionSampler.ddim
+    prediction_type: PredictionType = PredictionType.epsilon
+    beta_schedule: BetaSchedule = BetaSchedule.squaredcos_cap_v2
     clip_sample: bool = True
-    normalizer: str = "minmax"  # minmax | meanstd (observations; actions are always min-max)
-    cond_dim: int = 64  # width of the observation tokens
 
 
 _SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}

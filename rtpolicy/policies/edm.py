@@ -16,17 +16,21 @@ from dataclasses import dataclass
 
 import torch
 
+from rtpolicy.config import Choice, HeadConfig
 from rtpolicy.policies.base import POLICIES
 from rtpolicy.policies.head import DenoisingHead
 
 
+class EDMSampler(Choice):
+    euler = "euler"
+    heun = "heun"
+    dpmpp_2m = "dpmpp_2m"
+
+
 @dataclass
-class EDMConfig:
+class EDMConfig(HeadConfig):
     name: str = "edm"
-    obs_horizon: int = 2
-    horizon: int = 16
-    action_horizon: int = 8
-    sampler: str = "dpmpp_2m"  # euler | heun | dpmpp_2m
+    sampler: EDMSampler = EDMSampler.dpmpp_2m
     num_inference_steps: int = 4
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -36,8 +40,6 @@ class EDMConfig:
     p_std: float = 1.2
     guidance: float = 1.0  # classifier-free guidance scale over the task token and the instruction; 1 = off
     cond_dropout: float = 0.1  # share of training samples whose task token is dropped (multi-task only)
-    normalizer: str = "minmax"
-    cond_dim: int = 64
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:

@@ -18,24 +18,22 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from rtpolicy.config import BetaSchedule, HeadConfig, PredictionType
 from rtpolicy.policies.base import POLICIES
 from rtpolicy.policies.head import DenoisingHead
 
 
 @dataclass
-class StreamingConfig:
+class StreamingConfig(HeadConfig):
     name: str = "streaming"
-    obs_horizon: int = 2
     horizon: int = 8  # H: buffer length (actions ahead of now); 8 beat 16 on MT10 (0.94 vs 0.82, RESULTS.md)
     action_horizon: int = 1  # one action per control tick
     num_train_timesteps: int = 100  # K
     steps_per_tick: int = 1  # denoiser calls per control tick
     warmup_steps: int = 10  # DDIM steps of the warm start after reset() (excluded from per-tick cost)
     uniform_level_prob: float = 0.25  # share of training samples with one level for the whole chunk
-    prediction_type: str = "sample"  # sample | epsilon (epsilon barely lets the nearly clean head of the buffer react to new observations)
-    beta_schedule: str = "squaredcos_cap_v2"
-    normalizer: str = "minmax"
-    cond_dim: int = 64
+    prediction_type: PredictionType = PredictionType.sample  # sample | epsilon (epsilon barely lets the nearly clean head of the buffer react to new observations)
+    beta_schedule: BetaSchedule = BetaSchedule.squaredcos_cap_v2
 
 
 @POLICIES.register("streaming", config=StreamingConfig)

@@ -20,25 +20,26 @@ from diffusers import DDPMScheduler
 from scipy.cluster.vq import kmeans2
 from torch import nn
 
+from rtpolicy.config import BetaSchedule, Choice, HeadConfig
 from rtpolicy.policies.base import POLICIES
 from rtpolicy.policies.head import DenoisingHead
 
 
+class ModeSelect(Choice):
+    argmax = "argmax"  # the best-scored anchor
+    sample = "sample"  # an anchor drawn by score
+
+
 @dataclass
-class TruncatedConfig:
+class TruncatedConfig(HeadConfig):
     name: str = "truncated"
-    obs_horizon: int = 2
-    horizon: int = 16
-    action_horizon: int = 8
     num_anchors: int = 20
     num_train_timesteps: int = 100
     trunc_steps: int = 20  # training noise stops at this step of the K-step schedule
     num_inference_steps: int = 1  # 1 or 2 denoiser calls per chunk
-    mode_select: str = "argmax"  # argmax | sample
+    mode_select: ModeSelect = ModeSelect.argmax
     score_weight: float = 0.1  # classification loss weight
-    beta_schedule: str = "squaredcos_cap_v2"
-    normalizer: str = "minmax"
-    cond_dim: int = 64
+    beta_schedule: BetaSchedule = BetaSchedule.squaredcos_cap_v2
     anchor_seed: int = 0
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 HERE = Path(__file__).parent
 SHAPES = {"state": [6], "action": [3]}
@@ -30,14 +29,13 @@ def case_name(head: str, den: str, over: dict) -> str:
 
 
 def run_case(head: str, den: str, over: dict) -> dict[str, torch.Tensor]:
-    from rtpolicy.policies import build_policy, load_all
-    from rtpolicy.policies.base import POLICIES
-    from rtpolicy.policies.denoisers.base import DENOISERS
+    from rtpolicy.policies import load_all
+    from rtpolicy.factory import build_policy, denoiser_config, policy_config
 
     load_all()
     base = {"horizon": 8, "obs_horizon": 2, "action_horizon": 4, "cond_dim": 16}
-    pol = OmegaConf.merge(OmegaConf.structured(POLICIES.get(head).config), base, over)
-    dcfg = OmegaConf.merge(OmegaConf.structured(DENOISERS.get(den).config), SMALL_DENOISERS[den])
+    pol = policy_config(head, base, over)
+    dcfg = denoiser_config(den, SMALL_DENOISERS[den])
     torch.manual_seed(0)
     policy = build_policy(pol, dcfg, SHAPES)
     g = torch.Generator().manual_seed(1)

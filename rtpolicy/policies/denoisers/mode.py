@@ -69,15 +69,20 @@ class SparseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, probs = self.route(r)
-        # dispatch: each expert runs only on the tokens routed to it (top_k of n experts per token)
-        flat_x, flat_w = x.reshape(-1, x.shape[-1]), weights.reshape(-1, self.n_experts)
-        out = torch.zeros_like(flat_x)
-        for j in range(self.n_experts):
-            rows = flat_w[:, j].nonzero().squeeze(1)
-            if rows.numel():
-                h = F.gelu(F.linear(flat_x.index_select(0, rows), self.w1[j], self.b1[j]), approximate="tanh")
-                out = out.index_add(0, rows, F.linear(h, self.w2[j], self.b2[j]) * flat_w[rows, j, None])
-        out = out.view_as(x)
+        if torch.compiler.is_exporting():
+            # a static graph (torch.export): every expert on every token, weighted; unchosen weights are 0
+            h = F.gelu(torch.einsum("ble,nhe->blnh", x, self.w1) + self.b1, approximate="tanh")
+            out = ((torch.einsum("blnh,neh->blne", h, self.w2) + self.b2) * weights[..., None]).sum(-2)
+        else:
+            # dispatch: each expert runs only on the tokens routed to it (top_k of n experts per token)
+            flat_x, flat_w = x.reshape(-1, x.shape[-1]), weights.reshape(-1, self.n_experts)
+            out = torch.zeros_like(flat_x)
+            for j in range(self.n_experts):
+                rows = flat_w[:, j].nonzero().squeeze(1)
+                if rows.numel():
+                    h = F.gelu(F.linear(flat_x.index_select(0, rows), self.w1[j], self.b1[j]), approximate="tanh")
+                    out = out.index_add(0, rows, F.linear(h, self.w2[j], self.b2[j]) * flat_w[rows, j, None])
+            out = out.view_as(x)
         if self.shared is not None:
             out = out + self.shared(x)
         # Switch-Transformer balance loss: n * sum_e (share of top-k slots on e) * (mean router prob of e)

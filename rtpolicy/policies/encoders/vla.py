@@ -247,18 +247,16 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
 def build_report_policy(head: str, tuning: str, image_size: int = 64, backbone: str = "minilm", lang_len: int = 16,
                         denoiser: str = "unet1d"):
     """A VLA policy with one small_cnn camera, a 9-d state, token ids and default head/denoiser sizes."""
-    from omegaconf import OmegaConf
 
-    from rtpolicy.config import EncoderConfig, with_encoder
-    from rtpolicy.policies import build_policy, load_all
-    from rtpolicy.policies.base import POLICIES
-    from rtpolicy.policies.denoisers.base import DENOISERS
+    from rtpolicy.config import EncoderConfig
+    from rtpolicy.policies import load_all
+    from rtpolicy.factory import build_policy, denoiser_config, policy_config
 
     load_all()
     enc = EncoderConfig(image_backbone="small_cnn", vla_backbone=backbone, vla_tuning=tuning, lang_tokens_len=lang_len)
     over = {"encoder": enc, "num_inference_steps": 1} if head == "truncated" else {"encoder": enc}
-    pol = OmegaConf.merge(OmegaConf.structured(with_encoder(POLICIES.get(head).config)), over)
-    den = OmegaConf.structured(DENOISERS.get(denoiser).config)
+    pol = policy_config(head, over)
+    den = denoiser_config(denoiser)
     shapes = {"rgb": [image_size, image_size, 3], "state": [9], TOKENS_KEY: [lang_len], "action": [7]}
     policy = build_policy(pol, den, shapes)
     g = torch.Generator().manual_seed(0)
