@@ -25,6 +25,12 @@ class TaskConfig:
     # path (DEFAULT_DATASET) or task.collect=true, so a mistyped path fails instead of collecting there
     dataset: str = "data/${task.env}/${task.name}.zarr"
     collect: bool = False  # collect demos into a missing task.dataset that is not the default path
+    # bring your own data (rtpolicy.datasets.formats): dataset may be a zarr store, a LeRobot v3 folder, a robomimic
+    # .hdf5 or a rosbag2 bag; "" detects the format (zarr | lerobot | robomimic | rosbag)
+    dataset_format: str = ""
+    dataset_keys: dict[str, Any] = field(default_factory=dict)  # our key -> source key or list of keys (concatenated)
+    dataset_options: dict[str, Any] = field(default_factory=dict)  # reader options, e.g. a bag's sources, rate, split
+    dataset_cache: str = "data/cache"  # non-zarr datasets are converted once into a zarr store in this folder
     demos: int = 50  # episodes to collect when the dataset is missing
     demo_seed: int = 0
     action_noise: float = 0.0  # Gaussian std added to expert actions while collecting

@@ -80,7 +80,9 @@ def ensure_dataset(task_cfg) -> ReplayBuffer:
         print(f"[rtpolicy] no dataset at {path}: collecting {task_cfg.demos} scripted demos of {what}")
         collect = collect_suite if suite else collect_demos
         collect(task_cfg, path, task_cfg.demos, task_cfg.demo_seed, action_noise=task_cfg.action_noise)
-    return ReplayBuffer.open(path)
+    from rtpolicy.datasets.formats import open_dataset  # zarr opens as is; LeRobot, robomimic, bags via a zarr cache
+
+    return open_dataset(task_cfg)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
