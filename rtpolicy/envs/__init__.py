@@ -95,3 +95,4 @@ def env_factory(fields: dict[str, Any], seed: int | None, render: bool, kwargs: 
 # families register themselves on import; their simulator libraries are imported lazily
 from rtpolicy.envs import metaworld as _metaworld  # noqa: E402,F401
 from rtpolicy.envs import calvin_like as _calvin_like  # noqa: E402,F401
+from rtpolicy.envs import robosuite as _robosuite  # noqa: E402,F401

@@ -1,0 +1,291 @@
+"""Scripted experts for the robosuite tasks: observation -> OSC_POSE action, re-planned every step.
+
+Each expert is a function of the current observation only (``robot0_eef_pos``, ``robot0_eef_quat``,
+``robot0_gripper_qpos``, ``object``) plus the task's fixed scene geometry (table height, goal bin, peg
+position: constants of the task, read once from the env). There is no hidden phase: at every step the
+expert decides from the observation which stage it is in, so a perturbed or noisy episode (DART-style
+collection) is recovered from wherever it is:
+
+* holding: the object sits between the fingers and the gripper opening matches the object's width;
+* aligned: the open gripper is at the grasp pose -> close;
+* otherwise: open the gripper and approach the grasp pose through a funnel (the hover height above the
+  grasp pose shrinks with the horizontal and yaw errors, so the fingers only come down once aligned);
+* placed (Stack, Can): the object is at its goal and not held -> open and rise.
+
+Motion: a proportional pose controller on the grip site with the gripper pointing down: position
+``clip(K_POS * error)`` (norm <= 1; one unit is a 5 cm OSC step), rotation ``clip(K_ROT * axis-angle
+error / 0.5 rad)``. The fingers close along the hand's y axis, which at yaw 0 is the world y axis.
+
+Square (NutAssemblySquare): grasp the nut's handle (5.4 cm from the nut's centre, fingers across its
+3.2 cm width), choosing between the two grasp yaws the one that keeps the wrist within +-90 deg after
+the nut has been turned; carry the nut so that its centre is above the square peg at 3 cm clearance
+while turning it to the nearest multiple of 90 deg (the peg's half width is 1.6 cm, the hole's 2.3 cm);
+descend once the centre is within 2.5 mm (funnel) and lower the nut to the table while holding it
+(robosuite's success: centre within 3 cm of the peg, < 5 cm above the table, grip site > 4.2 cm away,
+which the handle grasp already gives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+K_POS = 10.0  # action units per metre of position error
+K_ROT = 1.5  # gain on the axis-angle error (rad) / 0.5 rad
+OPEN, CLOSE = -1.0, 1.0
+GRIP_OPEN = 0.075  # finger opening (m) of an open gripper (max ~0.079)
+DOWN = np.diag([1.0, -1.0, -1.0])  # the hand's rotation at yaw 0: x along world x, pointing down
+
+
+def wrap(angle: float) -> float:
+    """angle (rad) -> [-pi, pi)."""
+    return float((angle + np.pi) % (2 * np.pi) - np.pi)
+
+
+def quat_to_mat(q: np.ndarray) -> np.ndarray:
+    """Quaternion (x, y, z, w) -> (3, 3) rotation matrix."""
+    x, y, z, w = np.asarray(q, dtype=np.float64) / max(1e-12, float(np.linalg.norm(q)))
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def rot_z(yaw: float) -> np.ndarray:
+    c, s = np.cos(yaw), np.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def rotvec(m: np.ndarray) -> np.ndarray:
+    """(3, 3) rotation -> axis-angle (3,)."""
+    angle = np.arccos(np.clip((np.trace(m) - 1) / 2, -1.0, 1.0))
+    if angle < 1e-6:
+        return np.zeros(3)
+    axis = np.array([m[2, 1] - m[1, 2], m[0, 2] - m[2, 0], m[1, 0] - m[0, 1]])
+    if angle > np.pi - 1e-3:  # near pi the antisymmetric part vanishes: take the axis from the symmetric part
+        axis = np.sqrt(np.clip((np.diag(m) + 1) / 2, 0, None)) * np.sign(axis + 1e-9)
+        return axis / max(1e-9, np.linalg.norm(axis)) * angle
+    return axis / (2 * np.sin(angle)) * angle
+
+
+def yaw_of(q: np.ndarray) -> float:
+    """Yaw (rad) of a body's x axis about world z from its quaternion (x, y, z, w)."""
+    m = quat_to_mat(q)
+    return float(np.arctan2(m[1, 0], m[0, 0]))
+
+
+def nearest_yaw(yaw: float, period: float, reference: float = 0.0) -> float:
+    """The angle ``yaw + k * period`` closest to ``reference``."""
+    return reference + wrap((yaw - reference) * (2 * np.pi / period)) * period / (2 * np.pi)
+
+
+class Expert:
+    """obs dict -> action (7,) float32 in [-1, 1]; subclasses implement :meth:`plan`.
+
+    Args:
+        layout: name -> slice of ``obs["object"]`` (``RobosuiteEnv.object_layout``).
+        geometry: the task's fixed scene geometry (``RobosuiteEnv.geometry``).
+        noise: std of Gaussian noise added to the six motion dims (DART-style), in action units.
+        seed: seed of that noise.
+    """
+
+    def __init__(self, layout: Mapping[str, slice], geometry: Mapping[str, Any], noise: float = 0.0, seed: int | None = None):
+        self.layout, self.geometry = dict(layout), dict(geometry)
+        self.noise = float(noise)
+        if not np.isfinite(self.noise) or self.noise < 0:
+            raise ValueError(f"noise must be a finite float >= 0, got {noise!r}")
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, obs: Mapping[str, Any]) -> np.ndarray:
+        missing = [k for k in ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object") if k not in obs]
+        if missing:
+            raise ValueError(f"the robosuite expert needs obs keys {missing} (got {sorted(obs)})")
+        self.eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+        self.hand = quat_to_mat(obs["robot0_eef_quat"])
+        self.yaw = float(np.arctan2(self.hand[1, 0], self.hand[0, 0]))
+        q = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)
+        self.opening = float(q[0] - q[1])
+        self.obj = np.asarray(obs["object"], dtype=np.float64)
+        action = self.plan()
+        if self.noise > 0:
+            action[:6] += self.rng.normal(0.0, self.noise, 6)
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+    def plan(self) -> np.ndarray:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def get(self, name: str) -> np.ndarray:
+        return self.obj[self.layout[name]]
+
+    def move(self, target: np.ndarray, yaw: float, grip: float) -> np.ndarray:
+        """The action toward grip-site position ``target`` with the hand down at ``yaw``."""
+        pos = K_POS * (np.asarray(target, dtype=np.float64) - self.eef)
+        norm = np.linalg.norm(pos)
+        if norm > 1.0:
+            pos /= norm
+        err = rotvec(rot_z(yaw) @ DOWN @ self.hand.T)
+        return np.concatenate([pos, np.clip(K_ROT * err / 0.5, -1.0, 1.0), [grip]])
+
+    def yaw_error(self, yaw: float) -> float:
+        return abs(wrap(yaw - self.yaw))
+
+    def holds(self, point: np.ndarray, width: float, xy_tol: float = 0.02, z_tol: float = 0.02) -> bool:
+        """The grip site is at ``point`` and the fingers are closed on something ``width`` wide."""
+        d = np.asarray(point) - self.eef
+        return bool(np.linalg.norm(d[:2]) < xy_tol and abs(d[2]) < z_tol and width - 0.015 < self.opening < width + 0.008)
+
+    def grasp(self, point: np.ndarray, yaw: float, hover: float = 0.08, xy_tol: float = 0.006, z_tol: float = 0.008) -> np.ndarray:
+        """Approach ``point`` (the grip site's grasp position) at ``yaw`` through a funnel, then close."""
+        d = np.asarray(point) - self.eef
+        xy, dz, yaw_err = float(np.linalg.norm(d[:2])), float(d[2]), self.yaw_error(yaw)
+        closing = self.opening < GRIP_OPEN - 0.01  # already closing: wider tolerances (the object may shift a little)
+        tol = 2.0 if closing else 1.0
+        if xy < tol * xy_tol and abs(dz) < tol * z_tol and yaw_err < 0.12 * tol:
+            return self.move(point, yaw, CLOSE)
+        height = min(hover, 3.0 * max(0.0, xy - 0.003) + 0.3 * max(0.0, yaw_err - 0.05))
+        if self.opening < GRIP_OPEN - 0.01 and xy > xy_tol:  # fingers not yet open: wait above the object
+            height = max(height, 0.03)
+        target = np.asarray(point, dtype=np.float64) + [0.0, 0.0, height]
+        if self.eef[2] < target[2] - 0.01 and xy > 0.02:  # rise before moving sideways
+            target[:2] = self.eef[:2]
+        return self.move(target, yaw, OPEN)
+
+
+def _cube_yaw(quat: np.ndarray, reference: float = 0.0) -> float:
+    """The grasp yaw for a cube: its yaw modulo 90 deg, nearest ``reference``."""
+    return nearest_yaw(yaw_of(quat), np.pi / 2, reference)
+
+
+class LiftExpert(Expert):
+    """Grasp the cube at its centre and lift it 15 cm."""
+
+    WIDTH = 0.042  # the cube's side (robosuite draws 4.0-4.4 cm when the model is built)
+
+    def plan(self) -> np.ndarray:
+        cube = self.get("cube_pos")
+        yaw = _cube_yaw(self.get("cube_quat"))
+        if self.holds(cube, self.WIDTH):
+            return self.move(np.array([cube[0], cube[1], self.geometry["table_z"] + 0.2]), yaw, CLOSE)
+        return self.grasp(cube, yaw)
+
+
+class StackExpert(Expert):
+    """Grasp cube A (fingers across the A->B direction when the cubes are close), put it on cube B, let go, rise."""
+
+    WIDTH_A, HALF_A, HALF_B = 0.04, 0.02, 0.025
+
+    def plan(self) -> np.ndarray:
+        a, b = self.get("cubeA_pos"), self.get("cubeB_pos")
+        stacked_z = b[2] + self.HALF_A + self.HALF_B
+        xy_err = float(np.linalg.norm(a[:2] - b[:2]))
+        if self.holds(a, self.WIDTH_A):
+            if xy_err < 0.006 and a[2] - stacked_z < 0.006:
+                return self.move(self.eef, self.yaw, OPEN)  # on B: let go
+            hover = min(0.1, 3.0 * max(0.0, xy_err - 0.003))
+            goal = np.array([b[0], b[1], stacked_z + hover])
+            if a[2] < stacked_z + 0.015 and xy_err > 0.01:  # too low to slide over B: rise first
+                goal[:2] = a[:2]
+            return self.move(self.eef + goal - a, self.yaw, CLOSE)
+        if xy_err < 0.02 and abs(a[2] - stacked_z) < 0.012:  # placed: open and rise
+            return self.move(np.array([a[0], a[1], a[2] + 0.12]), self.yaw, OPEN)
+        yaw = _cube_yaw(self.get("cubeA_quat"))
+        d = b[:2] - a[:2]
+        if np.linalg.norm(d) < 0.13:  # the fingers (4 cm either side) must not land on B: close them across A->B
+            u = d / np.linalg.norm(d)
+            options = [yaw, yaw + np.pi / 2]
+            score = [abs(np.dot(u, [-np.sin(y), np.cos(y)])) for y in options]  # finger axis = hand y = Rz(yaw) (0, -1)
+            yaw = nearest_yaw(options[int(np.argmin(score))], np.pi, 0.0)
+        return self.grasp(a, yaw)
+
+
+class CanExpert(Expert):
+    """Grasp the can from above, carry it into its compartment of bin 2 (at the corner of the compartment
+    nearest the robot, 5 cm inside: the far corner is at the arm's reach), lower it, let go, rise."""
+
+    WIDTH = 0.05  # the can's diameter
+    GRASP_DZ = 0.015  # grip site above the can's centre (the can is 8 cm tall)
+    INSET = 0.05  # the drop point's distance from the compartment's near edges
+
+    def plan(self) -> np.ndarray:
+        g = self.geometry
+        can = self.get("Can_pos")
+        low, high = np.asarray(g["goal_low"]), np.asarray(g["goal_high"])
+        goal = low + self.INSET
+        inside = bool(np.all(can[:2] > low + 0.01) and np.all(can[:2] < high - 0.01))
+        grasp = can + [0.0, 0.0, self.GRASP_DZ]
+        if self.holds(grasp, self.WIDTH, z_tol=0.025):
+            xy_err = float(np.linalg.norm(can[:2] - goal))
+            if inside and xy_err < 0.02 and can[2] < g["bin_z"] + 0.13:
+                return self.move(self.eef, self.yaw, OPEN)  # over the goal: let go
+            travel = g["bin_z"] + 0.25  # can centre high enough to clear the bin walls
+            z = g["bin_z"] + 0.11 + min(travel - g["bin_z"] - 0.11, 3.0 * max(0.0, xy_err - 0.01))
+            target = np.array([goal[0], goal[1], z])
+            if can[2] < travel - 0.03 and xy_err > 0.05:  # lift out of bin 1 before moving sideways
+                target[:2] = can[:2]
+            return self.move(self.eef + target - can, self.yaw, CLOSE)
+        if inside and can[2] < g["bin_z"] + 0.1:  # placed: open and rise
+            return self.move(np.array([self.eef[0], self.eef[1], can[2] + 0.15]), self.yaw, OPEN)
+        return self.grasp(grasp, self.grasp_yaw(can), hover=0.1, xy_tol=0.005)
+
+    def grasp_yaw(self, can: np.ndarray) -> float:
+        """Fingers along the axis with more room to the walls of bin 1 (yaw 0: fingers along world y)."""
+        g = self.geometry
+        room = np.asarray(g["bin_half"]) - np.abs(can[:2] - np.asarray(g["start_bin"]))
+        return 0.0 if room[1] >= room[0] - 0.02 else np.pi / 2
+
+
+class SquareExpert(Expert):
+    """Grasp the square nut's handle, turn and carry it over the square peg, lower it to the table."""
+
+    HANDLE = 0.054  # handle site in the nut frame (x)
+    WIDTH = 0.0318  # the handle's width
+    CLEAR = 0.03  # nut bottom above the peg top while moving over it
+
+    def plan(self) -> np.ndarray:
+        g = self.geometry
+        nut, nut_yaw = self.get("SquareNut_pos"), yaw_of(self.get("SquareNut_quat"))
+        handle = nut + rot_z(nut_yaw) @ [self.HANDLE, 0.0, 0.0]
+        turn = wrap(nearest_yaw(nut_yaw, np.pi / 2) - nut_yaw)  # to the nearest multiple of 90 deg, |turn| <= 45 deg
+        peg = np.asarray(g["peg"])
+        if self.holds(handle, self.WIDTH, z_tol=0.025):
+            xy_err = float(np.linalg.norm(nut[:2] - peg[:2]))
+            above = g["peg_top"] + 0.01 + self.CLEAR  # nut centre (half height 1 cm) above the peg top
+            z = g["table_z"] + 0.005 + min(above - g["table_z"], 6.0 * max(0.0, xy_err - 0.0025) + 10.0 * max(0.0, abs(turn) - 0.05))
+            if nut[2] < g["peg_top"] and xy_err < 0.012:  # already around the peg: straight down
+                z = g["table_z"]
+            target = np.array([peg[0], peg[1], z])
+            if nut[2] < above - 0.02 and xy_err > 0.012:  # lift before moving sideways
+                target[:2] = nut[:2]
+            # the nut turns with the hand: keep the handle where it is relative to the hand
+            return self.move(self.eef + target - nut, self.yaw + turn, CLOSE)
+        yaw = self.grasp_yaw(nut_yaw, turn)
+        if nut[2] > g["table_z"] + 0.03 or self.eef[2] < g["table_z"] + 0.005:  # dropped on the peg or tilted: back off
+            pass
+        return self.grasp(handle + [0.0, 0.0, 0.0], yaw, hover=0.08, xy_tol=0.005)
+
+    def grasp_yaw(self, nut_yaw: float, turn: float) -> float:
+        """Hand x along the handle (fingers across it); of the two such yaws the one with the wrist
+        nearer yaw 0 after the turn to the peg (ties: the one nearer the current yaw)."""
+        options = [wrap(nut_yaw), wrap(nut_yaw + np.pi)]
+        cost = [abs(wrap(y + turn)) + 0.2 * abs(wrap(y - self.yaw)) for y in options]
+        return options[int(np.argmin(cost))]
+
+
+EXPERTS: dict[str, type[Expert]] = {
+    "Lift": LiftExpert,
+    "Stack": StackExpert,
+    "PickPlaceCan": CanExpert,
+    "NutAssemblySquare": SquareExpert,
+}
+
+
+def make_expert(task: str, layout: Mapping[str, slice], geometry: Mapping[str, Any], noise: float = 0.0,
+                seed: int | None = None) -> Expert:
+    """The scripted expert of robosuite task ``task`` (a key of :data:`EXPERTS`)."""
+    if task not in EXPERTS:
+        raise ValueError(f"no scripted robosuite expert for {task!r}; experts: {', '.join(EXPERTS)}")
+    return EXPERTS[task](layout, geometry, noise=noise, seed=seed)
