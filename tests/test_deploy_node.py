@@ -10,12 +10,8 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(100, 200))  # before any rclpy.init
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -48,7 +44,8 @@ from rtpolicy.deploy.sim_robot import JOINT_NAMES, SimRobotNode  # noqa: E402
 from rtpolicy.factory import build_policy, denoiser_config, policy_config  # noqa: E402
 from rtpolicy.policies import load_all  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from ros_helpers import CLI, REPO, Processes, new_domain  # noqa: E402
+
 SHAPES = {"state": [39], "action": [4]}
 RATE = 20.0
 MW_SOURCES = {"state": [{"joint_state": {"topic": "/joint_states", "names": list(JOINT_NAMES), "field": "position"}},
@@ -148,8 +145,10 @@ class Rig:
     """One rclpy context with an executor thread, the sensors, an operator and a recorder of the node's outputs."""
 
     def __init__(self):
+        self.domain = new_domain()  # every test on its own ROS domain: nothing a test leaves reaches the next
+        self.procs = Processes(self.domain)
         self.context = Context()
-        rclpy.init(context=self.context)
+        rclpy.init(context=self.context, domain_id=self.domain)
         self.executor = SingleThreadedExecutor(context=self.context)  # rclpy 7.1's multi-threaded one busy-spins
         self.lock = threading.Lock()
         self.msgs: dict[str, list] = {k: [] for k in ("twist", "gripper", "command", "trajectory", "diagnostics", "episode")}
@@ -204,6 +203,7 @@ class Rig:
         pub.publish(msg)
 
     def close(self):
+        self.procs.stop_all()
         for n in self.nodes[::-1]:
             if isinstance(n, PolicyNode) and n._active:
                 n.trigger_deactivate()
@@ -462,12 +462,10 @@ def test_closed_loop_with_sim_robot(rig, bundle):
 
 def test_cli_entry_points_sim_and_deploy_processes_with_the_yaml(rig, bundle, tmp_path):
     """``rtpolicy sim`` and ``rtpolicy deploy`` as two processes with conf/deploy/metaworld.yaml (what the launch file starts)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cli = [sys.executable, "-m", "rtpolicy.deploy.cli"]
     params = ["--ros-args", "--params-file", str(REPO / "conf/deploy/metaworld.yaml")]
-    bad = subprocess.run([*cli, "deploy", f"bundle={tmp_path / 'nothing'}", *params], env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "configure failed" in bad.stderr and "no bundle.json" in bad.stderr, bad.stderr[-2000:]
-    procs = {name: subprocess.Popen([*cli, *args, *params], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    bad = rig.procs.run([*CLI, "deploy", f"bundle={tmp_path / 'nothing'}", *params])
+    assert bad.returncode == 1 and "configure failed" in bad.stdout and "no bundle.json" in bad.stdout, bad.stdout[-2000:]
+    procs = {name: rig.procs.start([*CLI, *args, *params])
              for name, args in (("sim", ["sim", "max_episode_steps=8", "control_rate_hz=20"]),
                                 ("deploy", ["deploy", f"bundle={bundle}", "control_rate_hz=20", "diagnostics_rate_hz=5"]))}
     out = {}
@@ -479,10 +477,9 @@ def test_cli_entry_points_sim_and_deploy_processes_with_the_yaml(rig, bundle, tm
     try:  # the sim finished an episode, the deployed node took the reset, and it drove with the policy
         assert wait_for(lambda: rig.got("episode") and deploy_episode() >= 1 and any(moving(m) for m in rig.got("twist")),
                         timeout=90), "no episode finished in the sim driven by the deployed policy"
-    finally:
+    finally:  # SIGINT, then SIGKILL to the group if it has not exited (ros_helpers); the rig kills leftovers too
         for name in ("deploy", "sim"):
-            procs[name].send_signal(signal.SIGINT)
-            out[name], _ = procs[name].communicate(timeout=60)
+            out[name] = rig.procs.stop(procs[name], grace=30.0)
     assert procs["deploy"].returncode == 0 and procs["sim"].returncode == 0, out
     result = json.loads(rig.got("episode")[0].data)
     assert result["episode"] == 0 and result["seed"] == 0 and result["length"] <= 8

@@ -12,7 +12,9 @@ publishes a hold command) before the context goes.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from typing import Callable
 
 import rclpy
@@ -23,7 +25,17 @@ from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
 
+EXIT_DEADLINE_S = 4.0  # after SIGINT/SIGTERM the process is gone within this, even if shutdown hangs
+
+
 def _interrupt(signum, frame) -> None:
+    # the first signal starts an orderly shutdown (hold published first); later ones must not interrupt it,
+    # and a shutdown stuck behind a long inference call is cut off at the deadline
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    deadline = threading.Timer(EXIT_DEADLINE_S, os._exit, (0,))
+    deadline.daemon = True  # a clean exit before the deadline does not wait for it
+    deadline.start()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -34,7 +46,7 @@ def spin_node(factory: Callable[[Context], Node], ros_args: list[str], lifecycle
     """
     context = Context()
     rclpy.init(args=["rtpolicy", *ros_args], context=context, signal_handler_options=SignalHandlerOptions.NO)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     node: Node | None = None
     executor: SingleThreadedExecutor | None = None
     try:
@@ -60,4 +72,5 @@ def spin_node(factory: Callable[[Context], Node], ros_args: list[str], lifecycle
         if executor is not None:
             executor.shutdown()
         rclpy.try_shutdown(context=context)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
