@@ -28,8 +28,9 @@ class TaskConfig:
     # bring your own data (rtpolicy.datasets.formats): dataset may be a zarr store, a LeRobot v3 folder, a robomimic
     # .hdf5 or a rosbag2 bag; "" detects the format (zarr | lerobot | robomimic | rosbag)
     dataset_format: str = ""
-    dataset_keys: dict[str, Any] = field(default_factory=dict)  # our key -> source key or list of keys (concatenated)
-    dataset_options: dict[str, Any] = field(default_factory=dict)  # reader options, e.g. a bag's sources, rate, split
+    # mappings or None; typed Any so that `task.dataset_keys={state: observation.state}` works on the command line
+    dataset_keys: Any = None  # our key -> source key or list of keys (concatenated); None: the format's defaults
+    dataset_options: Any = None  # reader options, e.g. a bag's sources, rate, max_age, split
     dataset_cache: str = "data/cache"  # non-zarr datasets are converted once into a zarr store in this folder
     demos: int = 50  # episodes to collect when the dataset is missing
     demo_seed: int = 0

@@ -104,20 +104,27 @@ def open_dataset(task_cfg: Any):
 
     from rtpolicy.datasets.replay_buffer import ReplayBuffer
 
-    def plain(v):
-        return OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else dict(v or {})
+    def plain(v, name: str) -> dict:
+        v = OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+        if v is not None and not isinstance(v, Mapping):
+            raise FormatError(f"task.{name} must be a mapping, got {v!r:.200}")
+        return dict(v or {})
 
     path = Path(task_cfg.dataset)
     fmt = str(getattr(task_cfg, "dataset_format", "") or "") or detect_format(path)
-    keys = plain(getattr(task_cfg, "dataset_keys", None))
-    options = plain(getattr(task_cfg, "dataset_options", None))
+    keys = plain(getattr(task_cfg, "dataset_keys", None), "dataset_keys")
+    options = plain(getattr(task_cfg, "dataset_options", None), "dataset_options")
     if fmt == "zarr" and not keys:
         return ReplayBuffer.open(path)
     cache = cache_path(path, fmt, keys, options, getattr(task_cfg, "dataset_cache", "") or "data/cache")
     if not cache.exists():
         print(f"[rtpolicy] reading {fmt} dataset {path} into {cache} (once; later runs reuse it)")
         source = read_dataset(path, fmt, keys, **options)
-        get_format("zarr").write(source, cache)
+        try:
+            get_format("zarr").write(source, cache)
+        except (FileExistsError, OSError):
+            if not cache.exists():  # else another run wrote the same cache meanwhile
+                raise
     return ReplayBuffer.open(cache)
 
 

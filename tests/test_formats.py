@@ -1,0 +1,335 @@
+"""Bring your own data: zarr <-> LeRobot v3 <-> robomimic HDF5 round trips, rosbag2 (sqlite3 and MCAP)
+alignment, training straight from each format, the convert CLI's refusals, and interop with the
+``lerobot`` package itself (skipped unless its own venv is there)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyarrow")
+pytest.importorskip("av")
+h5py = pytest.importorskip("h5py")
+
+from rtpolicy.datasets.convert import main as convert_main  # noqa: E402
+from rtpolicy.datasets.formats import FormatError, convert, detect_format, read_dataset  # noqa: E402
+from rtpolicy.datasets.replay_buffer import ReplayBuffer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+LENGTHS = [17, 23, 12]
+
+
+def _frames(L: int, e: int, h: int = 32, w: int = 48) -> np.ndarray:
+    """Smooth moving gradients (what a camera sees; codec error is small on them): (L, h, w, 3) uint8."""
+    yy, xx = np.mgrid[:h, :w]
+    t = np.arange(L)[:, None, None]
+    r = (xx * 4 + t * 3 + e * 20) % 256
+    g = (r // 2 + yy * 2) % 256
+    b = np.broadcast_to((yy * 6 + e * 9) % 256, r.shape)
+    return np.stack([r, g, b], -1).astype(np.uint8)
+
+
+def _store(path: Path, image: bool = True, robosuite: bool = False) -> ReplayBuffer:
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer.create(path)
+    for e, L in enumerate(LENGTHS):
+        if robosuite:
+            ep = {"robot0_eef_pos": rng.normal(size=(L, 3)), "robot0_eef_quat": rng.normal(size=(L, 4)).astype(np.float32),
+                  "robot0_gripper_qpos": rng.normal(size=(L, 2)), "object": rng.normal(size=(L, 10))}
+        else:
+            ep = {"state": rng.normal(size=(L, 5)).astype(np.float32), "task_id": np.full(L, e % 2, np.int64),
+                  "reward": rng.random(L)}
+        ep["action"] = rng.uniform(-1, 1, size=(L, 3)).astype(np.float32)
+        if image:
+            ep["rgb_agentview" if robosuite else "rgb_top"] = _frames(L, e)
+        buf.add_episode(ep)
+    buf.attrs.update({"task": "demo", "num_tasks": 2, "fps": 10})
+    return buf
+
+
+def _same(a: ReplayBuffer, b: ReplayBuffer, image_tol: float | None = None) -> None:
+    assert np.array_equal(a.episode_ends, b.episode_ends)
+    assert a.keys == b.keys
+    for k in a.keys:
+        x, y = a[k][: a.n_steps], b[k][: b.n_steps]
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        if x.dtype == np.uint8 and x.ndim == 4 and image_tol is not None:
+            err = np.abs(x.astype(np.int16) - y.astype(np.int16))
+            assert err.mean() < image_tol and np.percentile(err, 99) <= 4 * image_tol, (k, err.mean(), err.max())
+        else:
+            assert np.array_equal(x, y), k
+
+
+def test_round_trip_zarr_lerobot_robomimic_zarr(tmp_path):
+    src = _store(tmp_path / "src.zarr")
+    assert convert(tmp_path / "src.zarr", tmp_path / "lr") == ("zarr", "lerobot")
+    assert detect_format(tmp_path / "lr") == "lerobot"
+    info = json.loads((tmp_path / "lr/meta/info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["total_episodes"] == 3 and info["total_frames"] == sum(LENGTHS)
+    assert info["features"]["observation.images.top"]["dtype"] == "video"
+    # many episodes per file: one data parquet, one mp4
+    assert len(list((tmp_path / "lr/videos/observation.images.top").rglob("*.mp4"))) == 1
+    assert convert(tmp_path / "lr", tmp_path / "rm.hdf5") == ("lerobot", "robomimic")
+    assert convert(tmp_path / "rm.hdf5", tmp_path / "back.zarr") == ("robomimic", "zarr")
+    back = ReplayBuffer.open(tmp_path / "back.zarr")
+    _same(src, back, image_tol=4.0)
+    assert back.attrs["tasks"] == ["task 0", "task 1"]
+
+
+def test_robomimic_layout_and_exact_round_trip(tmp_path):
+    src = _store(tmp_path / "rs.zarr", robosuite=True)
+    convert(tmp_path / "rs.zarr", tmp_path / "demo.hdf5")
+    with h5py.File(tmp_path / "demo.hdf5", "r") as f:
+        demo = f["data/demo_1"]
+        assert sorted(demo["obs"]) == ["agentview_image", "object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+        assert demo["actions"].shape == (23, 3) and demo.attrs["num_samples"] == 23
+        assert demo["dones"][-1] == 1 and demo["rewards"].shape == (23,)  # synthesized: robomimic needs them
+        assert f["data"].attrs["total"] == sum(LENGTHS)
+        assert json.loads(f["data"].attrs["env_args"])["env_name"] == "demo"
+        assert [m.decode() for m in f["mask/valid"][()]] == ["demo_2"]
+    convert(tmp_path / "demo.hdf5", tmp_path / "back.zarr")
+    _same(src, ReplayBuffer.open(tmp_path / "back.zarr"))  # bit-identical, frames included (no reward/done added)
+
+
+def _h5py_file(path: Path, n_demos: int = 11, bad: tuple[int, str] | None = None) -> dict[int, int]:
+    """A robomimic-layout file as robomimic's own tools write it (demo_<i> unordered on purpose)."""
+    rng = np.random.default_rng(1)
+    lengths = {}
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        for i in reversed(range(n_demos)):
+            L = 20 + i
+            g = data.create_group(f"demo_{i}")
+            g.create_dataset("obs/robot0_eef_pos", data=rng.normal(size=(L, 3)))
+            g.create_dataset("obs/object", data=rng.normal(size=(L, 7)))
+            g.create_dataset("actions", data=np.full((L, 4), i, np.float64))
+            g.create_dataset("rewards", data=np.zeros(L))
+            g.create_dataset("dones", data=np.zeros(L, np.int64))
+            g.attrs["num_samples"] = L
+            lengths[i] = L
+        data.attrs["total"] = sum(lengths.values())
+        data.attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 1, "env_kwargs": {"control_freq": 20}})
+        if bad:
+            f[f"data/demo_{bad[0]}/{bad[1]}"][3] = np.nan
+    return lengths
+
+
+def test_robomimic_reads_in_demo_order_and_maps_keys(tmp_path):
+    lengths = _h5py_file(tmp_path / "lift.hdf5")
+    src = read_dataset(tmp_path / "lift.hdf5", keys={"state": ["obs/robot0_eef_pos", "obs/object"]})
+    assert src.fps == 20.0 and list(src.lengths) == [lengths[i] for i in range(11)]
+    assert src.keys["state"][0] == (10,) and "robot0_eef_pos" not in src.keys
+    eps = list(src.episodes())
+    assert [int(ep["action"][0, 0]) for ep in eps] == list(range(11))  # demo_10 after demo_9
+
+
+def _train(tmp_path, overrides):
+    from hydra import compose, initialize_config_dir
+
+    from rtpolicy.config import register_configs
+    from rtpolicy.training import train
+
+    register_configs()
+    tiny = ["denoiser.down_dims=[16,32]", "policy.cond_dim=16", "train.batch_size=8", "train.steps=2", "train.threads=1",
+            "train.val_every=1000", "train.log_every=1", "train.ckpt_every=1000", "eval.episodes=0", f"run_dir={tmp_path}/run",
+            f"task.dataset_cache={tmp_path}/cache"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, *tiny])
+    return train(cfg)
+
+
+def test_train_from_robomimic_hdf5(tmp_path):
+    _h5py_file(tmp_path / "lift.hdf5", n_demos=3)
+    res = _train(tmp_path, ["task=reach", "task.name=lift", f"task.dataset={tmp_path}/lift.hdf5",
+                            "task.dataset_keys={state:[obs/robot0_eef_pos,obs/object]}"])
+    assert res["step"] == 2 and Path(res["checkpoint"]).exists()
+    assert len(list((tmp_path / "cache").glob("lift.hdf5-robomimic-*.zarr"))) == 1
+
+
+def test_train_from_lerobot_folder(tmp_path):
+    _store(tmp_path / "src.zarr", image=False)
+    convert(tmp_path / "src.zarr", tmp_path / "lr")
+    # two tasks: task_index comes back as task_id, which a single-task policy ignores
+    res = _train(tmp_path, ["task=reach", "task.name=lr-demo", f"task.dataset={tmp_path}/lr", "task.dataset_format=lerobot",
+                            "task.condition_on_task_id=false"])
+    assert res["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------- rosbag2
+def _write_bag(path: Path, storage: str, gap: tuple[float, float] | None = None) -> dict[str, list]:
+    """Joint states at ~50 Hz (jittered), an object array at 20 Hz, a camera at 10 Hz and TwistStamped teleop commands
+    at ~15 Hz for 3 s; returns {topic: [(t, values)]} as written."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_JAZZY)
+    T = ts.types
+    Header, Time = T["std_msgs/msg/Header"], T["builtin_interfaces/msg/Time"]
+    rng = np.random.default_rng(2)
+    plugin = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}[storage]
+    sent: dict[str, list] = {"/joint_states": [], "/object": [], "/cmd": [], "/camera": []}
+    events = []
+    for t in np.arange(0.0, 3.0, 0.02) + rng.uniform(0, 0.004, 150):
+        events.append((t, "/joint_states"))
+    events += [(t, "/object") for t in np.arange(0.013, 3.0, 0.05)]
+    events += [(t, "/camera") for t in np.arange(0.031, 3.0, 0.1)]
+    events += [(t, "/cmd") for t in np.arange(0.007, 3.0, 1 / 15)]
+    events = [(t, tp) for t, tp in sorted(events) if not (gap and gap[0] <= t < gap[1] and tp == "/joint_states")]
+    base = 1_700_000_000.0
+    with Writer(path, version=9, storage_plugin=plugin) as w:
+        conns = {"/joint_states": w.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=ts),
+                 "/object": w.add_connection("/object", "std_msgs/msg/Float64MultiArray", typestore=ts),
+                 "/camera": w.add_connection("/camera", "sensor_msgs/msg/Image", typestore=ts),
+                 "/cmd": w.add_connection("/cmd", "geometry_msgs/msg/TwistStamped", typestore=ts)}
+        for i, (t, topic) in enumerate(events):
+            stamp = base + t
+            header = Header(stamp=Time(sec=int(stamp), nanosec=int((stamp % 1) * 1e9)), frame_id="")
+            if topic == "/joint_states":
+                v = np.array([i, -i, 0.5 * i], dtype=np.float64)
+                msg = T["sensor_msgs/msg/JointState"](header=header, name=["b", "a", "c"], position=v,
+                                                      velocity=np.zeros(3), effort=np.zeros(0))
+                sent[topic].append((t, np.array([v[1], v[0]])))  # sources read joints a, b by name
+            elif topic == "/object":
+                v = np.array([t, 2 * t])
+                layout = T["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
+                msg = T["std_msgs/msg/Float64MultiArray"](layout=layout, data=v)
+                sent[topic].append((t, v))
+            elif topic == "/camera":
+                img = np.full((6, 8, 3), i % 256, np.uint8)
+                msg = T["sensor_msgs/msg/Image"](header=header, height=6, width=8, encoding="rgb8", is_bigendian=0, step=24,
+                                                 data=img.reshape(-1))
+                sent[topic].append((t, img))
+            else:
+                V3 = T["geometry_msgs/msg/Vector3"]
+                twist = T["geometry_msgs/msg/Twist"](linear=V3(x=t, y=1.0, z=2.0), angular=V3(x=0.0, y=0.0, z=-t))
+                msg = T["geometry_msgs/msg/TwistStamped"](header=header, twist=twist)
+                sent[topic].append((t, np.array([t, 1.0, 2.0, 0.0, 0.0, -t])))
+            w.write(conns[topic], int(round(stamp * 1e9)), ts.serialize_cdr(msg, conns[topic].msgtype))
+    return sent
+
+
+SOURCES = {"state": [{"joint_state": {"topic": "/joint_states", "names": ["a", "b"]}}, {"array": {"topic": "/object", "size": 2}}],
+           "rgb_cam": [{"image": {"topic": "/camera"}}],
+           "action": [{"array": {"topic": "/cmd", "size": 6}}]}
+
+
+def _latest(sent, t):
+    i = max(j for j, (ts, _) in enumerate(sent) if ts <= t + 1e-9)
+    return sent[i]
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_rosbag_aligns_to_the_control_rate(tmp_path, storage):
+    sent = _write_bag(tmp_path / "bag", storage, gap=(1.5, 1.9))
+    assert detect_format(tmp_path / "bag") == "rosbag"
+    opts = {"sources": SOURCES, "rate": 10, "max_age": 0.25}
+    src = read_dataset(tmp_path / "bag", **opts)
+    eps = list(src.episodes())
+    assert len(eps) == 2  # the joint states stop for 0.4 s > max_age: a gap splits the recording
+    t0 = min(t for v in sent.values() for t, _ in v)
+    t_end = max(t for v in sent.values() for t, _ in v)
+    ticks = [t for t in t0 + np.arange(0, 40) / 10 if t <= t_end]  # the recording ends with its last message
+    valid = [t for t in ticks if all(any(ts <= t + 1e-9 for ts, _ in sent[tp]) for tp in sent)
+             and all(t - _latest(sent[tp], t)[0] <= 0.25 for tp in sent)]
+    assert sum(len(ep["action"]) for ep in eps) == len(valid)
+    rows = [{k: ep[k][i] for k in ep} for ep in eps for i in range(len(ep["action"]))]
+    for t, row in zip(valid, rows):
+        state = np.concatenate([_latest(sent["/joint_states"], t)[1], _latest(sent["/object"], t)[1]])
+        np.testing.assert_allclose(row["state"], state.astype(np.float32))
+        np.testing.assert_allclose(row["action"], _latest(sent["/cmd"], t)[1].astype(np.float32))
+        assert np.array_equal(row["rgb_cam"], _latest(sent["/camera"], t)[1])
+    convert(tmp_path / "bag", tmp_path / "bag.zarr", read_options=opts)
+    buf = ReplayBuffer.open(tmp_path / "bag.zarr")
+    assert list(buf.episode_lengths) == [len(ep["action"]) for ep in eps] and buf.shape("rgb_cam") == (6, 8, 3)
+    assert buf.attrs["fps"] == 10
+
+
+def test_rosbag_strict_split_reports_the_gap(tmp_path):
+    _write_bag(tmp_path / "bag.mcap.d", "mcap", gap=(1.5, 1.9))
+    bag = next((tmp_path / "bag.mcap.d").glob("*.mcap"))
+    with pytest.raises(FormatError, match=r"gap inside episode 0 at .*joint|gap inside episode 0 at .*old"):
+        list(read_dataset(bag, sources=SOURCES, rate=10, max_age=0.25, split="bag").episodes())
+    with pytest.raises(FormatError, match="/missing"):
+        list(read_dataset(bag, sources={"state": [{"array": {"topic": "/missing", "size": 2}}]}).episodes())
+
+
+# ---------------------------------------------------------------------------------------------------- CLI refusals
+def test_cli_refuses_to_clobber_and_names_bad_input(tmp_path, capsys):
+    _store(tmp_path / "src.zarr", image=False)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert convert_main([str(tmp_path / "src.zarr"), str(tmp_path / "taken")]) == 1
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    assert convert_main([str(tmp_path / "src.zarr"), str(tmp_path / "taken"), "--overwrite"]) == 0
+    assert detect_format(tmp_path / "taken") == "lerobot"
+
+    _h5py_file(tmp_path / "bad.hdf5", n_demos=3, bad=(1, "obs/object"))
+    before = (tmp_path / "bad.hdf5").read_bytes()
+    assert convert_main([str(tmp_path / "bad.hdf5"), str(tmp_path / "out.zarr")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.hdf5" in err and "'object'" in err and "demo_1" in err and "NaN" in err
+    assert not (tmp_path / "out.zarr").exists() and not list(tmp_path.glob(".out.zarr.tmp-*"))  # nothing left behind
+    assert (tmp_path / "bad.hdf5").read_bytes() == before  # the source is only read
+
+    (tmp_path / "junk").mkdir()
+    assert convert_main([str(tmp_path / "junk"), str(tmp_path / "o.zarr")]) == 1
+    assert "cannot tell its format" in capsys.readouterr().err
+
+
+def test_lerobot_lengths_that_disagree_are_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _store(tmp_path / "src.zarr", image=False)
+    convert(tmp_path / "src.zarr", tmp_path / "lr")
+    p = tmp_path / "lr/meta/episodes/chunk-000/file-000.parquet"
+    t = pq.read_table(p)
+    pq.write_table(t.set_column(t.column_names.index("length"), "length", pa.array([17, 22, 12])), p)
+    with pytest.raises(FormatError, match=r"episode 1: data/chunk-000/file-000.parquet holds 23 rows, meta/episodes says length 22"):
+        list(read_dataset(tmp_path / "lr").episodes())
+
+
+# ---------------------------------------------------------------------------------------------------- the peer itself
+LEROBOT_PYTHON = Path(os.environ.get("RTPOLICY_LEROBOT_PYTHON", ROOT.parent / "lerobot-venv" / "bin" / "python"))
+PEER = ROOT / "benchmarks" / "lerobot_interop.py"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LEROBOT_PYTHON.exists(), reason=f"no lerobot 0.4.4 venv at {LEROBOT_PYTHON} (set RTPOLICY_LEROBOT_PYTHON; "
+                    "see benchmarks/lerobot_interop.py for how to build it)")
+def test_lerobot_package_reads_ours_and_we_read_and_train_on_its(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_LEROBOT_HOME=str(tmp_path / "hf"))
+
+    def peer(*args):
+        proc = subprocess.run([str(LEROBOT_PYTHON), str(PEER), *args], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    # lerobot writes (LeRobotDataset.create / add_frame / save_episode, one camera as video) -> we read and train
+    out = peer("write", str(tmp_path / "theirs"))
+    expected = np.load(tmp_path / "theirs.expected.npz", allow_pickle=False)
+    src = read_dataset(tmp_path / "theirs")
+    eps = list(src.episodes())
+    assert [len(ep["action"]) for ep in eps] == out["lengths"]
+    for k, ours in (("state", "state"), ("action", "action"), ("image", "rgb_front")):
+        got = np.concatenate([ep[ours] for ep in eps])
+        if k == "image":
+            assert np.abs(got.astype(np.int16) - expected[k]).mean() < 4.0
+        else:
+            assert np.array_equal(got, expected[k])
+    res = _train(tmp_path, ["task=reach", "task.name=theirs", f"task.dataset={tmp_path}/theirs", "task.condition_on_task_id=false"])
+    assert res["step"] == 2
+
+    # we write -> LeRobotDataset opens it, iterates every frame and gets the same values
+    _store(tmp_path / "ours.zarr")
+    convert(tmp_path / "ours.zarr", tmp_path / "ours")
+    buf = ReplayBuffer.open(tmp_path / "ours.zarr")
+    np.savez(tmp_path / "ours.expected.npz", state=buf["state"][:], action=buf["action"][:], image=buf["rgb_top"][:],
+             episode_ends=buf.episode_ends)
+    res = peer("read", str(tmp_path / "ours"), "observation.images.top")
+    assert res["frames"] == sum(LENGTHS) and res["episodes"] == 3 and res["image_mean_abs_err"] < 4.0
