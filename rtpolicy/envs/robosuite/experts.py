@@ -18,7 +18,7 @@ error / 0.5 rad)``. The fingers close along the hand's y axis, which at yaw 0 is
 
 Square (NutAssemblySquare): grasp the nut's handle (5.4 cm from the nut's centre, fingers across its
 3.2 cm width), choosing between the two grasp yaws the one that keeps the wrist within +-90 deg after
-the nut has been turned; carry the nut so that its centre is above the square peg at 3 cm clearance
+the nut has been turned; carry the nut so that its centre is above the square peg at 2 cm clearance
 while turning it to the nearest multiple of 90 deg (the peg's half width is 1.6 cm, the hole's 2.3 cm);
 descend once the centre is within 2.5 mm (funnel) and lower the nut to the table while holding it
 (robosuite's success: centre within 3 cm of the peg, < 5 cm above the table, grip site > 4.2 cm away,
@@ -241,37 +241,39 @@ class CanExpert(Expert):
 class SquareExpert(Expert):
     """Grasp the square nut's handle, turn and carry it over the square peg, lower it to the table."""
 
-    HANDLE = 0.054  # handle site in the nut frame (x)
+    HANDLE = 0.06  # grasp point on the handle (nut frame x; the handle spans 2.9-7.9 cm, its site is at 5.4;
+    # the open fingers, 1 cm either side of it, must clear the ring, which ends at 4.4 cm)
     WIDTH = 0.0318  # the handle's width
-    CLEAR = 0.03  # nut bottom above the peg top while moving over it
+    CLEAR = 0.02  # nut bottom above the peg top while moving over it
+    # nut yaws at the peg: handle toward the robot or sideways (handle away from the robot: out of reach)
+    TARGET_YAWS = (np.pi / 2, np.pi, -np.pi / 2)
 
     def plan(self) -> np.ndarray:
         g = self.geometry
         nut, nut_yaw = self.get("SquareNut_pos"), yaw_of(self.get("SquareNut_quat"))
         handle = nut + rot_z(nut_yaw) @ [self.HANDLE, 0.0, 0.0]
-        turn = wrap(nearest_yaw(nut_yaw, np.pi / 2) - nut_yaw)  # to the nearest multiple of 90 deg, |turn| <= 45 deg
+        turn = min((wrap(t - nut_yaw) for t in self.TARGET_YAWS), key=abs)
         peg = np.asarray(g["peg"])
         if self.holds(handle, self.WIDTH, z_tol=0.025):
             xy_err = float(np.linalg.norm(nut[:2] - peg[:2]))
             above = g["peg_top"] + 0.01 + self.CLEAR  # nut centre (half height 1 cm) above the peg top
-            z = g["table_z"] + 0.005 + min(above - g["table_z"], 6.0 * max(0.0, xy_err - 0.0025) + 10.0 * max(0.0, abs(turn) - 0.05))
-            if nut[2] < g["peg_top"] and xy_err < 0.012:  # already around the peg: straight down
-                z = g["table_z"]
-            target = np.array([peg[0], peg[1], z])
-            if nut[2] < above - 0.02 and xy_err > 0.012:  # lift before moving sideways
-                target[:2] = nut[:2]
-            # the nut turns with the hand: keep the handle where it is relative to the hand
+            around = nut[2] < g["peg_top"] + 0.005 and xy_err < 0.012  # the hole is around the peg
+            aligned = xy_err < (0.007 if nut[2] < above - 0.008 else 0.004) and abs(turn) < 0.1
+            if around or aligned:
+                target = np.array([peg[0], peg[1], g["table_z"]])  # down the peg to the table
+            elif nut[2] < above - 0.015:
+                target = np.array([nut[0], nut[1], above])  # too low to move sideways: rise first
+            else:
+                target = np.array([peg[0], peg[1], above])
+            # the nut moves and turns with the hand
             return self.move(self.eef + target - nut, self.yaw + turn, CLOSE)
-        yaw = self.grasp_yaw(nut_yaw, turn)
-        if nut[2] > g["table_z"] + 0.03 or self.eef[2] < g["table_z"] + 0.005:  # dropped on the peg or tilted: back off
-            pass
-        return self.grasp(handle + [0.0, 0.0, 0.0], yaw, hover=0.08, xy_tol=0.005)
+        return self.grasp(handle, self.grasp_yaw(nut_yaw, turn), hover=0.08, xy_tol=0.005)
 
     def grasp_yaw(self, nut_yaw: float, turn: float) -> float:
-        """Hand x along the handle (fingers across it); of the two such yaws the one with the wrist
-        nearer yaw 0 after the turn to the peg (ties: the one nearer the current yaw)."""
+        """Hand x along the handle (fingers across it): of the two such yaws the one that keeps the wrist
+        nearer yaw 0 both at the grasp and after the turn (ties: nearer the current yaw)."""
         options = [wrap(nut_yaw), wrap(nut_yaw + np.pi)]
-        cost = [abs(wrap(y + turn)) + 0.2 * abs(wrap(y - self.yaw)) for y in options]
+        cost = [max(abs(y), abs(wrap(y + turn))) + 0.1 * abs(wrap(y - self.yaw)) for y in options]
         return options[int(np.argmin(cost))]
 
 
