@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import threading
 import time
 
@@ -592,3 +593,26 @@ def test_language_bundle_is_conditioned_on_instruction_text(rig, tmp_path):
     seen = held_until_instructed(rig, lang, "no instruction", "open the drawer", "lang_emb")
     want = InstructionCache()(["open the drawer"])[0].float()
     assert all(torch.allclose(o[0, -1], want, atol=1e-6) for o in seen)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_deploy_process_exits_within_5_s_of_a_signal_during_inference(rig, tmp_path, sig):
+    """A DDPM-1000 chunk takes seconds; a signal in the middle of one still ends the process in < 5 s with a hold."""
+    from rtpolicy.policies.diffusion import DiffusionConfig
+
+    slow = make_bundle(tmp_path, DiffusionConfig(horizon=8, obs_horizon=2, action_horizon=4, cond_dim=16,
+                                                 num_train_timesteps=1000, num_inference_steps=1000, sampler="ddpm"))
+    rig.sensors()
+    proc = rig.procs.start([*CLI, "deploy", f"bundle={slow}", f"observation_sources={json.dumps(MW_SOURCES)}",
+                            "control_rate_hz=20", "diagnostics_rate_hz=5"])
+    busy = lambda: any(int({v.key: v.value for v in d.status[0].values}.get("submitted", 0)) >= 1  # noqa: E731
+                       for d in rig.got("diagnostics"))
+    assert wait_for(busy, timeout=60), "the node never started an inference"
+    time.sleep(0.3)
+    mark = time.time()
+    t0 = time.monotonic()
+    out = rig.procs.stop(proc, sig=sig, grace=30)
+    took = time.monotonic() - t0
+    assert took < 5.0 and proc.returncode == 0, (took, proc.returncode, out[-2000:])
+    assert "holding: shutting down" in out, out[-2000:]
+    assert wait_for(lambda: any(not moving(m) for m in rig.got("twist", mark)), 5.0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from typing import Callable
 
@@ -37,6 +38,15 @@ def _interrupt(signum, frame) -> None:
     deadline.daemon = True  # a clean exit before the deadline does not wait for it
     deadline.start()
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _exit_if_inference_running() -> None:
+    """A policy call still running on the inference thread (it was told to stop and the hold is out) would be
+    torn down by interpreter finalization mid-call (std::terminate, SIGABRT): end the process now, exit 0."""
+    if any(t.name == "rtpolicy-inference" and t.is_alive() for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def spin_node(factory: Callable[[Context], Node], ros_args: list[str], lifecycle_autostart: bool = False) -> int:
@@ -74,3 +84,4 @@ def spin_node(factory: Callable[[Context], Node], ros_args: list[str], lifecycle
         rclpy.try_shutdown(context=context)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _exit_if_inference_running()
