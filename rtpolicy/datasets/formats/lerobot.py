@@ -116,6 +116,7 @@ class VideoCursor:
         self._container = None
         self._frames: Iterator | None = None
         self._pending = None  # a decoded frame past the previous read
+        self.decoded = 0  # frames decoded so far (the cost of a read: a seek lands on the keyframe before it)
 
     def _open(self, from_s: float):
         av, _, _ = _deps()
@@ -142,6 +143,7 @@ class VideoCursor:
                 self._pending = None
                 if frame is None:
                     break
+                self.decoded += 1
                 t = float(frame.time) if frame.time is not None else math.nan
                 self._last = t
                 k = round((t - from_s) * self.fps)
