@@ -7,7 +7,8 @@ Observation dict (robomimic's key names and shapes; Do = object dims, see :data:
 * ``"robot0_gripper_qpos"`` (2,) float32: the two finger joints (m; opening = [0] - [1]).
 * ``"object"`` (Do,) float32: robosuite 1.5's ``object-state`` (the concatenation of the env's object
   sensors, in the order of :attr:`RobosuiteEnv.object_layout`; e.g. Lift: cube_pos, cube_quat,
-  gripper_to_cube_pos).
+  gripper_to_cube_pos). In a multi-task suite (``num_tasks > 0``) it is zero-padded to the largest
+  task's size (Stack's 23), so that every member has the same state shape.
 * ``"state"`` (9 + Do,) float32: the four above concatenated in that order (the state policies' key).
 * ``"task_id"`` np.int64 when ``task_cfg.num_tasks > 0``.
 * ``"rgb_<camera>"`` (S, S, 3) uint8, upright, for every ``rgb_<camera>`` key in ``task_cfg.obs_keys``
@@ -166,6 +167,9 @@ class RobosuiteEnv(gymnasium.Env):
         self.model, self.data = self._env.sim.model._model, self._env.sim.data._data  # mujoco.MjModel / MjData
         self.object_layout = self._object_layout()
         object_dim = sum(s.stop - s.start for s in self.object_layout.values())
+        if self.num_tasks > 0:  # members of a suite: one state shape for all tasks (zeros after the task's own dims)
+            object_dim = max(OBJECT_DIMS.values())
+        self.object_dim = object_dim
         self.state_dim = sum(ROBOT_DIMS.values()) + object_dim
         self.geometry = self._geometry()
 
@@ -303,7 +307,9 @@ class RobosuiteEnv(gymnasium.Env):
 
     def _make_obs(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         obs: dict[str, Any] = {k: np.asarray(raw[k], dtype=np.float32) for k in ROBOT_KEYS}
-        obs["object"] = np.asarray(raw["object-state"], dtype=np.float32)
+        obs["object"] = np.zeros(self.object_dim, dtype=np.float32)
+        native = np.asarray(raw["object-state"], dtype=np.float32)
+        obs["object"][: native.size] = native
         obs = {"state": np.concatenate([obs[k] for k in (*ROBOT_KEYS, "object")])} | obs
         if self.num_tasks > 0:
             obs["task_id"] = np.int64(self.task_id)
