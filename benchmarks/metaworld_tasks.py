@@ -20,9 +20,8 @@ os.environ.setdefault("MUJOCO_GL", "osmesa")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-from rtpolicy.config import register_configs  # noqa: E402
+from rtpolicy.factory import compose  # noqa: E402
 from rtpolicy.training import train  # noqa: E402
 
 TASKS = ["reach", "push", "pick_place", "drawer_open", "button_press_topdown"]
@@ -36,7 +35,6 @@ def main() -> None:
     ap.add_argument("--runs", default="benchmarks/runs/metaworld_tasks")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every task")
     args = ap.parse_args()
-    register_configs()
     rows = []
     for task in args.tasks:
         run_dir = Path(args.runs) / task
@@ -45,8 +43,7 @@ def main() -> None:
             res = json.loads(done.read_text())
         else:
             over = [f"task={task}", *DEFAULT, *args.overrides, f"run_dir={run_dir}", f"resume={(run_dir / 'checkpoints' / 'last.safetensors').exists()}"]
-            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                cfg = compose("train", overrides=over)
+            cfg = compose(over)
             res = train(cfg)
         rows.append({"head": res["head"], "task": task, "episodes": res["episodes"], "success": res["success"], "ci95": res["ci95"],
                      "chunk_ms_p50": res["chunk_ms_p50"], "train_seconds": res["train_seconds"]})

@@ -48,11 +48,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from ros_rig import Listener, Proc, child_env, head_label, log_dir, parse_sets, pick_domain_id, wait_until  # noqa: E402
 
 from rtpolicy.checkpoint import load_policy  # noqa: E402
-from rtpolicy.config import EvalConfig, TaskConfig  # noqa: E402
+from rtpolicy.config import EvalConfig  # noqa: E402
+from rtpolicy.factory import task_config  # noqa: E402
 from rtpolicy.envs import suite_members, task_fields  # noqa: E402
 from rtpolicy.envs.runner import evaluate, wilson_interval  # noqa: E402
 
@@ -169,7 +169,7 @@ def main() -> None:
     over = parse_sets(args.set)
 
     policy, meta = load_policy(args.checkpoint, args.device, over)
-    task_cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), meta["config"]["task"])
+    task_cfg = task_config(meta["config"]["task"])
     members = suite_members(task_cfg)
     if members:
         by_name = {m["name"]: m for m in members}

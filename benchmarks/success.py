@@ -35,11 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from rtpolicy.checkpoint import load_policy  # noqa: E402
-from rtpolicy.config import EvalConfig, TaskConfig, register_configs  # noqa: E402
+from rtpolicy.config import EvalConfig, register_configs  # noqa: E402
+from rtpolicy.factory import compose, task_config  # noqa: E402
 from rtpolicy.envs.runner import evaluate  # noqa: E402
 from rtpolicy.training import resolve_device, train  # noqa: E402
 
@@ -115,8 +114,7 @@ def main() -> None:
             over = [f"task={args.task}", f"policy={head}", f"denoiser={args.denoiser}", f"train.steps={args.steps}",
                     "eval.episodes=0", f"train.threads={args.threads}",
                     *args.overrides, f"run_dir={run_dir}", f"resume={(run_dir / 'checkpoints' / 'last.safetensors').exists()}"]
-            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-                cfg = compose("train", overrides=over)
+            cfg = compose(over)
             train(cfg)
         ckpt = run_dir / "checkpoints" / "last.safetensors"
         settings = [(sampler, steps, inference, None) for sampler, steps, inference in HEADS[head]]
@@ -129,7 +127,7 @@ def main() -> None:
             if not out.exists():
                 device = resolve_device("auto")
                 policy, meta = load_policy(ckpt, device, inference)
-                task_cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), meta["config"]["task"])
+                task_cfg = task_config(meta["config"]["task"])
                 if cache:
                     report = apply_cache(policy, cache, task_cfg, args.calib, device)
                     print(f"[success] cache {cache}: {report}", flush=True)

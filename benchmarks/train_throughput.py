@@ -36,12 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from rtpolicy.config import register_configs  # noqa: E402
 from rtpolicy.datasets.sampler import SequenceDataset  # noqa: E402
-from rtpolicy.factory import build_policy  # noqa: E402
+from rtpolicy.factory import compose, build_policy  # noqa: E402
 from rtpolicy.training import cached_keypoints, ensure_dataset  # noqa: E402
 
 CAMERA = ["task.obs_keys=[proprio,rgb_corner]"]
@@ -55,11 +54,9 @@ SETTINGS = {
 
 
 def compose_train(overrides: list[str]):
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        return compose("train", overrides=[
-            "task=drawer_open", "task.demos=10", "task.image_size=84",
-            "task.dataset=data/bench/drawer-open-v3-corner84.zarr", "task.collect=true", "policy=truncated", "policy.obs_horizon=1",
-            *overrides])
+    return compose(["task=drawer_open", "task.demos=10", "task.image_size=84",
+                    "task.dataset=data/bench/drawer-open-v3-corner84.zarr", "task.collect=true", "policy=truncated",
+                    "policy.obs_horizon=1", *overrides])
 
 
 class Setting:

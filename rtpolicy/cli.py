@@ -10,9 +10,9 @@ os.environ.setdefault("MUJOCO_GL", "osmesa")
 
 import hydra  # noqa: E402
 
-from rtpolicy.config import TaskConfig, register_configs  # noqa: E402
+from rtpolicy.config import register_configs  # noqa: E402
 from rtpolicy.errors import reported, take_traceback_flag  # noqa: E402
-from rtpolicy.factory import CONF_DIR  # noqa: E402
+from rtpolicy.factory import CONF_DIR, task_config  # noqa: E402
 REPORT_KEYS = ("success", "ci95", "episodes", "chunk_ms_p50", "chunk_ms_p95")
 
 register_configs()
@@ -62,7 +62,7 @@ def _evaluate(cfg) -> None:
 
     device = resolve_device(cfg.device)
     policy, meta = load_policy(cfg.checkpoint, device, OmegaConf.to_container(cfg.policy))
-    task_cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), meta["config"]["task"])
+    task_cfg = task_config(meta["config"]["task"])
     video_dir = Path(cfg.eval.out).parent / "videos" if cfg.eval.out else Path("eval_videos")
     results = evaluate(policy, task_cfg, cfg.eval, device=device, video_dir=video_dir)
     _report(results)

@@ -71,6 +71,16 @@ def denoiser_config(stored: Mapping[str, Any] | DictConfig | str, *overrides: Ma
     return _typed("denoiser", _registries()[1], stored, overrides, source)
 
 
+def task_config(stored: Mapping[str, Any] | DictConfig, source: str = "task") -> DictConfig:
+    """A stored task config (e.g. a checkpoint's) on the ``TaskConfig`` schema, newer fields defaulted."""
+    from rtpolicy.config import TaskConfig
+
+    try:
+        return OmegaConf.merge(OmegaConf.structured(TaskConfig), stored)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: task config does not fit TaskConfig: {str(e).splitlines()[0]}") from e
+
+
 def build_policy(policy_cfg, denoiser_cfg, shapes: Mapping[str, Sequence[int]], num_tasks: int = 0):
     """Build a registered head from typed configs (:func:`policy_config`, :func:`denoiser_config`).
 
