@@ -258,6 +258,18 @@ def test_rosbag_strict_split_reports_the_gap(tmp_path):
         list(read_dataset(bag, sources={"state": [{"array": {"topic": "/missing", "size": 2}}]}).episodes())
 
 
+def test_train_from_rosbag_folder(tmp_path):
+    """One bag per episode (a folder of bags: split by bag), topics mapped on the command line."""
+    for i, storage in enumerate(["mcap", "sqlite3"]):
+        _write_bag(tmp_path / "rec" / f"ep{i}", storage)
+    opts = ("task.dataset_options={rate:10,max_age:0.25,sources:{state:[{joint_state:{topic:/joint_states,names:[a,b]}},"
+            "{array:{topic:/object,size:2}}],action:[{array:{topic:/cmd,size:6}}]}}")
+    res = _train(tmp_path, ["task=reach", "task.name=rec", f"task.dataset={tmp_path}/rec", opts])
+    assert res["step"] == 2
+    cache = ReplayBuffer.open(next((tmp_path / "cache").glob("rec-rosbag-*.zarr")))
+    assert cache.n_episodes == 2 and cache.shape("state") == (4,) and cache.shape("action") == (6,)
+
+
 # ---------------------------------------------------------------------------------------------------- CLI refusals
 def test_cli_refuses_to_clobber_and_names_bad_input(tmp_path, capsys):
     _store(tmp_path / "src.zarr", image=False)
