@@ -161,9 +161,11 @@ def test_train_from_lerobot_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- rosbag2
-def _write_bag(path: Path, storage: str, gap: tuple[float, float] | None = None) -> dict[str, list]:
+def _write_bag(path: Path, storage: str, gap: tuple[float, float] | None = None, markers: tuple = (),
+               stamp_back_at: float | None = None) -> dict[str, list]:
     """Joint states at ~50 Hz (jittered), an object array at 20 Hz, a camera at 10 Hz and TwistStamped teleop commands
-    at ~15 Hz for 3 s; returns {topic: [(t, values)]} as written."""
+    at ~15 Hz for 3 s, plus std_msgs/Bool episode markers (t, start?) on /episode; returns {topic: [(t, values)]} as
+    written. ``stamp_back_at``: the /cmd header stamp after that time jumps 0.5 s back."""
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
 
@@ -179,16 +181,19 @@ def _write_bag(path: Path, storage: str, gap: tuple[float, float] | None = None)
     events += [(t, "/object") for t in np.arange(0.013, 3.0, 0.05)]
     events += [(t, "/camera") for t in np.arange(0.031, 3.0, 0.1)]
     events += [(t, "/cmd") for t in np.arange(0.007, 3.0, 1 / 15)]
+    events += [(t, "/episode") for t, _ in markers]
     events = [(t, tp) for t, tp in sorted(events) if not (gap and gap[0] <= t < gap[1] and tp == "/joint_states")]
     base = 1_700_000_000.0
     with Writer(path, version=9, storage_plugin=plugin) as w:
         conns = {"/joint_states": w.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=ts),
                  "/object": w.add_connection("/object", "std_msgs/msg/Float64MultiArray", typestore=ts),
                  "/camera": w.add_connection("/camera", "sensor_msgs/msg/Image", typestore=ts),
-                 "/cmd": w.add_connection("/cmd", "geometry_msgs/msg/TwistStamped", typestore=ts)}
+                 "/cmd": w.add_connection("/cmd", "geometry_msgs/msg/TwistStamped", typestore=ts),
+                 "/episode": w.add_connection("/episode", "std_msgs/msg/Bool", typestore=ts)}
         for i, (t, topic) in enumerate(events):
             stamp = base + t
-            header = Header(stamp=Time(sec=int(stamp), nanosec=int((stamp % 1) * 1e9)), frame_id="")
+            hs = stamp - 0.5 if stamp_back_at is not None and t > stamp_back_at and topic == "/cmd" else stamp
+            header = Header(stamp=Time(sec=int(hs), nanosec=int((hs % 1) * 1e9)), frame_id="")
             if topic == "/joint_states":
                 v = np.array([i, -i, 0.5 * i], dtype=np.float64)
                 msg = T["sensor_msgs/msg/JointState"](header=header, name=["b", "a", "c"], position=v,
@@ -204,6 +209,8 @@ def _write_bag(path: Path, storage: str, gap: tuple[float, float] | None = None)
                 msg = T["sensor_msgs/msg/Image"](header=header, height=6, width=8, encoding="rgb8", is_bigendian=0, step=24,
                                                  data=img.reshape(-1))
                 sent[topic].append((t, img))
+            elif topic == "/episode":
+                msg = T["std_msgs/msg/Bool"](data=dict(markers)[t])
             else:
                 V3 = T["geometry_msgs/msg/Vector3"]
                 twist = T["geometry_msgs/msg/Twist"](linear=V3(x=t, y=1.0, z=2.0), angular=V3(x=0.0, y=0.0, z=-t))
@@ -256,6 +263,22 @@ def test_rosbag_strict_split_reports_the_gap(tmp_path):
         list(read_dataset(bag, sources=SOURCES, rate=10, max_age=0.25, split="bag").episodes())
     with pytest.raises(FormatError, match="/missing"):
         list(read_dataset(bag, sources={"state": [{"array": {"topic": "/missing", "size": 2}}]}).episodes())
+
+
+def test_rosbag_episodes_from_a_topic_and_header_stamps_that_go_back(tmp_path):
+    sent = _write_bag(tmp_path / "bag", "mcap", markers=((0.45, True), (1.25, False), (1.65, True), (2.55, False)))
+    src = read_dataset(tmp_path / "bag", sources=SOURCES, rate=10, split="topic", episode_topic="/episode")
+    eps = list(src.episodes())
+    t0 = min(t for v in sent.values() for t, _ in v)
+    # ticks strictly inside [start, end) of each marked span
+    expect = [sum(1 for k in range(40) if a < t0 + k / 10 < b) for a, b in ((0.45, 1.25), (1.65, 2.55))]
+    assert [len(ep["action"]) for ep in eps] == expect
+    np.testing.assert_allclose(eps[1]["action"][0], _latest(sent["/cmd"], t0 + 1.7)[1].astype(np.float32))
+
+    _write_bag(tmp_path / "back", "sqlite3", stamp_back_at=1.0)
+    assert len(list(read_dataset(tmp_path / "back", sources=SOURCES, rate=10).episodes())) == 1  # receive time: fine
+    with pytest.raises(FormatError, match=r"back.*topic /cmd: timestamps go back in time"):
+        list(read_dataset(tmp_path / "back", sources=SOURCES, rate=10, stamp="header").episodes())
 
 
 def test_train_from_rosbag_folder(tmp_path):
