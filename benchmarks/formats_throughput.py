@@ -31,9 +31,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rtpolicy.datasets.formats import convert  # noqa: E402
-from rtpolicy.datasets.formats.lerobot import VideoCursor  # noqa: E402
-from rtpolicy.datasets.replay_buffer import ReplayBuffer  # noqa: E402
+from rtpolicy.datasets.formats import convert
+from rtpolicy.datasets.formats.lerobot import VideoCursor
+from rtpolicy.datasets.replay_buffer import ReplayBuffer
 
 
 def make_store(path: Path, episodes: int, length: int, camera: bool) -> int:
@@ -98,7 +98,7 @@ def conversions(tmp: Path, steps: int, camera: bool) -> dict[str, float]:
     out = {}
     for name, a, b in (("zarr->lerobot", src, tmp / "lr"), ("lerobot->zarr", tmp / "lr", tmp / "lr.zarr"),
                        ("zarr->robomimic", src, tmp / "rm.hdf5"), ("robomimic->zarr", tmp / "rm.hdf5", tmp / "rm.zarr")):
-        out[name] = round(steps / timed(lambda: convert(a, b)), 1)
+        out[name] = round(steps / timed(lambda a=a, b=b: convert(a, b)), 1)
     write_bag(tmp / "bag", src)
     sources = {"state": [{"array": {"topic": "/state", "size": 39}}], "action": [{"array": {"topic": "/action", "size": 4}}]}
     if camera:

@@ -35,12 +35,17 @@ def _mapping(text: str | None, what: str) -> dict[str, Any]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{what} is neither a file nor a JSON object ({e})") from e
     if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a mapping, got {type(value).__name__}")
+        raise TypeError(f"{what} must be a mapping, got {type(value).__name__}")
     return value
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rtpolicy.datasets.formats import FORMATS, FormatError, convert, format_for_new_path
+    from rtpolicy.datasets.formats import (
+        FORMATS,
+        FormatError,
+        convert,
+        format_for_new_path,
+    )
 
     ap = argparse.ArgumentParser(prog="rtpolicy-convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="source dataset (zarr store, LeRobot v3 folder, robomimic .hdf5, rosbag2 bag or folder of bags)")
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vcodec", default="h264", help="LeRobot video codec (h264, hevc, libsvtav1); default h264")
     ap.add_argument("--crf", type=int, default=18, help="LeRobot video quality (lower is better); default 18")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing DST (atomically, at the end)")
+    ap.add_argument("--traceback", action="store_true", help="show the traceback of an error, not only its line")
     args = ap.parse_args(argv)
     try:
         keys = _mapping(args.keys, "--keys")
@@ -59,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         dst_format = args.dst_format or format_for_new_path(args.dst)
         write_options = {"vcodec": args.vcodec, "crf": args.crf} if dst_format == "lerobot" else {}
         src_fmt, dst_fmt = convert(args.src, args.dst, args.src_format, dst_format, keys, args.overwrite, options, write_options)
-    except (FormatError, FileExistsError, FileNotFoundError, ValueError, KeyError) as e:
+    except (FormatError, FileExistsError, FileNotFoundError, ValueError, TypeError, KeyError) as e:
+        if args.traceback:
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"rtpolicy-convert: error: {msg}", file=sys.stderr)
         return 1

@@ -20,10 +20,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rtpolicy.datasets.formats.base import FORMATS, EpisodeSource, Format, FormatError, atomic_path
+from rtpolicy.datasets.formats.base import (
+    FORMATS,
+    EpisodeSource,
+    Format,
+    FormatError,
+    atomic_path,
+)
 
 # one import per format module: each registers itself in FORMATS
-from rtpolicy.datasets.formats import zarr_store, lerobot, robomimic, rosbag  # noqa: E402,F401  isort: skip
+from rtpolicy.datasets.formats import zarr_store, lerobot, robomimic, rosbag  # noqa: F401  isort: skip
 
 CACHE_VERSION = 1
 

@@ -38,7 +38,16 @@ from typing import Any
 import numpy as np
 
 from rtpolicy.datasets.formats.base import (
-    DEFAULT_FPS, FORMATS, EpisodeSource, Format, FormatError, atomic_path, check_episode, concat_features, jsonable, map_keys,
+    DEFAULT_FPS,
+    FORMATS,
+    EpisodeSource,
+    Format,
+    FormatError,
+    atomic_path,
+    check_episode,
+    concat_features,
+    jsonable,
+    map_keys,
 )
 
 CODEBASE_VERSION = "v3.0"
@@ -49,6 +58,7 @@ EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.par
 CHUNKS_SIZE = 1000  # files per chunk folder
 DATA_FILE_MB = 100
 VIDEO_FILE_MB = 200
+_CODEC_NAMES = {"libx264": "h264", "libx265": "hevc", "libsvtav1": "av1"}  # encoder -> codec name in info.json
 _RENAME = {"observation.state": "state", "observation.environment_state": "env_state", "observation.image": "rgb_image",
            "action": "action", "next.reward": "reward", "next.done": "done"}
 _RENAME_INV = {v: k for k, v in _RENAME.items() if k != "observation.image"}
@@ -188,7 +198,7 @@ class VideoWriter:
         elif codec == "libsvtav1":
             opts |= {"crf": str(crf), "preset": "10"}
         self.stream.options = opts
-        self.info = {"video.height": height, "video.width": width, "video.codec": codec.removeprefix("lib").removesuffix("svtav1") or "av1",
+        self.info = {"video.height": height, "video.width": width, "video.codec": _CODEC_NAMES.get(codec, codec),
                      "video.pix_fmt": self.stream.pix_fmt, "video.is_depth_map": False, "video.fps": fps,
                      "video.channels": 3, "has_audio": False}
 
@@ -251,7 +261,6 @@ class _DataFiles:
 
     def rows(self, chunk: int, file: int, episode: int):
         _, pa, pq = _deps()
-        import pyarrow.compute as pc
 
         key = (chunk, file)
         if key != self._key:
@@ -295,7 +304,7 @@ class LeRobotFormat(Format):
         tasks = _read_tasks(path, where)
         default = default_name
         if len(tasks) > 1:
-            default = lambda n: "task_id" if n == "task_index" else default_name(n)  # noqa: E731
+            default = lambda n: "task_id" if n == "task_index" else default_name(n)
         mapping = map_keys(list(feats), default, keys, where)
         scalar = set(info.get("rtpolicy", {}).get("scalar_keys", []))
         spec: dict[str, tuple[tuple[int, ...], str]] = {}  # native key -> (shape, dtype: numpy | video | image)
@@ -420,7 +429,7 @@ class LeRobotFormat(Format):
                              "index": pa.array(np.arange(total, total + L, dtype=np.int64)),
                              "task_index": pa.array(task_idx)}
                     table = pa.table(cols)
-                    if data_writer is not None and data_rows and data_writer_bytes(data_writer, tmp) > DATA_FILE_MB * 2**20:
+                    if data_writer is not None and data_rows and _file_bytes(data_writer) > DATA_FILE_MB * 2**20:
                         data_writer.close()
                         data_writer, data_file = None, _next_file(*data_file)
                     if data_writer is None:
@@ -450,7 +459,7 @@ class LeRobotFormat(Format):
                     row |= {"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0}
                     stats.add({names[k]: ep[k] for k in source.keys if k != "task_id"} | {
                         "timestamp": np.arange(L) / fps, "frame_index": np.arange(L), "episode_index": np.full(L, e),
-                        "index": np.arange(total, total + L), "task_index": task_idx}, set(names[k] for k in image_keys))
+                        "index": np.arange(total, total + L), "task_index": task_idx}, {names[k] for k in image_keys})
                     ep_rows.append(row)
                     total += L
             finally:
@@ -476,7 +485,7 @@ class LeRobotFormat(Format):
             (tmp / "meta/stats.json").write_text(json.dumps(stats.result(), indent=4))
 
 
-def data_writer_bytes(writer, root: Path) -> int:
+def _file_bytes(writer) -> int:
     """Bytes written so far by a ParquetWriter (its file's size on disk)."""
     try:
         return Path(writer.where).stat().st_size

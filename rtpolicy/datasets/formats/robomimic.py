@@ -30,7 +30,16 @@ from typing import Any
 import numpy as np
 
 from rtpolicy.datasets.formats.base import (
-    DEFAULT_FPS, FORMATS, EpisodeSource, Format, FormatError, atomic_path, check_episode, concat_features, jsonable, map_keys,
+    DEFAULT_FPS,
+    FORMATS,
+    EpisodeSource,
+    Format,
+    FormatError,
+    atomic_path,
+    check_episode,
+    concat_features,
+    jsonable,
+    map_keys,
 )
 
 _TOP = {"actions": "action", "rewards": "reward", "dones": "done", "states": "sim_state"}
@@ -64,7 +73,7 @@ def native_name(ours: str) -> str:
 
 
 def _demo_names(data, where: str) -> list[str]:
-    names = [n for n in data.keys() if n.startswith("demo_")]
+    names = [n for n in data if n.startswith("demo_")]
     bad = [n for n in names if not n[5:].isdigit()]
     if bad:
         raise FormatError(f"{where}: data/{bad[0]} is not named demo_<integer>")

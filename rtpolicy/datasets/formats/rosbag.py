@@ -35,7 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from rtpolicy.datasets.formats.base import EpisodeSource, FORMATS, Format, FormatError, check_episode, concat_features, map_keys
+from rtpolicy.datasets.formats.base import (
+    FORMATS,
+    EpisodeSource,
+    Format,
+    FormatError,
+    check_episode,
+    concat_features,
+    map_keys,
+)
 
 SPLITS = ("gap", "bag", "topic")
 
@@ -99,14 +107,15 @@ class RosbagFormat(Format):
     def detect(self, path: Path) -> bool:
         return bool(find_bags(path))
 
-    def fingerprint(self, path: Path) -> list:
-        return super().fingerprint(path)
-
     def read(self, path: Path, keys: Mapping[str, Any] | None = None, sources: Mapping[str, Any] | None = None,
              rate: float = 10.0, max_age: float | None = None, split: str | None = None, episode_topic: str = "",
              stamp: str = "receive", min_length: int = 1, image_size: Mapping[str, Any] | None = None,
              **options: Any) -> EpisodeSource:
-        from rtpolicy.deploy.observation import ImageSource, ObservationConfigError, ObservationSpec
+        from rtpolicy.deploy.observation import (
+            ImageSource,
+            ObservationConfigError,
+            ObservationSpec,
+        )
 
         where = str(path)
         if options:
@@ -148,8 +157,8 @@ class RosbagFormat(Format):
                 key_shapes[ours] = (tuple(shapes[srcs[0]]), np.dtype(np.uint8 if len(shapes[srcs[0]]) == 3 else np.float32))
             else:
                 key_shapes[ours] = ((sum(math.prod(shapes[s]) for s in srcs),), np.dtype(np.float32))
-        cfg = dict(spec=spec, shapes=shapes, kinds=kinds, rate=rate, max_age=max_age, split=split,
-                   episode_topic=episode_topic, stamp=stamp)
+        cfg = {"spec": spec, "shapes": shapes, "kinds": kinds, "rate": rate, "max_age": max_age, "split": split,
+               "episode_topic": episode_topic, "stamp": stamp}
 
         def episodes():
             i = 0

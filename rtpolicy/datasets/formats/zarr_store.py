@@ -12,7 +12,18 @@ from typing import Any
 
 import numpy as np
 
-from rtpolicy.datasets.formats.base import FORMATS, DEFAULT_FPS, EpisodeSource, Format, FormatError, atomic_path, check_episode, concat_features, jsonable, map_keys
+from rtpolicy.datasets.formats.base import (
+    DEFAULT_FPS,
+    FORMATS,
+    EpisodeSource,
+    Format,
+    FormatError,
+    atomic_path,
+    check_episode,
+    concat_features,
+    jsonable,
+    map_keys,
+)
 from rtpolicy.datasets.replay_buffer import ReplayBuffer, ReplayBufferError
 
 
