@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("src", help="source dataset (zarr store, LeRobot v3 folder, robomimic .hdf5, rosbag2 bag or folder of bags)")
     ap.add_argument("dst", help="destination (must not exist unless --overwrite)")
     ap.add_argument("--from", dest="src_format", choices=FORMATS.names(), help="source format (default: detected)")
-    ap.add_argument("--to", dest="dst_format", choices=FORMATS.names(), help="destination format (default: from DST's ending)")
+    ap.add_argument("--to", dest="dst_format", choices=[n for n, e in FORMATS.items() if e.cls.writable()], help="destination format (default: from DST's ending)")
     ap.add_argument("--keys", help="JSON (or a file): our key -> source key or list of source keys")
     ap.add_argument("--options", help="JSON (or a JSON/YAML file): reader options, e.g. a bag's sources, rate, max_age, split")
     ap.add_argument("--vcodec", default="h264", help="LeRobot video codec (h264, hevc, libsvtav1); default h264")

@@ -76,7 +76,11 @@ class Format:
 
     def write(self, source: EpisodeSource, path: Path, **options: Any) -> None:
         """Write every episode of ``source`` to the new ``path`` (atomic: see :func:`atomic_path`)."""
-        raise NotImplementedError(f"writing {self.name} is not supported")
+        raise FormatError(f"{path}: rtpolicy reads {self.name} but does not write it")
+
+    @classmethod
+    def writable(cls) -> bool:
+        return cls.write is not Format.write
 
     def fingerprint(self, path: Path) -> list:
         """What identifies the contents of ``path`` for a cache: (relative name, size, mtime) of its files."""
