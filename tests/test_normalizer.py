@@ -1,5 +1,7 @@
 """Normalizer: exact ranges, constant dims, stats in the state_dict (and a safetensors checkpoint), clear errors."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,57 @@ def test_any_device_and_dtype():
     z = norm.unnormalize("action", norm.normalize("action", x.float().to(device)))
     assert z.device.type == device
     torch.testing.assert_close(z.cpu(), x.float(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- hygiene (issue 13)
+def tiny_range_data():
+    rng = np.random.default_rng(0)
+    state = np.stack([rng.uniform(-1, 1, 500), rng.uniform(0.0, 0.0011, 500), rng.uniform(2, 3, 500)], axis=1)
+    return {"state": state, "action": rng.uniform(-1, 1, size=(500, 2))}
+
+
+@pytest.mark.parametrize("mode", ["minmax", "meanstd"])
+def test_min_range_caps_the_scale_of_a_barely_moving_dim(mode):
+    data = tiny_range_data()  # dim 1: a 1.1 mm range, like the CALVIN-like button
+    old = Normalizer(SHAPES, mode=mode, min_range=None).fit(data).get_stats("state")["scale"]
+    new = Normalizer(SHAPES, mode=mode).fit(data).get_stats("state")["scale"]
+    assert old[1] > 1000 and new[1] == pytest.approx(200.0, rel=1e-6)  # 2 / 0.01 (minmax), 1 / 0.005 (meanstd)
+    torch.testing.assert_close(new[[0, 2]], old[[0, 2]])  # dims with a real range keep their scale
+    stats = Normalizer(SHAPES, mode=mode, min_range=0.5).fit(data).get_stats("state")
+    col = data["state"][:, 2]  # range ~1, std ~0.29: a floor of 0.5 (std floor 0.25) leaves it alone
+    assert stats["scale"][2] == pytest.approx(2 / np.ptp(col) if mode == "minmax" else 1 / np.std(col), rel=1e-5)
+    assert stats["scale"][1] == pytest.approx(2 / 0.5 if mode == "minmax" else 1 / 0.25, rel=1e-6)
+
+
+def test_normalized_inputs_are_clipped_and_a_far_input_warns_once():
+    norm = Normalizer(SHAPES).fit(tiny_range_data())
+    x = torch.tensor([[0.0, 0.5, 2.5], [0.9, 0.0005, 2.6]])  # row 0 dim 1: 0.5 m on a 1 mm dim
+    with pytest.warns(RuntimeWarning, match=r"normalizer 'state'\[1\]: input 0\.5 is \d+\.\d normalized units out "
+                                            r"\(fitted range \[.*\]; warn_at 2\.0\); clipped to \+-3\.0"):
+        y = norm.normalize("state", x)
+    assert y[0, 1] == 3.0 and y.abs().max() <= 3.0
+    torch.testing.assert_close(norm.unnormalize("state", norm.normalize("state", x[1:])), x[1:], rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once per key
+        norm.normalize("state", x)
+        norm.normalize("state", x[1:])  # in range: silent
+    off = Normalizer(SHAPES, min_range=None, clip={"minmax": None}, warn_at={"minmax": None}).fit(tiny_range_data())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert off.normalize("state", x)[0, 1] > 100  # every rule off: the previous behaviour
+
+
+def test_fit_data_is_never_clipped_or_reported():
+    data = sample_data()
+    for mode in ("minmax", "meanstd"):
+        norm = Normalizer(SHAPES, mode=mode).fit(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            x = torch.as_tensor(data["state"])
+            torch.testing.assert_close(norm.unnormalize("state", norm.normalize("state", x)), x)
+
+
+def test_hygiene_settings_are_checked():
+    for kw in ({"min_range": 0.0}, {"clip": -1.0}, {"warn_at": {"minmax": "x"}}, {"clip": True}):
+        with pytest.raises(ValueError, match=r"normalizer (min_range|clip|warn_at) must be a float > 0 or None"):
+            Normalizer(SHAPES, **kw)

@@ -5,11 +5,21 @@
 
 Modes: "minmax" maps the fit data to [-1, 1]; "meanstd" to zero mean, unit std; "identity" leaves it.
 Dims whose range (minmax) or std (meanstd) is below 1e-4 get scale 1 and are only centred.
+
+Hygiene (every task): a dim whose fitted range is below ``min_range`` (default 1 cm / 0.01 units;
+``min_range / 2`` as a minimum std) is scaled as if its range were ``min_range``, so a dim that barely
+moved in the demos (a button's 1 mm travel, a block's tilt) does not turn a small change at evaluation
+into a huge input; ``normalize`` clips its output to +-``clip`` (default 3 for minmax, i.e. one range
+beyond the fitted one, 5 std for meanstd); and the first input of a key that lands beyond
++-``warn_at`` normalized units (before clipping; default 2 for minmax, 4 for meanstd) is reported by
+a warning naming the key, the dim, the value and the fitted range. None turns a rule off.
 Buffers per key, named ``stats.<key>.{scale, offset, min, max, mean, std, fitted}``; '.' and '%' in keys are
 escaped as '%2E' and '%25' since module names cannot contain '.'.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -17,6 +27,9 @@ from torch import nn
 
 MODES = ("minmax", "meanstd", "identity")
 _EPS = 1e-4
+MIN_RANGE = 0.01  # default floor of a dim's range (minmax) or twice its std (meanstd), raw units
+CLIP = {"minmax": 3.0, "meanstd": 5.0, "identity": None}  # default bound of normalized outputs
+WARN_AT = {"minmax": 2.0, "meanstd": 4.0, "identity": None}  # default "far outside the fitted range"
 _BLOCK = 1 << 22  # elements per block when computing statistics
 
 
@@ -68,10 +81,25 @@ class Normalizer(nn.Module):
     """Normalizer(shapes {key: feature shape}, mode, modes {key: mode} overriding ``mode`` per key).
 
     Built with identity parameters, so a checkpoint's state_dict loads into a fresh instance.
+    ``min_range`` (raw units), ``clip`` and ``warn_at`` (normalized units, per mode when a dict) are the
+    hygiene rules of the module docstring; they are settings, not statistics (not in the state_dict).
     """
 
-    def __init__(self, shapes: dict[str, list[int]], mode: str = "minmax", modes: dict[str, str] | None = None):
+    def __init__(self, shapes: dict[str, list[int]], mode: str = "minmax", modes: dict[str, str] | None = None,
+                 min_range: float | None | str = "default", clip: float | dict[str, float | None] | None = None,
+                 warn_at: float | dict[str, float | None] | None = None):
         super().__init__()
+        if min_range == "default":  # the module defaults, read at construction (a benchmark may turn them off)
+            min_range = MIN_RANGE
+        for name, v in (("min_range", min_range), *((n, x) for n, d in (("clip", clip), ("warn_at", warn_at))
+                                                     for x in (d.values() if isinstance(d, dict) else [d]))):
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+                raise ValueError(f"normalizer {name} must be a float > 0 or None, got {v!r}")
+        self.min_range = float(min_range) if min_range is not None else None
+        self._clip = dict(clip) if isinstance(clip, dict) else (dict(CLIP) if clip is None else {m: clip for m in MODES})
+        self._warn_at = (dict(warn_at) if isinstance(warn_at, dict)
+                         else (dict(WARN_AT) if warn_at is None else {m: warn_at for m in MODES}))
+        self._warned: set[str] = set()  # keys already reported as far outside their fitted range
         modes = dict(modes or {})
         if unknown := sorted(set(modes) - set(shapes)):
             raise ValueError(f"modes has keys {unknown} that are not in shapes {sorted(shapes)}")
@@ -103,11 +131,12 @@ class Normalizer(nn.Module):
         moments = {key: _moments(key, value, self.shapes[key]) for key, value in data.items()}
         for key, (lo, hi, mean, std) in moments.items():
             mode, one = self.modes[key], torch.ones_like(lo)
+            floor = max(_EPS, self.min_range or 0.0)
             if mode == "minmax":
                 rng = hi - lo
-                scale, offset = torch.where(rng >= _EPS, 2 / rng.clamp_min(_EPS), one), (hi + lo) / 2
+                scale, offset = torch.where(rng >= _EPS, 2 / rng.clamp_min(floor), one), (hi + lo) / 2
             elif mode == "meanstd":
-                scale, offset = torch.where(std >= _EPS, 1 / std.clamp_min(_EPS), one), mean
+                scale, offset = torch.where(std >= _EPS, 1 / std.clamp_min(max(_EPS, floor / 2)), one), mean
             else:
                 scale, offset = one, torch.zeros_like(lo)
             s = self.stats[_escape(key)]
@@ -115,6 +144,7 @@ class Normalizer(nn.Module):
                 getattr(s, name).copy_(v)
             s.fitted.fill_(True)
             self._checked.add(key)
+            self._warned.discard(key)
         return self
 
     def _module(self, key: str) -> _Stats:
@@ -134,10 +164,32 @@ class Normalizer(nn.Module):
         return s
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        """Raw x (..., *shape) -> normalized, in x's dtype (float32 for integer input) and device."""
+        """Raw x (..., *shape) -> normalized, in x's dtype (float32 for integer input) and device; clipped
+        to +-clip, with a warning the first time an input lands beyond +-warn_at."""
         s = self._params(key, x)
         x = x if x.is_floating_point() else x.float()
-        return (x - s.offset.to(x)) * s.scale.to(x)
+        y = (x - s.offset.to(x)) * s.scale.to(x)
+        mode = self.modes[key]
+        warn_at, clip = self._warn_at.get(mode), self._clip.get(mode)
+        if warn_at is not None and key not in self._warned and y.numel():
+            self._warn_far(key, x, y, s, warn_at, clip)
+        return y.clamp(-clip, clip) if clip is not None else y
+
+    def _warn_far(self, key: str, x: torch.Tensor, y: torch.Tensor, s: _Stats, warn_at: float, clip) -> None:
+        flat = y.detach().abs().reshape(-1, int(np.prod(self.shapes[key])) if self.shapes[key] else 1)
+        worst = flat.amax(0)
+        if not bool((worst > warn_at).any()):
+            return
+        self._warned.add(key)
+        dim = int(worst.argmax())
+        row = int(flat[:, dim].argmax())
+        raw = float(x.detach().reshape(flat.shape)[row, dim])
+        lo, hi = float(s.min.reshape(-1)[dim]), float(s.max.reshape(-1)[dim])
+        idx = tuple(int(i) for i in np.unravel_index(dim, self.shapes[key])) if self.shapes[key] else ()
+        warnings.warn(f"normalizer {key!r}{list(idx)}: input {raw:.4g} is {float(worst[dim]):.1f} normalized units out "
+                      f"(fitted range [{lo:.4g}, {hi:.4g}]; warn_at {warn_at}); "
+                      + (f"clipped to +-{clip}" if clip is not None else "not clipped")
+                      + "; reported once per key", RuntimeWarning, stacklevel=3)
 
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """Normalized x (..., *shape) -> raw units."""
