@@ -19,6 +19,7 @@ from rtpolicy.envs.calvin_like.tasks import (
     TASKS,
     SymState,
     apply_effect,
+    block_period,
     feasible,
     wrap,
 )
@@ -48,7 +49,7 @@ def grasp_offset(c: str) -> float:
 
 def grasp_yaw(c: str, block_yaw: float, ref: float = 0.0) -> float:
     """The gripper yaw closest to ``ref`` that closes the fingers across block ``c``'s local y axis."""
-    period = np.pi / 2 if abs(BLOCK_HALF[c][0] - BLOCK_HALF[c][1]) < 1e-6 else np.pi
+    period = block_period(c)
     k = np.round((ref - block_yaw) / period)
     return float(block_yaw + k * period)
 

@@ -24,6 +24,15 @@ Observation dict:
   ``[6]`` drawer opening (m), ``[7]`` slider position (m), ``[8]`` button depression (m),
   ``[9]`` light bulb on (0/1), ``[10]`` switch position (m), ``[11]`` LED on (0/1),
   ``[12:19]`` red block xyz + quat (wxyz), ``[19:26]`` blue, ``[26:33]`` pink.
+* ``"state_rel"``: (62,) float32, names in :data:`REL_NAMES`, when ``task_cfg.obs_keys`` lists it: the
+  same scene in the frames a block task needs (no quaternions). ``[0:11]`` proprio: TCP xyz, sin/cos hand
+  yaw, finger opening, gripper command (1 closed / 0 open), controller target - TCP (xyz, yaw);
+  ``[11:17]`` fixtures (button depression clipped to its travel); then per block (15 each, in
+  :data:`BLOCKS` order): block - TCP in world xyz and in the hand frame xy, sin/cos of the block yaw
+  relative to the hand folded by the block's symmetry (x 2pi/period, so a grasp-equivalent yaw reads
+  the same), block z, uprightness, grasped (0/1), displacement since the (sub)task began (xyz) and
+  sin/cos of its yaw change since then (the observable target of push and rotate; CALVIN scores
+  against the subtask's start state). Zero block - TCP vectors mean the TCP is at the block centre.
 * ``"task_id"``: np.int64 index into :data:`TASKS` of the current (sub)task (when
   ``task_cfg.num_tasks > 0`` or in chain mode).
 * ``"instruction_id"``: np.int64 index into :data:`ALL_INSTRUCTIONS` of the current (sub)task's
@@ -66,7 +75,11 @@ from rtpolicy.envs.calvin_like.tasks import (
     TASK_INDEX,
     TASKS,
     Snapshot,
+    block_period,
     check_task_name,
+    grasped,
+    quat_up,
+    quat_yaw,
     success,
     symbolic_state,
 )
@@ -87,6 +100,15 @@ STATE_NAMES: list[str] = (
     + [f"{c}_{k}" for c in S.BLOCKS for k in ("x", "y", "z", "qw", "qx", "qy", "qz")]
 )
 STATE_DIM = len(STATE_NAMES)
+REL_BLOCK_NAMES = ("dx", "dy", "dz", "hand_dx", "hand_dy", "yaw_sin", "yaw_cos", "z", "up", "grasped",
+                   "moved_x", "moved_y", "moved_z", "turned_sin", "turned_cos")
+REL_NAMES: list[str] = (
+    ["ee_x", "ee_y", "ee_z", "ee_yaw_sin", "ee_yaw_cos", "gripper_opening", "gripper_closed",
+     "target_dx", "target_dy", "target_dz", "target_dyaw"]
+    + ["drawer", "slider", "button", "lightbulb", "switch", "led"]
+    + [f"{c}_{k}" for c in S.BLOCKS for k in REL_BLOCK_NAMES]
+)
+REL_DIM = len(REL_NAMES)
 
 
 def _get(task_cfg: Any, key: str, default=None):
@@ -146,7 +168,7 @@ class CalvinLikeEnv(gymnasium.Env):
         "delta_dims": [0, 1, 2, 3],
         "twist_axes": ["linear.x", "linear.y", "linear.z", "angular.z"],  # the yaw delta is a rotation about z
         "control_rate_hz": 1.0 / CONTROL_DT,
-        "obs_names": {"state": ", ".join(STATE_NAMES)},
+        "obs_names": {"state": ", ".join(STATE_NAMES), "state_rel": ", ".join(REL_NAMES)},
     }
 
     def __init__(
@@ -229,6 +251,10 @@ class CalvinLikeEnv(gymnasium.Env):
         self._ids()
 
         obs_spaces: dict[str, spaces.Space] = {"state": spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)}
+        # "state_rel" in task_cfg.obs_keys: the hand-relative features (REL_NAMES)
+        self._rel = "state_rel" in obs_keys
+        if self._rel:
+            obs_spaces["state_rel"] = spaces.Box(-np.inf, np.inf, (REL_DIM,), np.float32)
         if self.num_tasks > 0 or self.chain_length:
             obs_spaces["task_id"] = spaces.Discrete(len(TASKS))
         obs_spaces["instruction_id"] = spaces.Discrete(len(ALL_INSTRUCTIONS))
@@ -507,10 +533,35 @@ class CalvinLikeEnv(gymnasium.Env):
             out[15 + 7 * i : 19 + 7 * i] = s.quat[c]
         return out
 
+    def rel_vector(self, s: Snapshot | None = None, start: Snapshot | None = None) -> np.ndarray:
+        """(REL_DIM,) float32 hand-relative features of snapshot ``s`` (default: now) against the (sub)task's
+        start snapshot ``start`` (default: the current one); see ``"state_rel"`` in the module docstring."""
+        s = self._snap if s is None else s
+        start = self._start_snap if start is None else start
+        if s is None or start is None:
+            raise RuntimeError("call reset() first")
+        out = np.empty(REL_DIM, dtype=np.float32)
+        cy, sy = np.cos(s.yaw), np.sin(s.yaw)
+        tgt = self._target
+        out[0:11] = (*s.ee, sy, cy, s.opening, float(self._grip_closed), *(tgt[:3] - s.ee), tgt[3] - s.yaw)
+        out[11:17] = (s.drawer, s.slider, float(np.clip(s.button, 0.0, S.BUTTON_RANGE)), float(s.bulb), s.switch, float(s.led))
+        for i, c in enumerate(S.BLOCKS):
+            d = s.pos[c] - s.ee
+            period = block_period(c)
+            folded = (quat_yaw(s.quat[c]) - s.yaw) * (2 * np.pi / period)
+            turned = quat_yaw(s.quat[c]) - quat_yaw(start.quat[c])
+            moved = s.pos[c] - start.pos[c]
+            o = 17 + 15 * i
+            out[o : o + 15] = (*d, cy * d[0] + sy * d[1], -sy * d[0] + cy * d[1], np.sin(folded), np.cos(folded),
+                               s.pos[c][2], quat_up(s.quat[c]), float(grasped(s, c)), *moved, np.sin(turned), np.cos(turned))
+        return out
+
     def _make_obs(self) -> dict[str, Any]:
         assert self._snap is not None
         k = min(self._sub, len(self._chain) - 1)
         obs: dict[str, Any] = {"state": self._state_vector(self._snap)}
+        if self._rel:
+            obs["state_rel"] = self.rel_vector()
         if self.num_tasks > 0 or self.chain_length:
             obs["task_id"] = np.int64(TASK_INDEX[self._chain[k]])
         obs["instruction_id"] = np.int64(self._instr[k])

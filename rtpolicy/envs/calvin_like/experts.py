@@ -1,10 +1,16 @@
-"""Scripted experts: waypoint controllers in end-effector space reading the privileged simulator state.
+"""Scripted experts: controllers in end-effector space reading the privileged simulator state.
 
-Each task has a script (a Python generator yielding (5,) actions): approach at a safe height, descend,
-grasp / hook / press / push, move, release. :class:`ScriptedExpert` runs the script of the env's
-current (sub)task and restarts it whenever a new episode or subtask begins, so one expert instance
-serves a whole chain. Motion actions are computed from the env's end-effector *target* (so the
-commanded path does not overshoot), and a waypoint is reached when the measured TCP is within tolerance.
+Each task has a script (a Python generator yielding (5,) actions). :class:`ScriptedExpert` runs the
+script of the env's current (sub)task and restarts it whenever a new episode or subtask begins, so one
+expert instance serves a whole chain; a script that ends without the task done is started again from
+the current state (re-planned). Motion actions are computed from the env's end-effector *target* (so
+the commanded path does not overshoot), and slow down within :data:`SLOW_DIST` of a goal (at most
+``SLOW_MIN`` of full speed at the goal), so a waypoint is reached at low speed.
+
+The block tasks (push, lift, rotate) are reactive: every step they decide from the current state
+(grasped? above the block? aligned? how far has the block moved or turned since the subtask began?)
+and aim at the block where it is now, so a block moved mid-approach is followed, a slipped grasp is
+retried and a push that drifts sideways is corrected. The fixture tasks are waypoint scripts.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from rtpolicy.envs.calvin_like import scene as S
 from rtpolicy.envs.calvin_like.chains import grasp_offset, grasp_yaw
 from rtpolicy.envs.calvin_like.tasks import (
     Snapshot,
+    block_period,
+    success,
+    wrap,
     grasped,
     on_table,
     quat_yaw,
@@ -31,7 +40,14 @@ if TYPE_CHECKING:
 
 SAFE_Z = 0.2
 OPEN, CLOSE = -1.0, 1.0
+SLOW_DIST = 0.05  # m: within this distance of its goal a move slows down ...
+SLOW_MIN = 0.3  # ... to at most this fraction of full speed at the goal
+ROTATE_BY = np.deg2rad(75.0)  # the rotate expert turns a block this far from its subtask-start yaw ...
+ROTATE_DONE = np.deg2rad(62.0)  # ... and releases it once it has turned this far (success needs 50 deg)
+FAR = 0.05  # m: a block this far away in xy is approached over the safe height
+PUSH_BY = 0.11  # the push expert pushes a block this far in x from its subtask-start position (success: 8 cm)
 Script = Iterator[np.ndarray]
+MAX_RESTARTS = 3  # re-plans of a fixture script per subtask
 
 
 class _Ctx:
@@ -53,7 +69,9 @@ def _act(ctx: _Ctx, goal: np.ndarray, yaw: float | None, grip: float, speed: flo
     from rtpolicy.envs.calvin_like.env import MAX_STEP, MAX_YAW
 
     a = np.zeros(5)
-    v = (np.asarray(goal, dtype=np.float64) - ctx.target[:3]) / MAX_STEP
+    delta = np.asarray(goal, dtype=np.float64) - ctx.target[:3]
+    speed = min(speed, max(SLOW_MIN, float(np.linalg.norm(delta)) / SLOW_DIST))  # slow down near the goal
+    v = delta / MAX_STEP
     peak = np.abs(v).max()
     if peak > speed:
         v *= speed / peak
@@ -208,36 +226,135 @@ def push_switch(ctx: _Ctx, on: bool) -> Script:
     yield from move(ctx, [sx, end - sign * side, 0.15], 0.0, CLOSE)
 
 
-def push_block(ctx: _Ctx, c: str, sign: float) -> Script:
+def _fit_yaw(yaw: float, period: float, then: float = 0.0) -> float:
+    """``yaw`` shifted by whole ``period``s so that ``yaw`` and ``yaw + then`` are both reachable, closest to the original."""
+    lim = S.YAW_RANGE - 0.05
+    cands = [yaw + k * period for k in range(-4, 5)]
+    ok = [y for y in cands if abs(y) <= lim and abs(y + then) <= lim]
+    return float(min(ok or cands, key=lambda y: abs(y - yaw)))
+
+
+def _cross(ctx: _Ctx, p, yaw: float, grip: float) -> Script:
+    """One step towards the point above ``p`` at the safe height: straight up first when below it."""
     s = ctx.s
-    p = s.pos[c].copy()
-    yaw = quat_yaw(s.quat[c])
-    hx, hy, _ = S.BLOCK_HALF[c]
-    ext = abs(np.cos(yaw)) * hx + abs(np.sin(yaw)) * hy
-    # hand turned by 90 deg: the closed fingers then form a 4 cm wide, 2.4 cm thick pusher along y
-    behind = ext + 2 * S.FINGER_HALF[1] + 0.015
+    if s.ee[2] < SAFE_Z - 0.03:
+        yield _act(ctx, [s.ee[0], s.ee[1], SAFE_Z], None, grip, 1.0)
+    else:
+        yield _act(ctx, [p[0], p[1], SAFE_Z], yaw, grip, 1.0)
+
+
+def grasp_block(ctx: _Ctx, c: str, then: float = 0.0, max_steps: int = 100) -> Script:
+    """Reactive grasp of block ``c``, re-planned every step from where the block is now; returns once it
+    is grasped. The grasp yaw is the one closest to the hand's that leaves room to turn ``then`` after."""
+    closing = 0
+    for _ in range(max_steps):
+        s = ctx.s
+        if grasped(s, c) and closing >= 4:
+            return
+        p = s.pos[c]
+        z = p[2] + grasp_offset(c)
+        gy = _fit_yaw(grasp_yaw(c, quat_yaw(s.quat[c]), s.yaw), block_period(c), then)
+        dxy = float(np.linalg.norm(p[:2] - s.ee[:2]))
+        if closing:  # fingers closing at the block: hold still until they hold it (or retry)
+            closing = closing + 1 if closing < 12 else 0
+            yield _act(ctx, ctx.target[:3], None, CLOSE if closing else OPEN, 1.0)
+            continue
+        if ctx.env._grip_closed:  # closed on nothing: open first
+            yield _act(ctx, ctx.target[:3], None, OPEN, 1.0)
+            continue
+        hover = z + 0.05
+        if dxy > FAR:  # far away: cross over at the safe height (rising first)
+            yield from _cross(ctx, p, gy, OPEN)
+        elif dxy > 0.01 or abs(gy - s.yaw) > 0.1:  # not over the block: go above it (rising first when low)
+            if s.ee[2] < hover - 0.02 and dxy > 0.02:
+                yield _act(ctx, [s.ee[0], s.ee[1], hover], gy, OPEN, 1.0)
+            else:
+                yield _act(ctx, [p[0], p[1], hover], gy, OPEN, 1.0)
+        elif abs(s.ee[2] - z) > 0.006 or dxy > 0.006:  # above it: descend, tracking it
+            yield _act(ctx, [p[0], p[1], z], gy, OPEN, 0.7)
+        else:
+            closing = 1
+            yield _act(ctx, ctx.target[:3], None, CLOSE, 1.0)
+
+
+def push_block(ctx: _Ctx, c: str, sign: float) -> Script:
+    """Reactive push by ``PUSH_BY`` along x (sign -1: left, +1: right), the hand turned by 90 deg so the
+    closed fingers form a 4 cm wide, 2.4 cm thick pusher along y; it follows the block's y while pushing."""
+    hz = S.BLOCK_HALF[c][2]
     z = S.FINGERTIP + 0.006
-    yaw_h = _side_yaw(s)
-    yield from travel(ctx, [p[0] - sign * behind, p[1], z], yaw_h, CLOSE, tol=0.006)
-    yield from move(ctx, [p[0] + sign * 0.14 - sign * behind, p[1], z], yaw_h, CLOSE, tol=0.005, speed=0.5)
-    yield from move(ctx, ctx.s.ee + [0, 0, 0.12], None, CLOSE)
+    z_hover = 2 * hz + S.FINGERTIP + 0.03
+    dropping = 0
+    while True:
+        s, start = ctx.s, ctx.env._start_snap
+        p = s.pos[c]
+        yaw_h = _side_yaw(s)
+        if dropping or (ctx.env._grip_closed and s.opening > 0.012 and s.ee[2] > z + 0.02):
+            # something is held (e.g. left in the hand by the previous subtask): open and let it go first
+            dropping = dropping + 1 if dropping < 6 else 0
+            yield _act(ctx, ctx.target[:3], None, OPEN, 1.0)
+            continue
+        if sign * (p[0] - start.pos[c][0]) >= PUSH_BY or grasped(s, c):  # done (or stuck in the fingers): rise
+            yield _act(ctx, [s.ee[0], s.ee[1], z_hover + 0.08], None, CLOSE if not grasped(s, c) else OPEN, 1.0)
+            continue
+        yaw = quat_yaw(s.quat[c])
+        hx, hy, _ = S.BLOCK_HALF[c]
+        ext = abs(np.cos(yaw)) * hx + abs(np.sin(yaw)) * hy
+        behind = ext + 2 * S.FINGER_HALF[1] + 0.015
+        gap = sign * (p[0] - s.ee[0])  # how far the TCP is behind the block centre along the push
+        dy = p[1] - s.ee[1]
+        yaw_ok = abs(yaw_h - s.yaw) < 0.12
+        bx = p[0] - sign * behind
+        if np.hypot(p[0] - s.ee[0], dy) > FAR + 0.05:  # far away: cross over at the safe height
+            yield from _cross(ctx, [bx, p[1]], yaw_h, CLOSE)
+        elif s.opening > 0.012 and s.ee[2] < z_hover:  # the fingers must be closed before going down
+            yield _act(ctx, [s.ee[0], s.ee[1], z_hover], yaw_h, CLOSE, 1.0)
+        elif yaw_ok and abs(dy) < 0.012 and gap > ext + 0.004 and s.ee[2] < z + 0.012:  # in the lane: push
+            yield _act(ctx, [ctx.target[0] + sign * 0.05, p[1], z], yaw_h, CLOSE, 0.5)
+        elif yaw_ok and abs(dy) < 0.01 and abs(s.ee[0] - bx) < 0.012:  # behind it: descend
+            yield _act(ctx, [bx, p[1], z], yaw_h, CLOSE, 0.7)
+        elif s.ee[2] < z_hover - 0.02 and not (gap > ext + 0.004 and abs(dy) < 0.03):  # low in the way: rise
+            yield _act(ctx, [s.ee[0], s.ee[1], z_hover], yaw_h, CLOSE, 1.0)
+        else:
+            yield _act(ctx, [bx, p[1], z_hover if s.ee[2] > z + 0.012 else z], yaw_h, CLOSE, 1.0)
 
 
 def lift_block(ctx: _Ctx, c: str) -> Script:
-    yield from _grasp(ctx, c)
-    yield from move(ctx, ctx.s.ee + [0, 0, 0.1], None, CLOSE, tol=0.005, speed=0.6)
-    yield from wait(ctx, CLOSE, 10)
+    """Reactive: grasp (again, if it slipped), then lift to 10 cm above the subtask-start height."""
+    while True:
+        s = ctx.s
+        if not grasped(s, c):
+            yield from grasp_block(ctx, c)
+            continue
+        z = ctx.env._start_snap.pos[c][2] + grasp_offset(c) + 0.1
+        yield _act(ctx, [s.ee[0], s.ee[1], z], None, CLOSE, 0.6)
 
 
 def rotate_block(ctx: _Ctx, c: str, sign: float) -> Script:
-    yield from _grasp(ctx, c)
-    ee = ctx.s.ee.copy()
-    yield from move(ctx, ee + [0, 0, 0.015], None, CLOSE, tol=0.004, speed=0.5)
-    yaw = float(np.clip(ctx.s.yaw + sign * np.deg2rad(75), -S.YAW_RANGE + 0.05, S.YAW_RANGE - 0.05))
-    yield from move(ctx, ee + [0, 0, 0.015], yaw, CLOSE, tol=0.006, speed=0.5)
-    yield from move(ctx, ee + [0, 0, 0.003], yaw, CLOSE, tol=0.004, speed=0.5)
-    yield from wait(ctx, OPEN, 5)
-    yield from move(ctx, ee + [0, 0, 0.1], None, OPEN)
+    """Reactive: grasp, lift 1.5 cm, turn until the block is ``ROTATE_BY`` from its subtask-start yaw,
+    put it down, release and rise (sign +1: left / counterclockwise)."""
+    lifted = False
+    while True:
+        s, start = ctx.s, ctx.env._start_snap
+        turned = sign * wrap(quat_yaw(s.quat[c]) - quat_yaw(start.quat[c]))
+        rest_z = S.BLOCK_HALF[c][2] + grasp_offset(c)
+        if turned >= ROTATE_DONE:
+            if grasped(s, c) and ctx.env._grip_closed:  # put it down, then open
+                lower = abs(s.ee[2] - rest_z) > 0.005
+                yield _act(ctx, [s.ee[0], s.ee[1], rest_z], None, CLOSE if lower else OPEN, 0.5)
+            else:
+                yield _act(ctx, [s.ee[0], s.ee[1], rest_z + 0.1], None, OPEN, 1.0)
+            continue
+        if not grasped(s, c):
+            lifted = False
+            yield from grasp_block(ctx, c, then=sign * (ROTATE_BY - turned))
+            continue
+        z = rest_z + 0.015
+        if not lifted:
+            lifted = s.ee[2] > z - 0.004
+            yield _act(ctx, [s.ee[0], s.ee[1], z], None, CLOSE, 0.5)
+            continue
+        goal_yaw = float(np.clip(s.yaw + sign * (ROTATE_BY - turned), -S.YAW_RANGE + 0.05, S.YAW_RANGE - 0.05))
+        yield _act(ctx, [s.ee[0], s.ee[1], z], goal_yaw, CLOSE, 0.5)
 
 
 def place_in_drawer(ctx: _Ctx) -> Script:
@@ -348,6 +465,7 @@ class ScriptedExpert:
         self._key: tuple[int, int] | None = None
         self._script: Script | None = None
         self._grip = OPEN
+        self._restarts = 0
 
     def reset(self) -> None:
         self._key = None
@@ -361,9 +479,17 @@ class ScriptedExpert:
             self._key = key
             self._grip = CLOSE if env._grip_closed else OPEN
             self._script = script_for(env.current_task, self._ctx)
+            self._restarts = 0
+        a = None
         try:
             a = next(self._script)
         except StopIteration:
+            # the script ended without the task done (e.g. the scene was disturbed): plan again from here
+            if self._restarts < MAX_RESTARTS and not success(env.current_task, env._start_snap, env._snap, env.layout):
+                self._restarts += 1
+                self._script = script_for(env.current_task, self._ctx)
+                a = next(self._script, None)
+        if a is None:
             a = _act(self._ctx, env._target[:3], None, self._grip, 1.0)
         self._grip = a[4]
         if self.noise > 0:

@@ -153,6 +153,11 @@ class Snapshot:
     touch: dict[str, tuple[bool, bool]]  # block -> (touches left finger, touches right finger)
 
 
+def block_period(c: str) -> float:
+    """The yaw symmetry of block ``c``: pi/2 for a square footprint, pi otherwise."""
+    return float(np.pi / 2 if abs(BLOCK_HALF[c][0] - BLOCK_HALF[c][1]) < 1e-6 else np.pi)
+
+
 def quat_yaw(q: np.ndarray) -> float:
     """Yaw (rad) of a wxyz quaternion."""
     w, x, y, z = (float(v) for v in q)
