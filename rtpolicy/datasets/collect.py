@@ -4,7 +4,7 @@
 
 Envs with instructions (the CALVIN-style family) also get ``attrs["instructions"]``: the instruction
 text of each stored episode (and ``data/instruction_id`` per step). Per step the store holds ``data/state`` (T, 39) float32 (the observation the action was chosen from)
-and ``data/action`` (T, 4) float32 (the executed, clipped action), plus ``data/task_id`` (T,) int64 for
+and ``data/action`` (T, 4) float32 (the expert's clipped action; with noise, its clean label: DART), plus ``data/task_id`` (T,) int64 for
 multi-task configs, plus ``data/rgb_<camera>`` (T, S, S, 3) uint8 frames (chunked a few steps at a time)
 for every ``rgb_<camera>`` key in the task's ``obs_keys`` (S = ``image_size``).
 Only successful episodes are kept; an episode ends at its first success step.
@@ -38,20 +38,24 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 
 def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0) -> tuple[dict[str, np.ndarray], bool]:
-    """One expert episode on the layout of ``seed`` -> ({"state": (T, Ds), "action": (T, Da), ...}, success)."""
+    """One expert episode on the layout of ``seed`` -> ({"state": (T, Ds), "action": (T, Da), ...}, success).
+
+    With ``action_noise`` the env executes the expert's action plus Gaussian noise while the stored
+    ``action`` is the expert's clean action from the observation it saw (DART: the demos then hold the
+    expert's corrections from the states the noise led to, not the noise)."""
     rng = np.random.default_rng(seed)
     obs, _ = env.reset(seed=seed)
     steps: dict[str, list[np.ndarray]] = {key: [] for key in obs}
     steps["action"] = []
     terminated = truncated = False
     while not (terminated or truncated):
-        action = expert(obs)
+        label = np.clip(expert(obs), -1.0, 1.0).astype(np.float32)
+        action = label
         if action_noise > 0:
-            action = action + rng.normal(0.0, action_noise, size=action.shape)
-        action = np.clip(action, -1.0, 1.0).astype(np.float32)
+            action = np.clip(label + rng.normal(0.0, action_noise, size=label.shape), -1.0, 1.0).astype(np.float32)
         for key, value in obs.items():
             steps[key].append(value)
-        steps["action"].append(action)
+        steps["action"].append(label)
         obs, _, terminated, truncated, _ = env.step(action)
     episode = {key: np.stack(values) for key, values in steps.items()}
     return episode, bool(terminated)
