@@ -315,6 +315,22 @@ def test_cli_refuses_to_clobber_and_names_bad_input(tmp_path, capsys):
     assert "cannot tell its format" in capsys.readouterr().err
 
 
+def test_demos_that_disagree_are_named(tmp_path):
+    _h5py_file(tmp_path / "a.hdf5", n_demos=3)
+    with h5py.File(tmp_path / "a.hdf5", "a") as f:
+        pos = f["data/demo_1/obs/robot0_eef_pos"][()]
+        del f["data/demo_1/obs/robot0_eef_pos"], f["data/demo_2/obs/object"]
+        f["data/demo_1/obs/robot0_eef_pos"] = pos.astype(np.float32)  # same kind, other dtype: cast, not refused
+        f["data/demo_2/obs/object"] = np.zeros((22, 8))
+    with pytest.raises(FormatError, match=r"a.hdf5: episode 2: key 'object' has feature shape \(8,\), episode 0 has \(7,\)"):
+        convert(tmp_path / "a.hdf5", tmp_path / "a.zarr")
+    assert not (tmp_path / "a.zarr").exists()
+    with h5py.File(tmp_path / "a.hdf5", "a") as f:
+        f["data/demo_1/obs/extra"] = np.zeros((21, 2))
+    with pytest.raises(FormatError, match=r"data/demo_1 holds keys .*'obs/extra'"):
+        read_dataset(tmp_path / "a.hdf5")
+
+
 def test_lerobot_lengths_that_disagree_are_named(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

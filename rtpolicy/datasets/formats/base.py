@@ -56,6 +56,24 @@ class EpisodeSource:
     def n_episodes(self) -> int | None:
         return None if self.lengths is None else len(self.lengths)
 
+    def checked_episodes(self) -> Iterator[dict[str, np.ndarray]]:
+        """``episodes()``, each checked against ``keys``: the same keys, feature shapes and dtypes (a dtype of the
+        same kind is cast, e.g. one demo stored in float32 among float64 ones), equal lengths, finite values."""
+        for i, ep in enumerate(self.episodes()):
+            if set(ep) != set(self.keys):
+                raise FormatError(f"{self.where}: episode {i} holds keys {sorted(ep)}, the dataset {sorted(self.keys)}")
+            for k, (shape, dtype) in self.keys.items():
+                x = ep[k]
+                if tuple(x.shape[1:]) != tuple(shape):
+                    raise FormatError(f"{self.where}: episode {i}: key {k!r} has feature shape {tuple(x.shape[1:])}, "
+                                      f"episode 0 has {tuple(shape)}")
+                if x.dtype != dtype:
+                    if not np.can_cast(x.dtype, dtype, casting="same_kind"):
+                        raise FormatError(f"{self.where}: episode {i}: key {k!r} is {x.dtype}, episode 0 is {np.dtype(dtype)}")
+                    ep[k] = x.astype(dtype)
+            check_episode(ep, self.where, i)
+            yield ep
+
     def image_keys(self) -> list[str]:
         """Keys of uint8 (H, W, 3) frames."""
         return [k for k, (shape, dtype) in self.keys.items() if len(shape) == 3 and shape[2] == 3 and np.dtype(dtype) == np.uint8]

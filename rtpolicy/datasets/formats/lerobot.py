@@ -412,7 +412,7 @@ class LeRobotFormat(Format):
             ep_rows: list[dict[str, Any]] = []
             total = 0
             try:
-                for e, ep in enumerate(source.episodes()):
+                for e, ep in enumerate(source.checked_episodes()):
                     L = check_episode(ep, source.where, e)
                     task_idx = ep["task_id"].reshape(L).astype(np.int64) if "task_id" in ep else np.zeros(L, np.int64)
                     if more_tasks and task_idx.max() >= len(task_names):

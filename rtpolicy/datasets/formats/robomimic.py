@@ -164,7 +164,7 @@ class RobomimicFormat(Format):
             data = f.create_group("data")
             total = 0
             demo_names = []
-            for i, ep in enumerate(source.episodes()):
+            for i, ep in enumerate(source.checked_episodes()):
                 L = check_episode(ep, source.where, i)
                 demo = data.create_group(f"demo_{i}")
                 for k, x in ep.items():

@@ -66,7 +66,7 @@ class ZarrFormat(Format):
         with atomic_path(path, overwrite) as tmp:
             buf = ReplayBuffer.create(tmp)
             buf.attrs.update(jsonable(source.attrs) | {"fps": source.fps})
-            for i, ep in enumerate(source.episodes()):
+            for i, ep in enumerate(source.checked_episodes()):
                 try:
                     buf.add_episode(ep)
                 except ReplayBufferError as e:
