@@ -125,7 +125,6 @@ class VideoCursor:
         self.path, self.fps, self.where = path, fps, where
         self._container = None
         self._frames: Iterator | None = None
-        self._pending = None  # a decoded frame past the previous read
         self.decoded = 0  # frames decoded so far (the cost of a read: a seek lands on the keyframe before it)
 
     def _open(self, from_s: float):
@@ -149,12 +148,13 @@ class VideoCursor:
         out: list[np.ndarray] = []
         try:
             while len(out) < n:
-                frame = self._pending if self._pending is not None else next(self._frames, None)
-                self._pending = None
+                frame = next(self._frames, None)
                 if frame is None:
                     break
                 self.decoded += 1
-                t = float(frame.time) if frame.time is not None else math.nan
+                if frame.time is None:
+                    raise FormatError(f"{self.where}: {label}: video {self.path} has a frame without a timestamp")
+                t = float(frame.time)
                 self._last = t
                 k = round((t - from_s) * self.fps)
                 if k < 0:
@@ -175,7 +175,7 @@ class VideoCursor:
     def close(self):
         if self._container is not None:
             self._container.close()
-        self._container = self._frames = self._pending = None
+        self._container = self._frames = None
 
 
 class VideoWriter:
