@@ -14,7 +14,8 @@ Modes (each prints one JSON line last; exit status 1 on a mismatch):
                      default codec), plus OUT.expected.npz with the exact arrays it was given
     read ROOT CAM    LeRobotDataset(repo_id, root=ROOT) opens a dataset rtpolicy wrote, iterates every frame and
                      compares with ROOT.expected.npz (state, action, image (N, H, W, 3) uint8, episode_ends):
-                     vectors exactly, frames within codec tolerance
+                     vectors exactly, frames within codec tolerance; once per video backend: pyav, and
+                     torchcodec (lerobot's default) where the system's FFmpeg libraries let it load
 
 tests/test_formats.py runs both directions against rtpolicy's reader and writer:
 
@@ -73,26 +74,39 @@ def write(out: Path) -> dict:
     return {"lengths": LENGTHS, "lerobot": getattr(lerobot, "__version__", "?"), "codec": ds.meta.features["observation.images.front"]["info"]["video.codec"]}
 
 
+def _backends() -> list[str]:
+    """pyav always; torchcodec (lerobot's default decoder) where it loads (it needs the system's FFmpeg libraries)."""
+    try:
+        from torchcodec.decoders import VideoDecoder  # noqa: F401
+    except Exception:  # an OSError or RuntimeError naming the missing libraries
+        return ["pyav"]
+    return ["pyav", "torchcodec"]
+
+
 def read(root: Path, camera: str) -> dict:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     exp = np.load(Path(f"{root}.expected.npz"), allow_pickle=False)
-    ds = LeRobotDataset(REPO_ID, root=root, video_backend="pyav")
-    n = len(ds)
-    state, action, image, episode = [], [], [], []
-    for i in range(n):
-        item = ds[i]
-        state.append(item["observation.state"].numpy())
-        action.append(item["action"].numpy())
-        image.append((item[camera].permute(1, 2, 0).numpy() * 255).round().astype(np.int16))
-        episode.append(int(item["episode_index"]))
-    ends = np.flatnonzero(np.diff(episode, append=-1)) + 1
-    err = np.abs(np.stack(image) - exp["image"].astype(np.int16))
-    res = {"frames": n, "episodes": ds.num_episodes, "state_equal": bool(np.array_equal(np.stack(state), exp["state"])),
-           "action_equal": bool(np.array_equal(np.stack(action), exp["action"])),
-           "episode_ends_equal": bool(np.array_equal(ends, exp["episode_ends"])),
-           "image_mean_abs_err": float(err.mean()), "image_max_abs_err": int(err.max())}
-    res["ok"] = res["state_equal"] and res["action_equal"] and res["episode_ends_equal"] and res["image_mean_abs_err"] < 4.0
+    res = {"backends": {}}
+    for backend in _backends():
+        ds = LeRobotDataset(REPO_ID, root=root, video_backend=backend)
+        n = len(ds)
+        state, action, image, episode = [], [], [], []
+        for i in range(n):
+            item = ds[i]
+            state.append(item["observation.state"].numpy())
+            action.append(item["action"].numpy())
+            image.append((item[camera].permute(1, 2, 0).numpy() * 255).round().astype(np.int16))
+            episode.append(int(item["episode_index"]))
+        ends = np.flatnonzero(np.diff(episode, append=-1)) + 1
+        err = np.abs(np.stack(image) - exp["image"].astype(np.int16))
+        r = {"frames": n, "episodes": ds.num_episodes, "state_equal": bool(np.array_equal(np.stack(state), exp["state"])),
+             "action_equal": bool(np.array_equal(np.stack(action), exp["action"])),
+             "episode_ends_equal": bool(np.array_equal(ends, exp["episode_ends"])),
+             "image_mean_abs_err": float(err.mean()), "image_max_abs_err": int(err.max())}
+        r["ok"] = r["state_equal"] and r["action_equal"] and r["episode_ends_equal"] and r["image_mean_abs_err"] < 4.0
+        res["backends"][backend] = r
+    res["ok"] = all(r["ok"] for r in res["backends"].values())
     return res
 
 

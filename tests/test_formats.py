@@ -382,4 +382,6 @@ def test_lerobot_package_reads_ours_and_we_read_and_train_on_its(tmp_path):
     np.savez(tmp_path / "ours.expected.npz", state=buf["state"][:], action=buf["action"][:], image=buf["rgb_top"][:],
              episode_ends=buf.episode_ends)
     res = peer("read", str(tmp_path / "ours"), "observation.images.top")
-    assert res["frames"] == sum(LENGTHS) and res["episodes"] == 3 and res["image_mean_abs_err"] < 4.0
+    assert res["ok"] and "pyav" in res["backends"]
+    for r in res["backends"].values():
+        assert r["frames"] == sum(LENGTHS) and r["episodes"] == 3 and r["image_mean_abs_err"] < 4.0
