@@ -78,7 +78,7 @@ def _backends() -> list[str]:
     """pyav always; torchcodec (lerobot's default decoder) where it loads (it needs the system's FFmpeg libraries)."""
     try:
         from torchcodec.decoders import VideoDecoder  # noqa: F401
-    except Exception:  # an OSError or RuntimeError naming the missing libraries
+    except (ImportError, OSError, RuntimeError):  # torchcodec names the FFmpeg libraries it could not load
         return ["pyav"]
     return ["pyav", "torchcodec"]
 
