@@ -1,0 +1,205 @@
+"""Issue 13 ablation: the CALVIN-style 5-chain score of the truncated 1-step task-id policy, one change at a time.
+
+    python benchmarks/calvin_like_chains.py collect --dir data/calvin_like/ablation --workers 8 \
+        --old-experts PATH_TO_PREVIOUS_experts.py      # git show 06b98e0:rtpolicy/envs/calvin_like/experts.py
+    python benchmarks/calvin_like_chains.py run --setting +chains --seed 0 --steps 6000 --dir data/calvin_like/ablation \
+        --out rows/chains_0.json
+    python benchmarks/calvin_like_chains.py table rows/*.json --json benchmarks/calvin_like_chains.json
+
+Settings (cumulative; each adds one change to the row before it):
+
+| setting | store | obs key | normalizer hygiene |
+|---|---|---|---|
+| baseline | previous experts, 50 single-task demos per task, no noise | state (33,) | off |
+| +normalizer | same | state | on (min range, clip, warning) |
+| +features | same | state_rel (62,) | on |
+| +reactive experts | re-planning experts, 50 single-task demos | state_rel | on |
+| +DART | same experts, executed noise 0.2, clean labels | state_rel | on |
+| +chains | + 300 expert 5-chains cut per subtask | state_rel | on |
+| +chains, 4 actions per chunk | same, ``policy.action_horizon=4`` (re-plan every 4 steps instead of 8) | state_rel | on |
+
+``run`` trains in-process (the ``train.py`` config with ``task=calvin_like_rel`` and the overrides shown in
+each row's ``command``) and evaluates on ``--episodes`` chains (seeds 100000+); ``table`` averages the rows of
+each setting over training seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl" if os.path.exists("/proc/driver/nvidia/version") else "osmesa")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STORES = {  # name -> (experts, task demos, chains, noise)
+    "old": ("old", 50, 0, 0.0),
+    "new": ("new", 50, 0, 0.0),
+    "dart": ("new", 50, 0, 0.2),
+    "chains": ("new", 50, 300, 0.2),
+}
+SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
+    "baseline": ("old", "state", False, []),
+    "+normalizer": ("old", "state", True, []),
+    "+features": ("old", "state_rel", True, []),
+    "+reactive experts": ("new", "state_rel", True, []),
+    "+DART": ("dart", "state_rel", True, []),
+    "+chains": ("chains", "state_rel", True, []),
+    "+chains, 4 actions per chunk": ("chains", "state_rel", True, ["policy.action_horizon=4"]),
+}
+
+
+def _use_old_experts(path: str) -> None:
+    """Make ``CalvinLikeEnv.expert`` build the ScriptedExpert of the experts module at ``path`` (this process)."""
+    from rtpolicy.envs.calvin_like.env import CalvinLikeEnv
+
+    spec = importlib.util.spec_from_file_location("calvin_old_experts", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    CalvinLikeEnv.expert = lambda self, noise=0.0, seed=None: module.ScriptedExpert(self, noise=noise, seed=seed)
+
+
+def cmd_collect(a) -> None:
+    from rtpolicy.envs.calvin_like.demos import collect
+
+    names = a.stores or list(STORES)
+    for name in names:
+        experts, demos, chains, noise = STORES[name]
+        demos, chains = a.demos or demos, min(chains, a.max_chains if a.max_chains is not None else chains)
+        t0 = time.perf_counter()
+        if experts == "old":
+            if not a.old_experts:
+                raise SystemExit("the 'old' store needs --old-experts (the previous experts.py)")
+            _use_old_experts(a.old_experts)
+        info = collect(Path(a.dir) / f"{name}.zarr", ["state", "state_rel"], demos, chains, noise, seed=0,
+                       workers=1 if experts == "old" else a.workers)
+        print(f"{name}: {info['episodes']} episodes, {info['steps']} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def overrides(setting: str, seed: int, steps: int, episodes: int, data_dir: str, run_dir: str, device: str) -> list[str]:
+    store, key, _, extra = SETTINGS[setting]
+    return [f"task=calvin_like_rel", f"task.dataset={Path(data_dir) / (store + '.zarr')}", f"task.obs_keys=[{key}]",
+            "policy=truncated", f"train.steps={steps}", f"train.seed={seed}", "train.threads=1",
+            f"eval.episodes={episodes}", "eval.num_envs=2", "eval.latency_reps=5", f"run_dir={run_dir}", f"device={device}", *extra]
+
+
+def cmd_run(a) -> None:
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    import rtpolicy.datasets.normalizer as N
+    from rtpolicy.config import register_configs
+    from rtpolicy.factory import CONF_DIR
+    from rtpolicy.training import train
+
+    torch.set_num_threads(1)
+    _, _, hygiene, _ = SETTINGS[a.setting]
+    if not hygiene:  # the normalizer before issue 13
+        N.MIN_RANGE, N.CLIP, N.WARN_AT = None, dict.fromkeys(N.MODES), dict.fromkeys(N.MODES)
+    register_configs()
+    over = overrides(a.setting, a.seed, a.steps, a.episodes, a.dir, a.run_dir, a.device)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=over)
+    t0 = time.process_time()
+    res = train(cfg)
+    if a.episodes == 0:  # a timing run
+        Path(a.out).write_text(json.dumps({"train_seconds": res["train_seconds"], "steps": a.steps}))
+        return
+    row = {"setting": a.setting, "seed": a.seed, "avg_chain_length": res["avg_chain_length"], "episodes": res["episodes"],
+           "success_at": res["chain_success"], "train_steps": a.steps, "train_seconds": res["train_seconds"],
+           "train_cpu_minutes": round(res["train_seconds"] / 60, 2), "process_cpu_minutes": round((time.process_time() - t0) / 60, 2),
+           "device": a.device, "command": "python train.py " + " ".join(f"'{o}'" if "[" in o else o for o in over)
+           + ("  # normalizer hygiene off" if not hygiene else "")}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(row, indent=2))
+    print(json.dumps({k: row[k] for k in ("setting", "seed", "avg_chain_length", "success_at", "train_seconds")}), flush=True)
+    if a.single_tasks:  # single-task success of every block task, same checkpoint
+        row["single_task"] = single_task_success(res["checkpoint"], cfg, a.single_tasks, a.device)
+        Path(a.out).write_text(json.dumps(row, indent=2))
+        print(json.dumps(row["single_task"]), flush=True)
+
+
+def single_task_success(checkpoint: str, cfg, episodes: int, device: str) -> dict[str, float]:
+    """{block task: success over ``episodes`` single-task episodes (seeds 100000+, 150 steps)}."""
+    from types import SimpleNamespace
+
+    from rtpolicy.checkpoint import load_policy
+    from rtpolicy.envs.calvin_like.tasks import TASKS, task_block
+    from rtpolicy.envs.runner import evaluate
+    from rtpolicy.training import resolve_device
+
+    dev = resolve_device(device)
+    policy, _ = load_policy(checkpoint, dev)
+    policy.eval()
+    eval_cfg = SimpleNamespace(episodes=episodes, num_envs=2, seed=100_000, max_episode_steps=None, video=0, latency_reps=1, out=None)
+    out = {}
+    for i, t in enumerate(TASKS):
+        if task_block(t) is None:
+            continue
+        fields = {"env": "calvin_like", "name": t, "num_tasks": len(TASKS), "task_id": i,
+                  "obs_keys": list(cfg.task.obs_keys), "max_episode_steps": int(cfg.task.max_episode_steps)}
+        out[t] = evaluate(policy, fields, eval_cfg, device=dev, progress=False)["success"]
+    return out
+
+
+def cmd_table(a) -> None:
+    import numpy as np
+
+    rows = [json.loads(Path(p).read_text()) for p in a.rows]
+    out = []
+    for setting in SETTINGS:
+        rs = [r for r in rows if r["setting"] == setting]
+        if not rs:
+            continue
+        acl = [r["avg_chain_length"] for r in rs]
+        out.append({"setting": setting, "avg_chain_length": round(float(np.mean(acl)), 3),
+                    "avg_chain_length_per_seed": acl, "seeds": len(rs), "episodes": rs[0]["episodes"],
+                    "success_at": [round(float(v), 3) for v in np.mean([r["success_at"] for r in rs], axis=0)],
+                    "train_cpu_minutes": round(float(np.mean([r["train_cpu_minutes"] for r in rs])), 2),
+                    "train_steps": rs[0]["train_steps"], "device": rs[0]["device"], "command": rs[0]["command"]})
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": out, "extra": a.extra and json.loads(Path(a.extra).read_text())}, indent=2) + "\n")
+    print("| setting | seeds | chains per seed | success at 1 / 2 / 3 / 4 / 5 | average chain length (per seed) |")
+    print("|---|---|---|---|---|")
+    for r in out:
+        per = ", ".join(f"{v:.2f}" for v in r["avg_chain_length_per_seed"])
+        print(f"| {r['setting']} | {r['seeds']} | {r['episodes']} | {' / '.join(f'{v:.2f}' for v in r['success_at'])} | "
+              f"**{r['avg_chain_length']:.2f}** ({per}) |")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("--dir", required=True)
+    c.add_argument("--workers", type=int, default=1)
+    c.add_argument("--old-experts", default=None)
+    c.add_argument("--stores", nargs="*", choices=list(STORES))
+    c.add_argument("--demos", type=int, default=None, help="single-task demos per task (smoke tests)")
+    c.add_argument("--max-chains", type=int, default=None, help="at most this many chains (smoke tests)")
+    r = sub.add_parser("run")
+    r.add_argument("--setting", required=True, choices=list(SETTINGS))
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--steps", type=int, default=6000)
+    r.add_argument("--episodes", type=int, default=200)
+    r.add_argument("--dir", required=True, help="folder of the stores")
+    r.add_argument("--run-dir", required=True)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--out", required=True)
+    r.add_argument("--single-tasks", type=int, default=0, help="also evaluate each block task alone for this many episodes")
+    t = sub.add_parser("table")
+    t.add_argument("rows", nargs="+")
+    t.add_argument("--json", default=None)
+    t.add_argument("--extra", default=None, help="a JSON file added under 'extra' (e.g. per-task success)")
+    a = p.parse_args(argv)
+    {"collect": cmd_collect, "run": cmd_run, "table": cmd_table}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
