@@ -385,3 +385,28 @@ def test_lerobot_package_reads_ours_and_we_read_and_train_on_its(tmp_path):
     assert res["ok"] and "pyav" in res["backends"]
     for r in res["backends"].values():
         assert r["frames"] == sum(LENGTHS) and r["episodes"] == 3 and r["image_mean_abs_err"] < 4.0
+
+
+def _peer_has(module: str) -> bool:
+    if not LEROBOT_PYTHON.exists():
+        return False
+    return subprocess.run([str(LEROBOT_PYTHON), "-c", f"import {module}"], capture_output=True, check=False, timeout=120).returncode == 0
+
+
+@pytest.mark.slow
+def test_robomimic_package_reads_ours(tmp_path):
+    if not _peer_has("robomimic"):
+        pytest.skip(f"no robomimic under {LEROBOT_PYTHON} (pip install --no-deps robomimic h5py there; "
+                    "see benchmarks/robomimic_interop.py)")
+    _store(tmp_path / "rs.zarr", robosuite=True)
+    convert(tmp_path / "rs.zarr", tmp_path / "rs.hdf5")
+    buf = ReplayBuffer.open(tmp_path / "rs.zarr")
+    low_dim = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
+    np.savez(tmp_path / "exp.npz", **{k: buf[k][:] for k in low_dim}, agentview_image=buf["rgb_agentview"][:],
+             actions=buf["action"][:], episode_ends=buf.episode_ends)
+    proc = subprocess.run([str(LEROBOT_PYTHON), str(ROOT / "benchmarks" / "robomimic_interop.py"), str(tmp_path / "rs.hdf5"),
+                           str(tmp_path / "exp.npz"), ",".join(low_dim), "agentview_image"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["ok"] and res["items"] == sum(LENGTHS) and res["train_demos"] == 2
