@@ -122,15 +122,20 @@ def test_collect_demos_store_and_determinism(tmp_path):
     data = buf.load()
     assert np.abs(data["action"]).max() <= 1.0
 
-    # every stored episode is a success: replaying its actions from its seed reaches the goal at the last step
+    # every stored episode is a success: replaying its clean labels plus the seed's noise (DART: the env executed
+    # label + noise, the store holds the label) from its seed reaches the goal at the last step
     env = make_env(cfg, seed=0)
     for i, seed in enumerate(attrs["seeds"]):
         ep = buf.get_episode(i)
         obs, _ = env.reset(seed=seed)
         np.testing.assert_array_equal(obs["state"], ep["state"][0])
-        for t, action in enumerate(ep["action"]):
-            _, _, terminated, _, _ = env.step(action)
+        rng = np.random.default_rng(seed)
+        for t, label in enumerate(ep["action"]):
+            action = np.clip(label + rng.normal(0.0, 0.1, size=label.shape), -1.0, 1.0).astype(np.float32)
+            obs, _, terminated, _, _ = env.step(action)
             assert terminated == (t == len(ep["action"]) - 1)
+            if t + 1 < len(ep["action"]):
+                np.testing.assert_array_equal(obs["state"], ep["state"][t + 1])
 
     # same seed -> identical store
     collect_demos(cfg, tmp_path / "b.zarr", 2, seed=3, action_noise=0.1, progress=False)
