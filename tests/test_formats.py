@@ -80,6 +80,18 @@ def test_round_trip_zarr_lerobot_robomimic_zarr(tmp_path):
     assert back.attrs["tasks"] == ["task 0", "task 1"]
 
 
+def test_lerobot_many_files_and_chunks(tmp_path):
+    """Small file limits: episodes spread over several data/video files and chunk folders; each video file's
+    timestamps restart at 0, and the reader follows meta/episodes to the right file and offset."""
+    src = _store(tmp_path / "src.zarr")
+    convert(tmp_path / "src.zarr", tmp_path / "lr", write_options={"data_file_mb": 0.001, "video_file_mb": 0.001, "chunks_size": 2})
+    assert len(list((tmp_path / "lr/data").rglob("*.parquet"))) == 3
+    videos = sorted((tmp_path / "lr/videos").rglob("*.mp4"))
+    assert len(videos) == 3 and any("chunk-001" in str(v) for v in videos)
+    convert(tmp_path / "lr", tmp_path / "back.zarr")
+    _same(src, ReplayBuffer.open(tmp_path / "back.zarr"), image_tol=4.0)
+
+
 def test_robomimic_layout_and_exact_round_trip(tmp_path):
     src = _store(tmp_path / "rs.zarr", robosuite=True)
     convert(tmp_path / "rs.zarr", tmp_path / "demo.hdf5")
@@ -376,8 +388,8 @@ def test_lerobot_package_reads_ours_and_we_read_and_train_on_its(tmp_path):
     assert res["step"] == 2
 
     # we write -> LeRobotDataset opens it, iterates every frame and gets the same values
-    _store(tmp_path / "ours.zarr")
-    convert(tmp_path / "ours.zarr", tmp_path / "ours")
+    _store(tmp_path / "ours.zarr")  # spread over several files and chunk folders
+    convert(tmp_path / "ours.zarr", tmp_path / "ours", write_options={"data_file_mb": 0.001, "video_file_mb": 0.001, "chunks_size": 2})
     buf = ReplayBuffer.open(tmp_path / "ours.zarr")
     np.savez(tmp_path / "ours.expected.npz", state=buf["state"][:], action=buf["action"][:], image=buf["rgb_top"][:],
              episode_ends=buf.episode_ends)

@@ -184,7 +184,7 @@ class VideoWriter:
     def __init__(self, path: Path, fps: float, height: int, width: int, codec: str, crf: int, gop: int):
         av, _, _ = _deps()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.n = path, 0
+        self.path, self.n, self.bytes = path, 0, 0  # frames and encoded bytes so far
         self.container = av.open(str(path), "w")
         rate = Fraction(fps).limit_denominator(1001)
         self.stream = self.container.add_stream(codec, rate=rate)
@@ -209,6 +209,7 @@ class VideoWriter:
             frame.pts = self.n
             self.n += 1
             for packet in self.stream.encode(frame):
+                self.bytes += packet.size
                 self.container.mux(packet)
 
     def close(self) -> None:
@@ -381,7 +382,12 @@ class LeRobotFormat(Format):
 
     # ------------------------------------------------------------------------------------------------ writing
     def write(self, source: EpisodeSource, path: Path, overwrite: bool = False, vcodec: str = "h264", crf: int = 18,
-              gop: int = 2, robot_type: str | None = None, **options: Any) -> None:
+              gop: int = 2, robot_type: str | None = None, data_file_mb: float = DATA_FILE_MB,
+              video_file_mb: float = VIDEO_FILE_MB, chunks_size: int = CHUNKS_SIZE, **options: Any) -> None:
+        """Episodes go into data/video files until one passes ``data_file_mb`` / ``video_file_mb`` (LeRobot's 100 / 200
+        MB), then into the next file (``chunks_size`` files per chunk folder)."""
+        if options:
+            raise FormatError(f"{path}: unknown LeRobot writer options {sorted(options)}")
         _, pa, pq = _deps()
         image_keys = source.image_keys()
         names = {k: native_name(k) for k in source.keys}
@@ -407,7 +413,7 @@ class LeRobotFormat(Format):
             tmp.mkdir()
             writers: dict[str, VideoWriter] = {}
             video_files: dict[str, tuple[int, int]] = {k: (0, 0) for k in image_keys}
-            data_writer, data_file, data_rows = None, (0, 0), 0
+            data_writer, data_file, data_bytes = None, (0, 0), 0
             stats = _Stats()
             ep_rows: list[dict[str, Any]] = []
             total = 0
@@ -429,24 +435,24 @@ class LeRobotFormat(Format):
                              "index": pa.array(np.arange(total, total + L, dtype=np.int64)),
                              "task_index": pa.array(task_idx)}
                     table = pa.table(cols)
-                    if data_writer is not None and data_rows and _file_bytes(data_writer) > DATA_FILE_MB * 2**20:
+                    if data_writer is not None and data_bytes > data_file_mb * 2**20:
                         data_writer.close()
-                        data_writer, data_file = None, _next_file(*data_file)
+                        data_writer, data_file = None, _next_file(*data_file, chunks_size)
                     if data_writer is None:
                         p = tmp / DATA_PATH.format(chunk_index=data_file[0], file_index=data_file[1])
                         p.parent.mkdir(parents=True, exist_ok=True)
                         schema = table.schema.with_metadata({"huggingface": json.dumps(_hf_metadata(features))})
-                        data_writer, data_rows = pq.ParquetWriter(p, schema, compression="snappy"), 0
+                        data_writer, data_bytes = pq.ParquetWriter(p, schema, compression="snappy"), 0
                     data_writer.write_table(table.replace_schema_metadata(data_writer.schema.metadata))
-                    data_rows += L
+                    data_bytes += table.nbytes  # uncompressed, as LeRobot sizes its files
                     row |= {"data/chunk_index": data_file[0], "data/file_index": data_file[1]}
                     for k in image_keys:
                         frames = ep[k]
                         w = writers.get(k)
-                        if w is not None and w.path.stat().st_size > VIDEO_FILE_MB * 2**20:
+                        if w is not None and w.bytes > video_file_mb * 2**20:
                             w.close()
                             writers.pop(k)
-                            w, video_files[k] = None, _next_file(*video_files[k])
+                            w, video_files[k] = None, _next_file(*video_files[k], chunks_size)
                         if w is None:
                             c, f = video_files[k]
                             w = writers[k] = VideoWriter(tmp / VIDEO_PATH.format(video_key=names[k], chunk_index=c, file_index=f),
@@ -476,7 +482,7 @@ class LeRobotFormat(Format):
             info = {
                 "codebase_version": CODEBASE_VERSION, "robot_type": robot_type or source.attrs.get("robot_type"),
                 "total_episodes": len(ep_rows), "total_frames": total, "total_tasks": len(task_names),
-                "chunks_size": CHUNKS_SIZE, "data_files_size_in_mb": DATA_FILE_MB, "video_files_size_in_mb": VIDEO_FILE_MB,
+                "chunks_size": chunks_size, "data_files_size_in_mb": data_file_mb, "video_files_size_in_mb": video_file_mb,
                 "fps": fps_out, "splits": {"train": f"0:{len(ep_rows)}"}, "data_path": DATA_PATH,
                 "video_path": VIDEO_PATH if image_keys else None, "features": features,
                 "rtpolicy": {"scalar_keys": scalar_keys, "attrs": jsonable({k: v for k, v in source.attrs.items() if k != "tasks"})},
@@ -485,16 +491,8 @@ class LeRobotFormat(Format):
             (tmp / "meta/stats.json").write_text(json.dumps(stats.result(), indent=4))
 
 
-def _file_bytes(writer) -> int:
-    """Bytes written so far by a ParquetWriter (its file's size on disk)."""
-    try:
-        return Path(writer.where).stat().st_size
-    except (AttributeError, OSError, TypeError):
-        return 0
-
-
-def _next_file(chunk: int, file: int) -> tuple[int, int]:
-    return (chunk + 1, 0) if file == CHUNKS_SIZE - 1 else (chunk, file + 1)
+def _next_file(chunk: int, file: int, chunks_size: int) -> tuple[int, int]:
+    return (chunk + 1, 0) if file == chunks_size - 1 else (chunk, file + 1)
 
 
 def _arrow_column(x: np.ndarray):
