@@ -180,6 +180,11 @@ class RobomimicFormat(Format):
                 raise FormatError(f"{source.where}: no episodes to write")
             attrs = dict(source.attrs)
             env_args = attrs.pop("env_args", None) or {"env_name": str(attrs.get("task", "")), "type": 2, "env_kwargs": {}}
+            if isinstance(env_args, str):  # already JSON (robosuite stores it so)
+                try:
+                    env_args = json.loads(env_args)
+                except json.JSONDecodeError as e:
+                    raise FormatError(f"{source.where}: attrs env_args is a string but not JSON ({e})") from e
             masks = attrs.pop("robomimic_masks", None)
             data.attrs["total"] = total
             data.attrs["env_args"] = json.dumps(env_args)
