@@ -26,7 +26,7 @@ from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
 
-EXIT_DEADLINE_S = 4.0  # after SIGINT/SIGTERM the process is gone within this, even if shutdown hangs
+EXIT_DEADLINE_S = 3.0  # after SIGINT/SIGTERM the process is gone within this, even if shutdown hangs
 
 
 def _interrupt(signum, frame) -> None:
