@@ -179,7 +179,9 @@ class RobomimicFormat(Format):
             if not demo_names:
                 raise FormatError(f"{source.where}: no episodes to write")
             attrs = dict(source.attrs)
-            env_args = attrs.pop("env_args", None) or {"env_name": str(attrs.get("task", "")), "type": 2, "env_kwargs": {}}
+            env_type = 1 if attrs.get("env") == "robosuite" else 2  # robomimic's EnvType: ROBOSUITE_TYPE 1, GYM_TYPE 2
+            env_args = attrs.pop("env_args", None) or {"env_name": str(attrs.get("task", "")), "type": env_type,
+                                                       "env_kwargs": {"control_freq": source.fps} if env_type == 1 else {}}
             if isinstance(env_args, str):  # already JSON (robosuite stores it so)
                 try:
                     env_args = json.loads(env_args)
