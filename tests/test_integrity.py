@@ -145,3 +145,23 @@ def test_export_and_collect_clis_bad_input_is_one_line(tmp_path, not_a_checkpoin
     proc = run(["-m", "rtpolicy.datasets.collect", "--task", "push-v3", "--episodes", "2", "--out", str(other)], cwd=tmp_path)
     one_line_error(proc, other, "reach-v3")
     assert ReplayBuffer.open(other).n_episodes == 1  # nothing written is lost
+
+
+@pytest.mark.parametrize("override, key", [("policy.sampler=ddmp", "sampler"), ("policy.normalizer=minmaxx", "normalizer"),
+                                           ("policy=truncated", None), ("policy.encoder.vla_tuning=lorra", "vla_tuning")])
+def test_choices_are_checked_when_the_config_is_composed(override, key):
+    from hydra.errors import ConfigCompositionException
+
+    if key is None:  # every head's config carries the encoder (the field every consumer reads)
+        assert compose([override]).policy.encoder.image_backbone == "resnet18"
+        return
+    with pytest.raises(ConfigCompositionException) as e:
+        compose([override])
+    assert key in str(e.value.__cause__ or e.value)
+
+
+def test_a_stored_config_with_an_unknown_key_names_it():
+    from rtpolicy.factory import ConfigError, policy_config
+
+    with pytest.raises(ConfigError, match="num_inferense_steps"):
+        policy_config({"name": "diffusion", "num_inferense_steps": 3}, source="bundle.json")
