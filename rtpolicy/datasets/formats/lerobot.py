@@ -328,6 +328,10 @@ class LeRobotFormat(Format):
             else:
                 shapes[ours] = ((sum(math.prod(spec[s][0]) for s in srcs),), np.result_type(*dts))
         eps = _read_episodes_meta(path, where)
+        for s, (_, dt) in spec.items():
+            cols = [f"videos/{s}/{c}" for c in ("chunk_index", "file_index", "from_timestamp")] if dt == "video" else []
+            if missing := [c for c in cols if c not in eps]:
+                raise FormatError(f"{where}: meta/episodes has no column(s) {missing} for the video feature {s!r}")
         lengths = np.asarray(eps["length"], dtype=np.int64)
         attrs = dict(info.get("rtpolicy", {}).get("attrs", {})) | {"tasks": tasks}
         if info.get("robot_type"):
