@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("pyarrow")
 pytest.importorskip("av")
 h5py = pytest.importorskip("h5py")
+pytest.importorskip("rosbags")  # the four come together: pip install -e ".[formats]"
 
 from rtpolicy.datasets.convert import main as convert_main
 from rtpolicy.datasets.formats import FormatError, convert, detect_format, read_dataset
