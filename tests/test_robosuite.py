@@ -1,0 +1,161 @@
+"""The robosuite env family: robomimic's observation keys and shapes, seeded starts, cameras, refusals,
+the scripted experts (solve, recover from a perturbation) and demo collection through the collector."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from rtpolicy.envs import make_env  # first: picks MuJoCo's GL backend before robosuite's import loads it
+from rtpolicy.envs.robosuite import OBJECT_DIMS, TASKS
+
+pytest.importorskip("robosuite", reason="robosuite is not installed (pip install 'rtpolicy[robosuite]')")
+
+ROBOT_SHAPES = {"robot0_eef_pos": (3,), "robot0_eef_quat": (4,), "robot0_gripper_qpos": (2,)}
+
+
+def lift(**fields):
+    return make_env({"env": "robosuite", "name": "Lift", "max_episode_steps": 200} | fields, seed=0)
+
+
+@pytest.fixture(scope="module")
+def lift_env():
+    env = lift()
+    yield env
+    env.close()
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_obs_keys_and_shapes_match_robomimic(task):
+    env = make_env({"env": "robosuite", "name": task}, seed=0)
+    try:
+        obs, info = env.reset(seed=1)
+        assert set(obs) == {"state", "object", *ROBOT_SHAPES}
+        for key, shape in ROBOT_SHAPES.items():
+            assert obs[key].shape == shape and obs[key].dtype == np.float32, key
+        assert obs["object"].shape == (OBJECT_DIMS[task],)
+        order = [obs[k] for k in (*ROBOT_SHAPES, "object")]
+        np.testing.assert_array_equal(obs["state"], np.concatenate(order))
+        assert env.observation_space.contains(obs)
+        assert env.action_space.shape == (7,) and info["success"] is False
+        obs, _, terminated, truncated, info = env.step(np.zeros(7))
+        assert not (terminated or truncated or info["success"]) and env.observation_space.contains(obs)
+    finally:
+        env.close()
+
+
+def test_seeded_starts_are_deterministic_across_instances(lift_env):
+    actions = np.random.default_rng(0).uniform(-1, 1, (5, 7))
+
+    def rollout(env, seed):
+        out = [env.reset(seed=seed)[0]["state"]]
+        out += [env.step(a)[0]["state"] for a in actions]
+        return np.stack(out)
+
+    first = rollout(lift_env, 7)
+    np.testing.assert_array_equal(first, rollout(lift_env, 7))
+    other = lift(max_episode_steps=50)
+    try:
+        np.testing.assert_array_equal(first, rollout(other, 7))  # same model, same start, same physics
+    finally:
+        other.close()
+    assert not np.allclose(first[0], rollout(lift_env, 8)[0])  # another seed, another placement
+    state = np.random.get_state()[1].copy()
+    lift_env.reset(seed=3)
+    np.testing.assert_array_equal(state, np.random.get_state()[1])  # numpy's global RNG is restored
+
+
+def test_bad_actions_and_names_are_refused(lift_env):
+    lift_env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"shape \(7,\)"):
+        lift_env.step(np.zeros(4))
+    with pytest.raises(ValueError, match="non-finite"):
+        lift_env.step(np.array([0, 0, np.nan, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match="unknown robosuite task 'Lfit'; did you mean Lift"):
+        lift(name="Lfit")
+    with pytest.raises(ValueError, match="rgb_wristcam"):
+        lift(obs_keys=["state", "rgb_wristcam"])
+
+
+def test_episode_ends_absorbing():
+    env = lift(max_episode_steps=2)
+    try:
+        env.reset(seed=0)
+        env.step(np.ones(7))
+        obs, _, terminated, truncated, info = env.step(np.ones(7))
+        assert truncated and not terminated and info == {"success": False, "steps": 2}
+        again = env.step(-np.ones(7))
+        np.testing.assert_array_equal(again[0]["state"], obs["state"])
+        assert again[3] and again[4]["steps"] == 2
+    finally:
+        env.close()
+
+
+def test_camera_frames_and_suite_padding():
+    env = make_env({"env": "robosuite", "name": "can", "obs_keys": ["state", "rgb_agentview", "rgb_robot0_eye_in_hand"],
+                    "image_size": 48, "num_tasks": 4, "task_id": 2}, seed=0)
+    try:
+        obs, _ = env.reset(seed=0)
+        for key in ("rgb_agentview", "rgb_robot0_eye_in_hand"):
+            assert obs[key].shape == (48, 48, 3) and obs[key].dtype == np.uint8
+            assert obs[key].std() > 5, f"{key} looks blank"
+        assert not np.array_equal(obs["rgb_agentview"], obs["rgb_robot0_eye_in_hand"])
+        # a suite member: object padded to the largest task's size, its own 14 dims first
+        assert obs["object"].shape == (max(OBJECT_DIMS.values()),) and obs["state"].shape == (9 + max(OBJECT_DIMS.values()),)
+        assert not obs["object"][OBJECT_DIMS["PickPlaceCan"]:].any() and int(obs["task_id"]) == 2
+        assert env.observation_space.contains(obs)
+    finally:
+        env.close()
+
+
+def run(env, expert, seed, perturb=None):
+    obs, info = env.reset(seed=seed)
+    for t in range(env.max_episode_steps):
+        action = expert(obs) if perturb is None else perturb(t, obs, expert(obs))
+        obs, _, terminated, truncated, info = env.step(action)
+        if terminated or truncated:
+            break
+    return info
+
+
+def test_lift_expert_solves_seeds_quickly(lift_env):
+    expert = lift_env.expert()
+    for seed in (0, 1):
+        info = run(lift_env, expert, seed)
+        assert info["success"] and info["steps"] < 80, info
+    obs, _ = lift_env.reset(seed=2)
+    tic = time.perf_counter()
+    for _ in range(50):
+        expert(obs)
+    assert (time.perf_counter() - tic) / 50 < 0.01  # a scripted controller, not a planner: well under a 50 ms control step
+
+
+def test_lift_expert_recovers_when_the_cube_is_dropped(lift_env):
+    expert = lift_env.expert()
+    lifted = []
+
+    def perturb(t, obs, action):
+        cube_z = obs["object"][2]
+        if not lifted and cube_z > 0.826:  # the cube leaves the table: open the gripper for 8 steps (it drops)
+            lifted.append(t)
+        if lifted and t < lifted[0] + 8:
+            return np.array([0, 0, 0, 0, 0, 0, -1.0])
+        return action
+
+    info = run(lift_env, expert, 4, perturb)
+    assert lifted and info["success"] and info["steps"] > lifted[0] + 8, (lifted, info)
+
+
+def test_collect_two_episodes_with_robomimic_keys(tmp_path):
+    from rtpolicy.datasets.collect import collect_demos
+    from rtpolicy.datasets.replay_buffer import ReplayBuffer
+
+    task = {"env": "robosuite", "name": "Lift", "max_episode_steps": 120}
+    info = collect_demos(task, tmp_path / "lift.zarr", episodes=2, seed=0, action_noise=0.05, progress=False)
+    assert info["episodes"] == 2 and info["successes"] == 2
+    buf = ReplayBuffer.open(tmp_path / "lift.zarr")
+    assert {"state", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object", "action"} <= set(buf.keys)
+    assert buf.shape("action") == (7,) and buf.shape("object") == (OBJECT_DIMS["Lift"],) and buf.shape("state") == (19,)
+    assert buf.attrs["env"] == "robosuite" and buf.attrs["task"] == "Lift"
