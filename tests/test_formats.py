@@ -306,26 +306,35 @@ def test_train_from_rosbag_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- CLI refusals
+def _cli(*args) -> int:
+    with pytest.raises(SystemExit) as e:
+        convert_main([str(a) for a in args])
+    return e.value.code
+
+
 def test_cli_refuses_to_clobber_and_names_bad_input(tmp_path, capsys):
     _store(tmp_path / "src.zarr", image=False)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    assert convert_main([str(tmp_path / "src.zarr"), str(tmp_path / "taken")]) == 1
+    assert _cli(tmp_path / "src.zarr", tmp_path / "taken") == 2
     assert "already exists" in capsys.readouterr().err and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     assert convert_main([str(tmp_path / "src.zarr"), str(tmp_path / "taken"), "--overwrite"]) == 0
     assert detect_format(tmp_path / "taken") == "lerobot"
 
     _h5py_file(tmp_path / "bad.hdf5", n_demos=3, bad=(1, "obs/object"))
     before = (tmp_path / "bad.hdf5").read_bytes()
-    assert convert_main([str(tmp_path / "bad.hdf5"), str(tmp_path / "out.zarr")]) == 1
+    assert _cli(tmp_path / "bad.hdf5", tmp_path / "out.zarr") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "bad.hdf5" in err and "'object'" in err and "demo_1" in err and "NaN" in err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "bad.hdf5" in err and "'object'" in err
+    assert "demo_1" in err and "NaN" in err
     assert not (tmp_path / "out.zarr").exists() and not list(tmp_path.glob(".out.zarr.tmp-*"))  # nothing left behind
     assert (tmp_path / "bad.hdf5").read_bytes() == before  # the source is only read
 
     (tmp_path / "junk").mkdir()
-    assert convert_main([str(tmp_path / "junk"), str(tmp_path / "o.zarr")]) == 1
+    assert _cli(tmp_path / "junk", tmp_path / "o.zarr") == 2
     assert "cannot tell its format" in capsys.readouterr().err
+    assert _cli(tmp_path / "src.zarr", tmp_path / "o.zarr", "--keys", "[1]") == 2
+    assert "--keys must be a mapping" in capsys.readouterr().err
 
 
 def test_demos_that_disagree_are_named(tmp_path):

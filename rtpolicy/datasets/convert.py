@@ -8,13 +8,15 @@
 SRC's format is detected (``--from`` names it); DST's comes from its ending (``.zarr``, ``.hdf5``/``.h5``;
 anything else is a LeRobot folder) or ``--to``. ``--keys`` maps our key -> a source key or list of keys
 (concatenated). DST is written beside itself and renamed at the end; an existing DST is refused without
-``--overwrite``; the source is only read. Bad input: one line naming the file, key and episode, exit status 1.
+``--overwrite``; the source is only read. Bad input: one ``error:`` line naming the file, key and episode, exit
+status 2 (``--traceback`` keeps the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,30 +24,31 @@ from typing import Any
 
 def _mapping(text: str | None, what: str) -> dict[str, Any]:
     """A JSON object given inline, or a JSON/YAML file holding one."""
+    from rtpolicy.datasets.formats import FormatError
+
     if not text:
         return {}
     p = Path(text)
     if p.is_file():
         import yaml
 
-        value = yaml.safe_load(p.read_text())
+        try:
+            value = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise FormatError(f"{what} {p}: not YAML/JSON ({' '.join(str(e).split())})") from e
     else:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{what} is neither a file nor a JSON object ({e})") from e
+            raise FormatError(f"{what} is neither a file nor a JSON object ({e})") from e
     if not isinstance(value, dict):
-        raise TypeError(f"{what} must be a mapping, got {type(value).__name__}")
+        raise FormatError(f"{what} must be a mapping, got {type(value).__name__}")
     return value
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rtpolicy.datasets.formats import (
-        FORMATS,
-        FormatError,
-        convert,
-        format_for_new_path,
-    )
+    from rtpolicy.datasets.formats import FORMATS, convert, format_for_new_path
+    from rtpolicy.errors import reported
 
     ap = argparse.ArgumentParser(prog="rtpolicy-convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="source dataset (zarr store, LeRobot v3 folder, robomimic .hdf5, rosbag2 bag or folder of bags)")
@@ -59,18 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing DST (atomically, at the end)")
     ap.add_argument("--traceback", action="store_true", help="show the traceback of an error, not only its line")
     args = ap.parse_args(argv)
-    try:
+    if args.traceback:
+        os.environ["RTPOLICY_TRACEBACK"] = "1"
+    with reported():  # expected errors: one line on stderr, exit status 2
         keys = _mapping(args.keys, "--keys")
         options = _mapping(args.options, "--options")
         dst_format = args.dst_format or format_for_new_path(args.dst)
         write_options = {"vcodec": args.vcodec, "crf": args.crf} if dst_format == "lerobot" else {}
         src_fmt, dst_fmt = convert(args.src, args.dst, args.src_format, dst_format, keys, args.overwrite, options, write_options)
-    except (FormatError, FileExistsError, FileNotFoundError, ValueError, TypeError, KeyError) as e:
-        if args.traceback:
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"rtpolicy-convert: error: {msg}", file=sys.stderr)
-        return 1
     print(f"{args.src} ({src_fmt}) -> {args.dst} ({dst_fmt})")
     return 0
 

@@ -26,13 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from rtpolicy.errors import UserError
 from rtpolicy.registry import Registry
 
 DEFAULT_FPS = 10.0  # Meta-World's control rate with frame_skip 5 at 500 Hz is 80 Hz; the demo stores carry no rate
 
 
-class FormatError(ValueError):
-    """A source that does not read as its format (names the file, the key and the episode), or a bad key map."""
+class FormatError(UserError):
+    """A source that does not read as its format (names the file, the key and the episode), or a bad key map:
+    CLIs print it as one line and exit 2 (``rtpolicy.errors``)."""
 
 
 @dataclass
