@@ -2,7 +2,8 @@
 
 Read with the pure-Python ``rosbags`` library (no ROS install). The topic-to-key mapping is the deploy node's
 ``observation_sources`` specification (``rtpolicy.deploy.observation``), with the action as one more key, so
-what the robot recorded and what the deployed policy reads are assembled by the same ``ObservationBuilder``::
+what the robot recorded and what the deployed policy reads are assembled by the same ``ObservationBuilder``
+(``sources`` may also be the node's ``observation_sources`` parameter as it is, a JSON string)::
 
     sources = {"state":  [{"joint_state": {"topic": "/joint_states", "names": ["j1", "j2"]}},
                           {"array": {"topic": "/object_state", "size": 3}}],
@@ -28,6 +29,7 @@ back in time on a topic are an error naming the bag and topic.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -128,9 +130,11 @@ class RosbagFormat(Format):
             raise FormatError(f"{where}: a bag needs `sources`: our key -> the topics it is made of (the deploy node's "
                               f"observation_sources format, the action included)")
         try:
+            if isinstance(sources, str):  # the deploy node's observation_sources parameter is a JSON string
+                sources = json.loads(sources)
             spec = ObservationSpec.from_config(dict(sources))
             kinds = spec.topics()
-        except ObservationConfigError as e:
+        except (ObservationConfigError, json.JSONDecodeError, TypeError, ValueError) as e:
             raise FormatError(f"{where}: sources: {e}") from e
         rate = float(rate)
         if not math.isfinite(rate) or rate <= 0:
