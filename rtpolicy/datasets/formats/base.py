@@ -166,12 +166,17 @@ def concat_features(parts: list[np.ndarray], where: str, ours: str) -> np.ndarra
 @contextlib.contextmanager
 def atomic_path(dst: Path, overwrite: bool = False) -> Iterator[Path]:
     """A fresh temporary path beside ``dst`` to write into; renamed onto ``dst`` when the block succeeds,
-    removed when it raises. An existing ``dst`` is refused unless ``overwrite`` (then replaced at the end)."""
+    removed when it raises. An existing ``dst`` is refused unless ``overwrite`` (then replaced at the end).
+    Temporary paths of killed writers (their pid is gone) are removed first."""
     dst = Path(dst)
     if (dst.exists() or dst.is_symlink()) and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    for stale in dst.parent.glob(f".{dst.name}.tmp-*"):  # left by a writer that was killed
+        pid = stale.name[len(f".{dst.name}.tmp-"):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(stale)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
         if dst.exists() or dst.is_symlink():
@@ -198,6 +203,16 @@ def jsonable(attrs: Mapping[str, Any]) -> dict[str, Any]:
             continue
         out[str(k)] = v
     return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(p: Path) -> None:
