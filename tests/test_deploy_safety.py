@@ -1,5 +1,6 @@
 """Safety layer: every intervention kind, hold semantics, the latched e-stop, limits under random commands."""
 
+import json
 import logging
 
 import numpy as np
@@ -152,3 +153,23 @@ def test_bad_layer_arguments_raise_clear_errors():
         SafetyLayer(limits(), DT, [0, np.nan, 0, 0.5])
     with pytest.raises(ValueError, match=r"shape \(4,\)"):
         layer().filter([0.0, 0.0], 0.0, 0.0)
+
+
+def test_estop_latch_outlives_the_layer_and_persists_in_its_file(tmp_path):
+    from rtpolicy.deploy.safety import EstopLatch
+
+    latch = EstopLatch()
+    layer_a = SafetyLayer(limits(), DT, START, estop=latch)
+    layer_a.estop("operator")
+    layer_b = SafetyLayer(limits(), DT, START, estop=latch)  # reconfigured: a new layer, the same latch
+    assert layer_b.estopped and layer_b.filter([0.1, 0.4, 0, 0.6], 0.0, 0.0).tolist() == [0, 0.3, -0.2, 0.5]
+    path = tmp_path / "estop.json"
+    latch.attach(path)  # a latch in memory goes to the file
+    assert json.loads(path.read_text())["estopped"] is True
+    restarted = EstopLatch(path)  # a new process on the same file
+    assert restarted.latched and restarted.reason == "operator"
+    restarted.clear()
+    assert not EstopLatch(path).latched and not json.loads(path.read_text())["estopped"]
+    path.write_text("[1, 2")
+    broken = EstopLatch(path)
+    assert broken.latched and "unreadable" in broken.reason and str(path) in broken.reason

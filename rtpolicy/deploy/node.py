@@ -38,8 +38,12 @@ Published per tick, by ``action.kind`` of the bundle:
                     observed joint positions of the bundle's joint names.
     joint_velocity  std_msgs/Float64MultiArray on command_topic.
 
-Operator topics: std_msgs/Bool ``true`` on estop_topic latches the e-stop (``false`` does NOT clear it);
-std_msgs/String on reset_topic: ``reset_estop`` clears the e-stop and drops the queued actions;
+Operator topics: std_msgs/Bool ``true`` on estop_topic latches the e-stop (``false`` does NOT clear it).
+The e-stop is subscribed from construction to destruction, both transient-local (a latched ``true``
+published before this node started is seen) and volatile (plain publishers); the latch belongs to the
+node, not to the configuration (configure / cleanup never clear it), and with ``estop_state_file`` it
+is also kept on disk, so a restarted process starts latched. std_msgs/String on reset_topic:
+``reset_estop`` clears the e-stop (and the file) and drops the queued actions;
 ``episode`` starts a new episode (policy.reset(), observation history, queue, in-flight inference).
 std_msgs/String on instruction_topic: a task name of a multi-task bundle selects its task id; for a
 language-conditioned bundle (its ``language`` spec) the text is encoded once on arrival (MiniLM sentence
@@ -65,6 +69,7 @@ from geometry_msgs.msg import TwistStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image, JointState
@@ -73,13 +78,16 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from rtpolicy.deploy import rosparams
 from rtpolicy.deploy.observation import ObservationBuilder
-from rtpolicy.deploy.safety import HOLDS, SafetyLayer, SafetyLimits
+from rtpolicy.deploy.safety import HOLDS, EstopLatch, SafetyLayer, SafetyLimits
 from rtpolicy.deploy.scheduler import BLENDS, ActionScheduler, InferenceWorker
 
 NODE_NAME = "rtpolicy"
 RESET_EPISODE, RESET_ESTOP = "episode", "reset_estop"
 COMMAND_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=10, reliability=QoSReliabilityPolicy.RELIABLE,
                          durability=QoSDurabilityPolicy.VOLATILE)
+# a latched e-stop publisher's last message reaches subscribers that join later
+ESTOP_LATCHED_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
+                               durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
 SCHED_COUNTERS = ("chunks", "late_chunks", "dropped_actions", "empty_pops")
 
 # name -> (default, description); the default's type is the parameter's type (see rosparams)
@@ -91,6 +99,7 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "ensemble_k": (0.01, "blend=ensemble: weight exp(-k i) of the i-th oldest prediction"),
     "rtc_overlap": (4, "blend=rtc: steps crossfaded after the committed prefix"),
     "stale_obs_s": (0.5, "hold when the oldest observation source is older than this (s)"),
+    "estop_state_file": ("", "JSON file keeping the e-stop latch across restarts ('': memory only); read on configure"),
     "max_velocity": ([0.0], "per-dim limit (action units/s): one value for all dims or one per dim; <= 0: none"),
     "max_acceleration": ([0.0], "per-dim limit (action units/s^2): one value or one per dim; <= 0: none"),
     "observation_sources": ("", 'JSON: {obs key: [{"joint_state": {"topic", "names", "field"}} | {"array": {"topic", "size"}} '
@@ -100,7 +109,8 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "gripper_topic": ("/rtpolicy/cmd_gripper", "ee_delta: std_msgs/Float64MultiArray out (non-delta dims)"),
     "command_topic": ("/rtpolicy/command", "joint kinds: std_msgs/Float64MultiArray out (this step's command)"),
     "trajectory_topic": ("/rtpolicy/joint_trajectory", "joint_position: trajectory_msgs/JointTrajectory out"),
-    "estop_topic": ("/rtpolicy/estop", "std_msgs/Bool in: true latches the e-stop"),
+    "estop_topic": ("/rtpolicy/estop", "std_msgs/Bool in (transient-local and volatile): true latches the e-stop; "
+                                        "read at construction"),
     "reset_topic": ("/rtpolicy/reset", f"std_msgs/String in: '{RESET_EPISODE}' or '{RESET_ESTOP}'"),
     "instruction_topic": ("/rtpolicy/instruction", "std_msgs/String in: task name (multi-task bundles) or instruction "
                                                     "text (language-conditioned bundles)"),
@@ -177,6 +187,13 @@ class PolicyNode(LifecycleNode):
         self.episode = 0
         self.instruction = ""
         self.encode_instruction = None  # language-conditioned bundles: text -> the policy's language input
+        # the e-stop: one latch for the node's life, subscribed from now on (see the module docstring)
+        self.estop_latch = EstopLatch()
+        estop_topic = rosparams.coerce("estop_topic", self.get_parameter("estop_topic").value, PARAMETERS["estop_topic"][0])
+        quiet = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)  # a volatile publisher matches the other one
+        self._estop_subs = [self.create_subscription(Bool, estop_topic, self._on_estop, qos, callback_group=self._operator_group,
+                                                     event_callbacks=quiet)
+                            for qos in (ESTOP_LATCHED_QOS, COMMAND_QOS)]
 
     # ================================================================== lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -205,6 +222,7 @@ class PolicyNode(LifecycleNode):
             raise ValueError(f"blend must be one of {list(BLENDS)}, got {p['blend']!r}")
         if not p["diagnostics_rate_hz"] > 0:
             raise ValueError(f"diagnostics_rate_hz must be > 0, got {p['diagnostics_rate_hz']}")
+        self.estop_latch.attach(p["estop_state_file"] or None)  # a latch in the file latches; never clears one
         self.device = p["device"]
         policy, bundle = load_bundle(p["bundle"], self.device)
         act = bundle["action"]
@@ -251,7 +269,7 @@ class PolicyNode(LifecycleNode):
         if self.kind == "joint_position" and len(self.joint_names) != da:
             raise ValueError(f"joint_position bundle: {len(self.joint_names)} joint names for {da} action dims")
         # absolute dims start at 0 (clipped into the limits); joint positions are seeded from the robot on activate
-        safety = SafetyLayer(limits, self.dt, np.clip(np.zeros(da), low, high))
+        safety = SafetyLayer(limits, self.dt, np.clip(np.zeros(da), low, high), estop=self.estop_latch)
         scheduler = ActionScheduler(da, p["blend"], p["ensemble_k"], p["rtc_overlap"])
 
         self.policy, self.bundle, self.builder, self.safety, self.scheduler = policy, bundle, builder, safety, scheduler
@@ -275,8 +293,7 @@ class PolicyNode(LifecycleNode):
                         "compressed_image": CompressedImage}[kind]
             self._subs.append(self.create_subscription(msg_type, topic, lambda m, t=topic: self._on_sensor(t, m),
                                                        qos_profile_sensor_data, callback_group=self._sensor_group))
-        for msg_type, topic, cb in ((Bool, p["estop_topic"], self._on_estop), (String, p["reset_topic"], self._on_reset),
-                                    (String, p["instruction_topic"], self._on_instruction)):
+        for msg_type, topic, cb in ((String, p["reset_topic"], self._on_reset), (String, p["instruction_topic"], self._on_instruction)):
             self._subs.append(self.create_subscription(msg_type, topic, cb, COMMAND_QOS, callback_group=self._operator_group))
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -524,22 +541,23 @@ class PolicyNode(LifecycleNode):
             builder.update_array(topic, msg.data)
 
     def _on_estop(self, msg: Bool) -> None:
+        topic = self._estop_subs[0].topic_name
         with self._lock:
-            if self.safety is None:
-                return
             if msg.data:
-                if not self.safety.estopped:
-                    self.safety.estop(f"true on {self.p['estop_topic']}")
-                    self.get_logger().error(f"E-STOP latched; clear it with '{RESET_ESTOP}' on {self.p['reset_topic']}")
+                if not self.estop_latch.latched:
+                    self.estop_latch.latch(f"true on {topic}")
+                    self.get_logger().error(f"E-STOP latched; clear it with '{RESET_ESTOP}' on the reset topic")
                 if self._active:
                     self._publish(self.safety.hold(), None)
             else:
-                self.get_logger().warning(f"false on {self.p['estop_topic']} does not clear the e-stop: "
-                                          f"send '{RESET_ESTOP}' on {self.p['reset_topic']}")
+                self.get_logger().warning(f"false on {topic} does not clear the e-stop: send '{RESET_ESTOP}' on the reset topic")
 
     def _on_reset(self, msg: String) -> None:
         request = msg.data.strip()
         with self._lock:
+            if request == RESET_ESTOP and self.safety is None:  # unconfigured: the latch is the node's, clear it anyway
+                self.estop_latch.clear()
+                return
             if self.safety is None:
                 return
             if request == RESET_EPISODE:

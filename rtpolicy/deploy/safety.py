@@ -2,6 +2,11 @@
 
 Order: e-stop latched, stale observation, empty queue (command None), non-finite values -> hold;
 otherwise clamp to [lower, upper], then the per-step velocity limit, then the acceleration limit.
+
+The e-stop latch is an ``EstopLatch`` the layer is given, not part of the layer: the ROS node keeps one
+for its whole life (and optionally in a state file), so building a new layer (reconfiguring) or a new
+process never clears it; only ``EstopLatch.clear`` does.
+
 "Hold" keeps the last safe command on absolute dims (joint or gripper positions) and commands no
 motion (0) on delta dims (relative, velocity-like commands such as Meta-World's end-effector
 displacement); holding is always allowed and leaves the per-step velocity at 0.
@@ -15,9 +20,13 @@ velocity and acceleration limits all hold together on every command that is not 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -76,15 +85,71 @@ class SafetyLimits:
         return len(self.lower)
 
 
+class EstopLatch:
+    """The latched e-stop: ``latch(reason)`` sets it, only ``clear()`` clears it.
+
+    With ``path`` the state is also kept in that small JSON file (written atomically on every change,
+    read on construction), so a new process started on the same file begins latched. A file that
+    exists but cannot be read as this JSON latches too (fail safe), with the reason naming the file.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.latched, self.reason, self.path = False, "", None
+        self.attach(path)
+
+    def attach(self, path: str | os.PathLike | None) -> None:
+        """Keep the state in ``path`` from now on (None: memory only): a latch in the file latches here,
+        a latch here is written to the file."""
+        self.path = Path(path) if path else None
+        if self.path is None:
+            return
+        if self.path.exists():
+            try:
+                doc = json.loads(self.path.read_text())
+                latched, reason = doc["estopped"], str(doc.get("reason", ""))
+                if not isinstance(latched, bool):
+                    raise TypeError(f"estopped is {latched!r}, not true/false")
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+                latched, reason = True, f"e-stop state file {self.path} unreadable ({type(e).__name__}: {e}): latched to be safe"
+            if latched and not self.latched:
+                self.latched, self.reason = True, reason
+                log.warning("safety e-stop latched from %s: %s", self.path, reason)
+        self._write()
+
+    def latch(self, reason: str = "requested") -> None:
+        if not self.latched:
+            self.latched, self.reason = True, reason
+            log.warning("safety e-stop latched: %s", reason)
+            self._write()
+
+    def clear(self) -> None:
+        if self.latched:
+            self.latched, self.reason = False, ""
+            log.warning("safety e-stop cleared")
+            self._write()
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"estopped": self.latched, "reason": self.reason, "time": time.time()}))
+            os.replace(tmp, self.path)
+        except OSError as e:  # the latch in memory still holds; a restart would not see it
+            log.error("cannot write the e-stop state file %s: %s", self.path, e)
+
+
 class SafetyLayer:
     """Filters commands (Da,) at a fixed control period ``dt`` (s), starting from ``initial_command``.
 
     ``counts`` counts interventions by kind, ``last_interventions`` lists those applied to the latest
     command. Each intervention logs a warning; a kind repeated on consecutive commands logs again only
-    every ``log_every``-th time.
+    every ``log_every``-th time. ``estop``: the latch to obey (default: a new one of its own).
     """
 
-    def __init__(self, limits: SafetyLimits, dt: float, initial_command: Vec, log_every: int = 100):
+    def __init__(self, limits: SafetyLimits, dt: float, initial_command: Vec, log_every: int = 100,
+                 estop: EstopLatch | None = None):
         if not dt > 0 or log_every < 1:
             raise ValueError(f"SafetyLayer: need dt > 0 seconds and log_every >= 1, got dt={dt}, log_every={log_every}")
         self.limits, self.dt, self.log_every = limits, float(dt), log_every
@@ -95,7 +160,7 @@ class SafetyLayer:
         self.counts = dict.fromkeys(HOLDS + CLIPS, 0)
         self.last_interventions: tuple[str, ...] = ()
         self._kinds: list[str] = []  # interventions of the command being filtered
-        self.estopped = False
+        self.estop_latch = estop if estop is not None else EstopLatch()
         self._quiet = False  # True on the copies preview() filters with: they do not log
         self.reset(initial_command)
 
@@ -113,13 +178,15 @@ class SafetyLayer:
         """The hold command (Da,): the last safe command on absolute dims, 0 on delta dims; counts nothing."""
         return np.where(self.delta, 0.0, self.last)
 
+    @property
+    def estopped(self) -> bool:
+        return self.estop_latch.latched
+
     def estop(self, reason: str = "requested") -> None:
-        self.estopped = True
-        log.warning("safety e-stop latched: %s", reason)
+        self.estop_latch.latch(reason)
 
     def reset_estop(self) -> None:
-        self.estopped = False
-        log.warning("safety e-stop cleared")
+        self.estop_latch.clear()
 
     def _check_shape(self, command: Any) -> np.ndarray:
         c = np.asarray(command, dtype=np.float64)
@@ -162,8 +229,8 @@ class SafetyLayer:
     def preview(self, commands: Sequence[Vec], now: float, obs_stamp: float | None) -> np.ndarray:
         """(n, Da): what ``filter`` would output for these future commands in a row, on a copy: this layer's
         state, counts and log are untouched (e.g. to publish a planned trajectory that obeys the limits)."""
-        shadow = copy.deepcopy(self)
-        shadow._quiet = True
+        shadow = copy.copy(self)  # shares the limits and the e-stop latch; state arrays are replaced, not mutated
+        shadow.counts, shadow._quiet = dict(self.counts), True
         return np.stack([shadow.filter(c, now, obs_stamp) for c in commands]) if len(commands) else np.empty((0, self.limits.dim))
 
     def _limit(self, cmd: np.ndarray) -> np.ndarray:

@@ -1,0 +1,98 @@
+"""The policy node under the faults of issue 17, over the real RMW, on the rig of test_deploy_node.py.
+
+Each test names the item it covers; every wait is a bound on an event, every count an upper or lower
+bound that holds however slowly the machine runs.
+"""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
+from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data  # noqa: E402
+from sensor_msgs.msg import JointState  # noqa: E402
+from std_msgs.msg import Bool, String  # noqa: E402
+
+from rtpolicy.deploy.sim_robot import JOINT_NAMES  # noqa: E402
+from test_deploy_node import (CLI, MW_SOURCES, RATE, bundle, holds_after, moving, rig, runs_policy, stamp_s, start,  # noqa: E402,F401
+                              wait_for)
+
+
+LATCHED = QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE, durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def twists_between(rig, t0, t1):
+    return [m for m in rig.got("twist", t0) if t0 < stamp_s(m) <= t1]
+
+
+def deliver(rig, node, pub, msg, counter):
+    """Publish and wait until the node took it (a reliable queue of 10 may drop a burst's oldest)."""
+    n = node.stats()[counter]
+    rig.send(pub, msg)
+    assert wait_for(lambda: node.stats()[counter] > n), f"{counter} stayed at {n}"
+
+
+def ticks_pass(node, n):
+    ticks = node.stats()["ticks"]
+    assert wait_for(lambda: node.stats()["ticks"] >= ticks + n), node.stats()
+
+
+# ------------------------------------------------------------------------------------- 1: the e-stop is kept
+def test_estop_latched_before_the_node_starts_is_seen_and_holds_from_the_first_command(rig, bundle):
+    latched = rig.node.create_publisher(Bool, "/rtpolicy/estop", LATCHED)
+    latched.publish(Bool(data=True))  # pressed (and latched) before the policy node exists
+    rig.sensors()
+    node = rig.policy(bundle)
+    assert wait_for(lambda: node.estop_latch.latched), "the latched e-stop never reached the new node"
+    start(node)
+    ticks_pass(node, 10)
+    st = node.stats()
+    assert st["estopped"] and st["safety_estop"] >= 10 and st["submitted"] == 0
+    assert rig.got("twist") and not any(moving(m) for m in rig.got("twist"))
+    rig.send(rig.reset, String(data="reset_estop"))
+    assert runs_policy(rig, time.time())
+
+
+def test_estop_survives_deactivate_cleanup_configure_activate(rig, bundle):
+    rig.sensors()
+    node = start(rig.policy(bundle))
+    assert runs_policy(rig, 0.0)
+    rig.send(rig.estop, Bool(data=True))
+    assert wait_for(lambda: node.stats()["estopped"])
+    for trigger in (node.trigger_deactivate, node.trigger_cleanup):
+        assert trigger() == TransitionCallbackReturn.SUCCESS
+    mark = time.time()
+    start(node)  # a new SafetyLayer, the same latch
+    ticks_pass(node, 10)
+    assert node.stats()["estopped"] and node.stats()["safety_estop"] >= 10
+    assert not any(moving(m) for m in rig.got("twist", mark))
+
+
+def test_estop_state_file_latches_a_restarted_node_until_reset(rig, bundle, tmp_path):
+    state = tmp_path / "estop.json"
+    rig.sensors()
+    first = start(rig.policy(bundle, estop_state_file=str(state)))
+    rig.send(rig.estop, Bool(data=True))
+    assert wait_for(lambda: first.stats()["estopped"])
+    assert json.loads(state.read_text())["estopped"] is True
+    first.trigger_deactivate()
+    rig.nodes.remove(first)
+    rig.executor.remove_node(first)
+    first.destroy_node()  # the process ends
+    mark = time.time()
+    second = start(rig.policy(bundle, estop_state_file=str(state)))  # a new process on the same file
+    assert second.stats()["estopped"]
+    ticks_pass(second, 10)
+    assert not any(moving(m) for m in rig.got("twist", mark))
+    rig.send(rig.reset, String(data="reset_estop"))
+    assert runs_policy(rig, time.time())
+    assert json.loads(state.read_text())["estopped"] is False
+    state.write_text("{not json")  # a damaged file latches, to be safe
+    assert second.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+    assert second.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+    start(second)
+    assert second.stats()["estopped"] and "unreadable" in second.estop_latch.reason
