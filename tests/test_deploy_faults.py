@@ -96,3 +96,25 @@ def test_estop_state_file_latches_a_restarted_node_until_reset(rig, bundle, tmp_
     assert second.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
     start(second)
     assert second.stats()["estopped"] and "unreadable" in second.estop_latch.reason
+
+
+# ------------------------------------------------------------------------------------- 2 and 6: observation faults
+def test_each_observation_fault_holds_with_its_own_kind_and_no_inference_error(rig, bundle):
+    sensors = rig.sensors()
+    node = start(rig.policy(bundle, obs_range_margin=0.5))
+    assert runs_policy(rig, 0.0)
+    faults = {  # hold kind -> the faulty driver
+        "obs_non_finite": lambda n, p, o: (n, p, o[:6] + [1e39] + o[7:]),  # finite in float64, inf as float32
+        "obs_out_of_range": lambda n, p, o: (n, p, o[:6] + [50.0] + o[7:]),  # far outside the training data
+        "obs_duplicate_joint": lambda n, p, o: (n + ["hand_x"], p + [0.0], o),
+        "obs_wrong_length": lambda n, p, o: (n, p, o[:-1]),
+    }
+    for kind, mangle in faults.items():
+        sensors.mangle = mangle
+        _, held = holds_after(rig, f"safety_{kind}", node)
+        assert not any(moving(m) for m in held)
+        assert node.stats()["observation"].startswith(f"{kind}: "), (kind, node.stats()["observation"])
+        sensors.mangle = None
+        assert runs_policy(rig, time.time())
+    st = node.stats()
+    assert st["inference_errors"] == 0 and st["safety_stale_obs"] == 0 and st["safety_non_finite"] == 0

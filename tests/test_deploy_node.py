@@ -112,6 +112,7 @@ class Sensors:
         self.state = np.linspace(-0.5, 0.5, 39)
         self.order = list(range(len(self.joints)))  # publication order of the joints
         self.drop: set[str] = set()
+        self.mangle = None  # (names, positions, object values) -> the same, as published (a faulty driver)
         self.publishing = True
         self.pub_j = self.node.create_publisher(JointState, "/joint_states", qos_profile_sensor_data)
         self.pub_o = self.node.create_publisher(Float64MultiArray, "/object_state", qos_profile_sensor_data)
@@ -138,8 +139,11 @@ class Sensors:
             return
         names = [self.joints[i] for i in self.order if self.joints[i] not in self.drop] + ["unused_joint"]
         pos = [float(self.state[self.joints.index(n)]) if n in self.joints else 9.0 for n in names]
+        obj = [float(x) for x in self.state[4:]]
+        if self.mangle is not None:
+            names, pos, obj = self.mangle(names, pos, obj)
         self.pub_j.publish(JointState(name=names, position=pos))
-        self.pub_o.publish(Float64MultiArray(data=[float(x) for x in self.state[4:]]))
+        self.pub_o.publish(Float64MultiArray(data=obj))
 
 
 class Rig:
@@ -305,12 +309,13 @@ def test_joints_by_name_and_missing_joint_holds(rig, bundle, capfd):
     np.testing.assert_array_equal(node.last_sample.vectors["state"], sensors.state.astype(np.float32))
     assert runs_policy(rig, 0.0)
     sensors.drop = {"hand_y"}
-    _, held = holds_after(rig, "safety_stale_obs", node)
+    _, held = holds_after(rig, "safety_obs_missing_joint", node)  # its own kind, not "stale_obs"
     assert not any(moving(m) for m in held)
     st = node.stats()
+    assert st["observation"].startswith("obs_missing_joint: ") and st["safety_stale_obs"] == 0
     assert "['hand_y'] missing from /joint_states" in st["observation"] and st["invalid_observations"] > 0
     err = capfd.readouterr().err
-    assert "observation invalid, holding" in err and "hand_y" in err, err[-2000:]
+    assert "observation invalid (obs_missing_joint), holding" in err and "hand_y" in err, err[-2000:]
     sensors.drop = set()  # back: the policy drives again
     assert runs_policy(rig, time.time())
 
@@ -358,7 +363,7 @@ def test_stale_then_killed_observation_publisher_holds_without_crash(rig, bundle
     sensors.publishing = False  # the driver stops publishing
     _, held = holds_after(rig, "safety_stale_obs", node)
     assert not any(moving(m) for m in held)
-    assert node.stats()["observation"] == "ok"  # the data is fine, only old
+    assert node.stats()["observation"].startswith("stale_obs: observation")  # the data is fine, only old
     sensors.publishing = True
     assert runs_policy(rig, time.time())
     sensors.kill()  # the driver dies

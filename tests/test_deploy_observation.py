@@ -238,3 +238,45 @@ def test_image_source_config_errors():
         ObservationSpec.from_config({"rgb": [{"image": {"topic": "/a", "compressed": "yes"}}]})
     spec = ObservationSpec.from_config(IMG_SOURCES)
     assert spec.topics()["/wrist/image_raw/compressed"] == "compressed_image" and spec.topics()["/cam/image_raw"] == "image"
+
+
+def test_each_fault_has_its_kind_and_values_are_checked_after_the_float32_cast():
+    b = builder()
+    assert b.sample().kind == "stale_obs"  # nothing heard yet: no observation at all
+    b.update_array("/object_state", np.zeros(35))
+    cases = [  # (names, positions) -> kind, text in the reason
+        ((["hand_x", "hand_z", "gripper_opening"], [0.0] * 3), "obs_missing_joint", "['hand_y'] missing"),
+        ((JOINTS + ["hand_x"], [0.0] * 5), "obs_duplicate_joint", "names joints ['hand_x'] more than once"),
+        ((JOINTS, [0.0] * 3), "obs_wrong_length", "3 position values for 4 joint names"),
+        ((JOINTS, [0.0, 1e39, 0.0, 0.0]), "obs_non_finite", "indices [1] (/joint_states: ['hand_y']) as float32"),
+        ((JOINTS, [0.0, -np.inf, 0.0, 0.0]), "obs_non_finite", "indices [1]"),
+    ]
+    for (names, pos), kind, text in cases:
+        b.update_joint_state("/joint_states", names, {"position": pos})
+        s = b.sample()
+        assert not s.valid and s.kind == kind and text in s.reason, (kind, s)
+    b.update_joint_state("/joint_states", JOINTS, {"position": [0.0] * 4}, fault=("obs_bad_stamp", "stamp from the future"))
+    assert b.sample().kind == "obs_bad_stamp"
+    b.update_joint_state("/joint_states", JOINTS, {"position": [3e38] * 4})  # large but finite as float32
+    assert b.sample().valid and b.history_len == 2
+
+
+def test_range_check_from_the_normalizer_stats_names_the_source():
+    from rtpolicy.deploy.observation import ranges_from_normalizer
+
+    stats = {"state.min": [-1.0] * 39, "state.max": [1.0] * 39, "state.fitted": [True]}
+    ranges = ranges_from_normalizer(stats, {"state": [39]}, margin=0.5)  # [-1, 1] widened by 0.5 * 2 on each side
+    np.testing.assert_array_equal(ranges["state"][0], -2.0)
+    b = builder(ranges=ranges)
+    b.update_joint_state("/joint_states", JOINTS, {"position": [0.0] * 4})
+    obj = np.zeros(35)
+    obj[3] = 2.5
+    b.update_array("/object_state", obj)
+    s = b.sample()
+    assert s.kind == "obs_out_of_range" and "indices [7] (/object_state: [3])" in s.reason and "2.5 not in [-2, 2]" in s.reason
+    obj[3] = 1.9
+    b.update_array("/object_state", obj)
+    assert b.sample().valid
+    assert ranges_from_normalizer({}, {"state": [39]}, 0.5) == {}  # no stats: no check
+    with pytest.raises(ObservationConfigError, match="margin must be >= 0"):
+        ranges_from_normalizer(stats, {"state": [39]}, -1.0)

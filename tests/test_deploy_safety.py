@@ -173,3 +173,14 @@ def test_estop_latch_outlives_the_layer_and_persists_in_its_file(tmp_path):
     path.write_text("[1, 2")
     broken = EstopLatch(path)
     assert broken.latched and "unreadable" in broken.reason and str(path) in broken.reason
+
+
+def test_observation_faults_hold_under_their_own_kind_before_staleness():
+    s = layer()
+    out = s.filter([0.1, 0.4, 0, 0.6], now=1.0, obs_stamp=None, obs_fault=("obs_non_finite", "nan at [3]"))
+    assert out.tolist() == [0, 0.3, -0.2, 0.5] and s.last_interventions == ("obs_non_finite",)
+    assert s.counts["obs_non_finite"] == 1 and s.counts["stale_obs"] == 0 and s.counts["non_finite"] == 0
+    assert s.observation_hold(1.0, 0.9) is None and s.observation_hold(1.0, 0.4)[0] == "stale_obs"
+    s.estop("x")
+    s.filter(None, 1.0, None, ("obs_missing_joint", "j"))
+    assert s.last_interventions == ("estop",)  # the e-stop comes first

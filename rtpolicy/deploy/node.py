@@ -13,10 +13,11 @@ Lifecycle (``rclpy.lifecycle``; drive it with ``ros2 lifecycle set /rtpolicy con
 Control tick k (timer at ``control_rate_hz``; k counts control periods since activation, so a late
 tick skips steps and counts them as deadline misses):
 
-    1. sample the latest messages into the observation history (invalid: reason logged)
+    1. sample the latest messages into the observation history (invalid: a hold kind and a reason, logged)
     2. a = scheduler.pop(k)                            the action queued for this step, or None
-    3. SafetyLayer.filter(a, now, obs stamp)           e-stop / stale or invalid obs / empty queue /
-                                                       non-finite -> hold; else clamp, velocity, accel
+    3. SafetyLayer.filter(a, now, obs stamp, fault)    e-stop / invalid obs (own kind each) / stale obs /
+                                                       empty queue / non-finite -> hold; else clamp,
+                                                       velocity, acceleration
     4. publish (by the bundle's action kind, below)
     5. maybe submit the observation to the InferenceWorker, as obs_step = k + 1
 
@@ -77,7 +78,7 @@ from std_msgs.msg import Bool, Float64MultiArray, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from rtpolicy.deploy import rosparams
-from rtpolicy.deploy.observation import ObservationBuilder
+from rtpolicy.deploy.observation import ObservationBuilder, ranges_from_normalizer
 from rtpolicy.deploy.safety import HOLDS, EstopLatch, SafetyLayer, SafetyLimits
 from rtpolicy.deploy.scheduler import BLENDS, ActionScheduler, InferenceWorker
 
@@ -88,6 +89,7 @@ COMMAND_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=10, reliabili
 # a latched e-stop publisher's last message reaches subscribers that join later
 ESTOP_LATCHED_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
                                durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
+THROTTLE_S = 5.0  # a repeated operator warning is logged at most once per this many seconds
 SCHED_COUNTERS = ("chunks", "late_chunks", "dropped_actions", "empty_pops")
 
 # name -> (default, description); the default's type is the parameter's type (see rosparams)
@@ -99,6 +101,8 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "ensemble_k": (0.01, "blend=ensemble: weight exp(-k i) of the i-th oldest prediction"),
     "rtc_overlap": (4, "blend=rtc: steps crossfaded after the committed prefix"),
     "stale_obs_s": (0.5, "hold when the oldest observation source is older than this (s)"),
+    "obs_range_margin": (-1.0, "hold when an observation leaves the bundle's training [min, max] widened by this fraction "
+                               "of the range on each side; < 0: no range check"),
     "estop_state_file": ("", "JSON file keeping the e-stop latch across restarts ('': memory only); read on configure"),
     "max_velocity": ([0.0], "per-dim limit (action units/s): one value for all dims or one per dim; <= 0: none"),
     "max_acceleration": ([0.0], "per-dim limit (action units/s^2): one value or one per dim; <= 0: none"),
@@ -243,9 +247,12 @@ class PolicyNode(LifecycleNode):
             from rtpolicy.policies.encoders.language import instruction_encoder
 
             self.encode_instruction = instruction_encoder(language)
-        builder = ObservationBuilder(p["observation_sources"], {k: v for k, v in shapes.items() if not language or k != language["key"]},
+        vector_shapes = {k: v for k, v in shapes.items() if not language or k != language["key"]}
+        ranges = (ranges_from_normalizer(bundle.get("normalizer") or {}, vector_shapes, p["obs_range_margin"])
+                  if p["obs_range_margin"] >= 0 else None)
+        builder = ObservationBuilder(p["observation_sources"], vector_shapes,
                                      self.obs_horizon, num_tasks, p["task_id"] if p["task_id"] >= 0 else None,
-                                     language=(language["key"], shapes[language["key"]]) if language else None)
+                                     language=(language["key"], shapes[language["key"]]) if language else None, ranges=ranges)
         if language:
             first = self.encode_instruction(p["instruction"])  # loads the text model now, not at the first instruction
             if p["instruction"]:
@@ -402,18 +409,20 @@ class PolicyNode(LifecycleNode):
 
         sample = self.builder.sample()
         self.last_sample = sample
+        fault = None if sample.valid else (sample.kind, sample.reason)
         if not sample.valid:
             self.invalid_observations += 1
-            self._log_invalid(sample.reason)
+            self._log_invalid(sample.kind, sample.reason)
         elif self._last_invalid_reason:
             self.get_logger().info("observation valid again")
             self._last_invalid_reason = ""
+        stamp = sample.stamp if sample.valid else None
+        self.last_obs_hold = self.safety.observation_hold(now, stamp, fault)  # (kind, message) or None: may drive
         action = self.scheduler.pop(k)
         if not self._seeded:
             self._try_seed()
         if self._seeded:
-            stamp = sample.stamp if sample.valid else None
-            cmd = self.safety.filter(action, now, stamp)
+            cmd = self.safety.filter(action, now, stamp, fault)
             held = any(i in HOLDS for i in self.safety.last_interventions)
             self.holds += held
             self._publish(cmd, None if held else self._planned(k, now, stamp))
@@ -439,13 +448,14 @@ class PolicyNode(LifecycleNode):
         future = self.scheduler.committed_prefix(k + 1, max(self.action_horizon, 1) * 2)
         return self.safety.preview(list(future), now, stamp)
 
-    def _log_invalid(self, reason: str) -> None:
+    def _log_invalid(self, kind: str, reason: str) -> None:
+        """Logs when the kind of fault changes, else at most every THROTTLE_S (a reason may quote changing values)."""
         log = self.get_logger()
-        if reason != self._last_invalid_reason:
-            log.warning(f"observation invalid, holding: {reason}")
-            self._last_invalid_reason = reason
+        if kind != self._last_invalid_reason:
+            log.warning(f"observation invalid ({kind}), holding: {reason}")
+            self._last_invalid_reason = kind
         else:
-            log.warning(f"observation still invalid, holding: {reason}", throttle_duration_sec=5.0)
+            log.warning(f"observation still invalid ({kind}), holding: {reason}", throttle_duration_sec=THROTTLE_S)
 
     def _try_seed(self) -> None:
         """joint_position: the hold command is the robot's observed joint positions (before any command)."""
@@ -491,7 +501,7 @@ class PolicyNode(LifecycleNode):
         self._tick_ms = collections.deque(maxlen=2000)
         self.ticks = self.deadline_misses = self.holds = self.submitted = self.invalid_observations = self.tick_errors = 0
         self._last_invalid_reason = ""
-        self.last_sample = None
+        self.last_sample = self.last_obs_hold = None
         self.last_command = None
         self._diag_prev = {"holds": 0, "deadline_misses": 0, "late_chunks": 0, "errors": 0}
 
@@ -622,7 +632,9 @@ class PolicyNode(LifecycleNode):
                 "queued": sched["queued"], "mean_delay_episode": sched["mean_delay"], "last_delay": self.scheduler.last_delay,
                 "holds": self.holds, **{f"safety_{k}": v for k, v in self.safety.counts.items()},
                 "estopped": self.safety.estopped, "invalid_observations": self.invalid_observations,
-                "observation": "ok" if self.last_sample is None or self.last_sample.valid else self.last_sample.reason,
+                # "ok" only when the last tick's observation could drive the robot; else "<hold kind>: <reason>"
+                "observation": "ok" if self.last_obs_hold is None else f"{self.last_obs_hold[0]}: {self.last_obs_hold[1]}",
+                "hold": ",".join(k for k in self.safety.last_interventions if k in HOLDS) or "none",
             }
             return out
 
@@ -646,6 +658,8 @@ class PolicyNode(LifecycleNode):
             status.level, status.message = DiagnosticStatus.ERROR, "e-stop latched"
         elif grew:
             status.level, status.message = DiagnosticStatus.WARN, "since last report: " + ", ".join(f"{k} +{now[k] - prev[k]}" for k in grew)
+            if st["observation"] != "ok":
+                status.message += f"; observation {st['observation'][:200]}"
         else:
             status.level, status.message = DiagnosticStatus.OK, f"running at {st['loop_rate_hz']:.1f} Hz"
         status.values = [KeyValue(key=k, value=f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in st.items()]

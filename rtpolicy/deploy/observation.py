@@ -20,9 +20,13 @@ within 2%; another aspect ratio or encoding makes the samples invalid with a rea
 
 The ROS node (or a test) hands message contents to ``update_joint_state`` / ``update_array`` /
 ``update_image`` / ``update_compressed_image``; each source keeps its receive time on a steady clock. Once per control tick ``sample()`` assembles the
-current vectors; it is invalid, with a reason naming the topic and joint, when a topic has not been
-heard from, a configured joint is missing from the latest JointState, an array has the wrong length, or
-a value is not finite. Valid samples go into a history of the last ``obs_horizon`` samples (after
+current vectors; it is invalid, with a ``kind`` (the safety layer's hold kind) and a reason naming the
+topic and joint, when a topic has not been heard from (``stale_obs``), a configured joint is missing from
+the latest JointState (``obs_missing_joint``), a JointState names a joint twice (``obs_duplicate_joint``),
+a field or array has the wrong length (``obs_wrong_length``), a value is not finite AFTER the cast to
+float32 (``obs_non_finite``: 1e39 is finite in float64 and inf in float32), a value lies outside the
+optional per-key ``ranges`` (``obs_out_of_range``), or a fault the caller attached to a message
+(``fault=(kind, reason)``, e.g. the node's ``obs_bad_stamp``). Valid samples go into a history of the last ``obs_horizon`` samples (after
 ``reset()`` the first sample fills every slot, as after ``env.reset()`` in evaluation); ``observation()``
 returns it in the policy's layout:
 
@@ -179,6 +183,27 @@ class Sample:
     stamp: float | None  # oldest receive time of the sources used (steady clock, s); None if invalid
     reason: str = ""
     vectors: dict[str, np.ndarray] | None = None
+    kind: str = ""  # invalid: the hold kind (rtpolicy.deploy.safety: "stale_obs" or one of OBS_HOLDS)
+
+
+def ranges_from_normalizer(stats: Mapping[str, Sequence[float]], shapes: Mapping[str, Sequence[int]], margin: float
+                           ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A bundle's ``normalizer`` stats ({"<key>.min": [...], "<key>.max": [...], "<key>.fitted": ...}) -> per 1-D
+    key the accepted (lo, hi), each (D,): [min - margin * r, max + margin * r] with r = max(max - min, 0.01)
+    (a dim constant in training still gets some room). Keys without fitted min/max are not checked."""
+    if not margin >= 0:
+        raise ObservationConfigError(f"observation range margin must be >= 0 (a fraction of the training range), got {margin}")
+    out = {}
+    for key, shape in shapes.items():
+        lo, hi, fitted = stats.get(f"{key}.min"), stats.get(f"{key}.max"), stats.get(f"{key}.fitted")
+        if len(shape) != 1 or lo is None or hi is None or not np.asarray(fitted if fitted is not None else 1).all():
+            continue
+        lo, hi = np.asarray(lo, dtype=np.float64).reshape(-1), np.asarray(hi, dtype=np.float64).reshape(-1)
+        if lo.shape != (shape[0],) or hi.shape != (shape[0],):
+            raise ObservationConfigError(f"normalizer stats of {key!r} have {lo.size} dims, the policy observes {shape[0]}")
+        r = np.maximum(hi - lo, 0.01)
+        out[key] = (lo - margin * r, hi + margin * r)
+    return out
 
 
 class ObservationBuilder:
@@ -193,11 +218,13 @@ class ObservationBuilder:
         clock: steady clock for receive stamps (seconds).
         language: (key, shape) of a language-conditioned bundle's instruction input (not a topic source:
             samples are invalid until ``set_instruction``); None: the policy takes no instruction.
+        ranges: key -> (lo (D,), hi (D,)) accepted values (see ``ranges_from_normalizer``); None: no check.
     """
 
     def __init__(self, spec: ObservationSpec | Mapping[str, Any] | str, shapes: Mapping[str, Sequence[int]], obs_horizon: int,
                  num_tasks: int = 0, task_id: int | None = None, clock: Callable[[], float] = time.monotonic,
-                 language: tuple[str, Sequence[int]] | None = None):
+                 language: tuple[str, Sequence[int]] | None = None,
+                 ranges: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None):
         self.spec = spec if isinstance(spec, ObservationSpec) else ObservationSpec.from_config(spec)
         if obs_horizon < 1:
             raise ObservationConfigError(f"obs_horizon must be >= 1, got {obs_horizon}")
@@ -226,10 +253,17 @@ class ObservationBuilder:
             if total != shape[0]:
                 parts = " + ".join(f"{s.size} ({s.topic})" for s in srcs)
                 raise ObservationConfigError(f"observation {key!r}: sources give {parts} = {total} values, the policy expects {shape[0]}")
+        self.ranges = {}
+        for key, (lo, hi) in (ranges or {}).items():
+            if key not in self.shapes or len(self.shapes[key]) != 1:
+                raise ObservationConfigError(f"ranges given for {key!r}, which is not a vector the policy observes")
+            lo, hi = (np.broadcast_to(np.asarray(x, dtype=np.float64), (self.shapes[key][0],)) for x in (lo, hi))
+            self.ranges[key] = (lo, hi)
         self.kinds = self.spec.topics()
         self._lock = threading.Lock()
-        self._joint: dict[str, tuple[dict[str, int], dict[str, np.ndarray], float]] = {}  # topic -> (name index, fields, stamp)
-        self._array: dict[str, tuple[np.ndarray, float]] = {}
+        # topic -> (name index, fields, stamp, fault); fault: None or (kind, reason) the message was refused for
+        self._joint: dict[str, tuple[dict[str, int], dict[str, np.ndarray], float, tuple[str, str] | None]] = {}
+        self._array: dict[str, tuple[np.ndarray, float, tuple[str, str] | None]] = {}
         self._image: dict[str, tuple[np.ndarray | None, float, str]] = {}  # topic -> (HWC uint8 | None, stamp, error)
         self._image_size = {srcs[0].topic: tuple(self.shapes[k][:2]) for k, srcs in self.spec.sources.items()
                             if len(self.shapes[k]) == 3}
@@ -264,21 +298,26 @@ class ObservationBuilder:
             self._instruction = None if features is None else features.copy()
 
     def update_joint_state(self, topic: str, names: Sequence[str], fields: Mapping[str, Sequence[float]],
-                           stamp: float | None = None) -> None:
-        """A JointState's contents: joint names and field name -> values (position/velocity/effort, may be empty)."""
+                           stamp: float | None = None, fault: tuple[str, str] | None = None) -> None:
+        """A JointState's contents: joint names and field name -> values (position/velocity/effort, may be empty).
+        ``fault``: (kind, reason) the caller refuses this message for (samples are invalid until the next one)."""
         self._check_kind(topic, "joint_state")
         index = {n: i for i, n in enumerate(names)}
+        if fault is None and len(index) != len(names):
+            dup = sorted({n for n in names if list(names).count(n) > 1})
+            fault = ("obs_duplicate_joint", f"{topic} names joints {_clip(dup)} more than once")
         values = {f: np.asarray(fields.get(f, ()), dtype=np.float64) for f in JOINT_FIELDS}
         with self._lock:
-            self._joint[topic] = (index, values, self.clock() if stamp is None else stamp)
+            self._joint[topic] = (index, values, self.clock() if stamp is None else stamp, fault)
 
-    def update_array(self, topic: str, data: Sequence[float], stamp: float | None = None) -> None:
+    def update_array(self, topic: str, data: Sequence[float], stamp: float | None = None,
+                     fault: tuple[str, str] | None = None) -> None:
         self._check_kind(topic, "array")
         with self._lock:
-            self._array[topic] = (np.asarray(data, dtype=np.float64), self.clock() if stamp is None else stamp)
+            self._array[topic] = (np.asarray(data, dtype=np.float64), self.clock() if stamp is None else stamp, fault)
 
     def update_image(self, topic: str, encoding: str, height: int, width: int, step: int, data: bytes | Sequence[int],
-                     stamp: float | None = None) -> None:
+                     stamp: float | None = None, fault: tuple[str, str] | None = None) -> None:
         """A sensor_msgs/Image's fields; decoded here (not at sample time) to (H, W, 3) RGB at the policy's size."""
         self._check_kind(topic, "image")
         try:
@@ -292,9 +331,10 @@ class ObservationBuilder:
             frame, error = self._fit(topic, np.ascontiguousarray(rows[..., order])), ""
         except ValueError as e:
             frame, error = None, str(e)
-        self._store_image(topic, frame, error, stamp)
+        self._store_image(topic, frame, error, stamp, fault)
 
-    def update_compressed_image(self, topic: str, fmt: str, data: bytes | Sequence[int], stamp: float | None = None) -> None:
+    def update_compressed_image(self, topic: str, fmt: str, data: bytes | Sequence[int], stamp: float | None = None,
+                                fault: tuple[str, str] | None = None) -> None:
         """A sensor_msgs/CompressedImage's format and bytes (JPEG or PNG), decoded here."""
         import io
 
@@ -305,8 +345,8 @@ class ObservationBuilder:
             with Image.open(io.BytesIO(bytes(data))) as im:
                 frame, error = self._fit(topic, np.asarray(im.convert("RGB"))), ""
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            frame, error = None, f"cannot decode the {fmt or 'unnamed'} compressed image: {e}"
-        self._store_image(topic, frame, error, stamp)
+            frame, error = None, f"cannot decode the {_clip(fmt) if fmt else 'unnamed'} compressed image: {e}"
+        self._store_image(topic, frame, error, stamp, fault)
 
     def _fit(self, topic: str, frame: np.ndarray) -> np.ndarray:
         """(h, w, 3) uint8 -> the policy's (H, W, 3): resized when the aspect ratios agree within 2%."""
@@ -321,7 +361,12 @@ class ObservationBuilder:
 
         return np.asarray(Image.fromarray(frame).resize((W, H), Image.BILINEAR))
 
-    def _store_image(self, topic: str, frame: np.ndarray | None, error: str, stamp: float | None) -> None:
+    def _store_image(self, topic: str, frame: np.ndarray | None, error: str, stamp: float | None,
+                     fault: tuple[str, str] | None = None) -> None:
+        if fault is not None:
+            frame, error = None, fault
+        elif frame is None:
+            error = ("obs_bad_image", f"{topic}: {error}")
         with self._lock:
             self._image[topic] = (frame, self.clock() if stamp is None else stamp, error)
 
@@ -330,28 +375,52 @@ class ObservationBuilder:
             raise ValueError(f"topic {topic} is not configured as a {kind} source (configured: {self.kinds})")
 
     # ---------------------------------------------------------------- outputs
-    def _read(self, src: Source) -> tuple[np.ndarray | None, float | None, str]:
+    def _read(self, src: Source) -> tuple[np.ndarray | None, float | None, tuple[str, str] | None]:
+        """(values, stamp, None) or (None, None, (kind, reason))."""
+        if src.topic not in {ImageSource: self._image, ArraySource: self._array}.get(type(src), self._joint):
+            return None, None, ("stale_obs", f"no message yet on {src.topic}")
         if isinstance(src, ImageSource):
-            if src.topic not in self._image:
-                return None, None, f"no message yet on {src.topic}"
             frame, stamp, error = self._image[src.topic]
-            return (frame, stamp, "") if frame is not None else (None, None, f"{src.topic}: {error}")
+            return (frame, stamp, None) if frame is not None else (None, None, error)
         if isinstance(src, ArraySource):
-            if src.topic not in self._array:
-                return None, None, f"no message yet on {src.topic}"
-            data, stamp = self._array[src.topic]
+            data, stamp, fault = self._array[src.topic]
+            if fault is not None:
+                return None, None, fault
             if data.shape != (src.size,):
-                return None, None, f"{src.topic} has {data.size} values, expected {src.size}"
-            return data, stamp, ""
-        if src.topic not in self._joint:
-            return None, None, f"no message yet on {src.topic}"
-        index, values, stamp = self._joint[src.topic]
+                return None, None, ("obs_wrong_length", f"{src.topic} has {data.size} values, expected {src.size}")
+            return data, stamp, None
+        index, values, stamp, fault = self._joint[src.topic]
+        if fault is not None:
+            return None, None, fault
         if missing := [n for n in src.names if n not in index]:
-            return None, None, f"joints {missing} missing from {src.topic} (it names {sorted(index)})"
+            return None, None, ("obs_missing_joint", f"joints {missing} missing from {src.topic} (it names {_clip(sorted(index))})")
         vals = values[src.field]
         if vals.size != len(index):
-            return None, None, f"{src.topic} has {vals.size} {src.field} values for {len(index)} joint names"
-        return vals[[index[n] for n in src.names]], stamp, ""
+            return None, None, ("obs_wrong_length", f"{src.topic} has {vals.size} {src.field} values for {len(index)} joint names")
+        return vals[[index[n] for n in src.names]], stamp, None
+
+    def _check_values(self, key: str, vec: np.ndarray) -> tuple[str, str] | None:
+        """(kind, reason) when the float32 vector of ``key`` is non-finite or out of its range, else None."""
+        if (bad := np.flatnonzero(~np.isfinite(vec))).size:
+            return "obs_non_finite", f"observation {key!r}: non-finite values at {self._where(key, bad)} as float32"
+        if key in self.ranges:
+            lo, hi = self.ranges[key]
+            if (bad := np.flatnonzero((vec < lo) | (vec > hi))).size:
+                i = int(bad[0])
+                return "obs_out_of_range", (f"observation {key!r}: values outside the training range (with margin) at "
+                                            f"{self._where(key, bad)}; e.g. {float(vec[i]):.4g} not in [{lo[i]:.4g}, {hi[i]:.4g}]")
+        return None
+
+    def _where(self, key: str, idx: np.ndarray) -> str:
+        """Indices of key's vector -> 'indices [..] (topic a: [..], topic b: [..])' naming each source."""
+        parts, start = [], 0
+        for src in self.spec.sources[key]:
+            local = [int(i) - start for i in idx if start <= i < start + src.size]
+            if local:
+                names = [src.names[i] for i in local] if isinstance(src, JointStateSource) else local
+                parts.append(f"{src.topic}: {_clip(names)}")
+            start += src.size
+        return f"indices {_clip(idx.tolist())} ({'; '.join(parts)})"
 
     def current(self) -> Sample:
         """The latest messages assembled into vectors; nothing is added to the history."""
@@ -360,22 +429,25 @@ class ObservationBuilder:
             for key, srcs in self.spec.sources.items():
                 parts = []
                 for src in srcs:
-                    vals, stamp, reason = self._read(src)
+                    vals, stamp, fault = self._read(src)
                     if vals is None:
-                        return Sample(False, None, f"observation {key!r}: {reason}")
+                        return Sample(False, None, f"observation {key!r}: {fault[1]}", kind=fault[0])
                     parts.append(vals)
                     stamps.append(stamp)
                 if len(self.shapes[key]) == 3:  # an image: one source, already uint8 (H, W, 3)
                     vectors[key] = parts[0]
                     continue
-                vec = np.concatenate(parts)
-                if (bad := np.flatnonzero(~np.isfinite(vec))).size:
-                    return Sample(False, None, f"observation {key!r}: non-finite values at indices {bad.tolist()}")
-                vectors[key] = vec.astype(np.float32)
+                with np.errstate(over="ignore"):  # checked after the cast: what the policy would get
+                    vec = np.concatenate(parts).astype(np.float32)
+                if (fault := self._check_values(key, vec)) is not None:
+                    return Sample(False, None, fault[1], kind=fault[0])
+                vectors[key] = vec
         if self.num_tasks and self.task_id is None:
-            return Sample(False, None, "multi-task policy and no task chosen: set task_id or publish a task name as instruction")
+            return Sample(False, None, "multi-task policy and no task chosen: set task_id or publish a task name as instruction",
+                          kind="obs_no_task")
         if self.language is not None and self._instruction is None:
-            return Sample(False, None, "language-conditioned policy and no instruction yet: publish one on the instruction topic")
+            return Sample(False, None, "language-conditioned policy and no instruction yet: publish one on the instruction topic",
+                          kind="obs_no_instruction")
         return Sample(True, min(stamps), "", vectors)
 
     def sample(self) -> Sample:
@@ -393,8 +465,10 @@ class ObservationBuilder:
     def joint_values(self, names: Sequence[str], field: str = "position") -> np.ndarray | None:
         """Latest ``field`` values of these joints from the first joint_state topic naming them all (None: none yet)."""
         with self._lock:
-            for index, values, _ in self._joint.values():
+            for index, values, _, fault in self._joint.values():
                 vals = values[field]
+                if fault is not None:
+                    continue
                 if all(n in index for n in names) and vals.size == len(index):
                     out = vals[[index[n] for n in names]]
                     if np.isfinite(out).all():
@@ -427,6 +501,12 @@ class ObservationBuilder:
         return obs
 
 
+def _clip(x: Any, n: int = 200) -> str:
+    """``str(x)`` cut to ``n`` characters (echoed input never makes a long log line)."""
+    s = x if isinstance(x, str) else repr(x)
+    return s if len(s) <= n else f"{s[:n]}... ({len(s)} chars)"
+
+
 def sources_json(config: Mapping[str, Any]) -> str:
     """A sources config as the JSON string the ROS node takes (``observation_sources`` parameter)."""
     ObservationSpec.from_config(config)  # fail here, not on the robot
@@ -434,4 +514,4 @@ def sources_json(config: Mapping[str, Any]) -> str:
 
 
 __all__ = ["ArraySource", "ImageSource", "JointStateSource", "ObservationBuilder", "ObservationConfigError", "ObservationSpec", "Sample",
-           "sources_json"]
+           "ranges_from_normalizer", "sources_json"]

@@ -1,7 +1,8 @@
 """Last line before the robot: ``SafetyLayer.filter`` runs on every command of every control tick.
 
-Order: e-stop latched, stale observation, empty queue (command None), non-finite values -> hold;
-otherwise clamp to [lower, upper], then the per-step velocity limit, then the acceleration limit.
+Order: e-stop latched, invalid observation (its own kind, see ``OBS_HOLDS``), stale observation, empty
+queue (command None), non-finite command values -> hold; otherwise clamp to [lower, upper], then the
+per-step velocity limit, then the acceleration limit. Each hold kind has its own counter in ``counts``.
 
 The e-stop latch is an ``EstopLatch`` the layer is given, not part of the layer: the ROS node keeps one
 for its whole life (and optionally in a state file), so building a new layer (reconfiguring) or a new
@@ -32,7 +33,19 @@ from typing import Any, Sequence
 import numpy as np
 
 log = logging.getLogger("rtpolicy.deploy.safety")
-HOLDS = ("estop", "stale_obs", "empty_queue", "non_finite")
+# observation faults (rtpolicy.deploy.observation.Sample.kind) -> what the hold means
+OBS_HOLDS = {
+    "obs_missing_joint": "a configured joint is missing from the latest JointState",
+    "obs_duplicate_joint": "the latest JointState names a joint twice",
+    "obs_wrong_length": "a JointState field or an array has the wrong number of values",
+    "obs_non_finite": "NaN or +-inf in an observation (after the float32 cast: 1e39 is inf)",
+    "obs_out_of_range": "a value outside the bundle's training range plus the margin",
+    "obs_bad_image": "an image that cannot be decoded or fitted to the policy's size",
+    "obs_bad_stamp": "stale_by=stamp: a header stamp unset or further in the future than the clock-skew bound",
+    "obs_no_task": "a multi-task policy and no task chosen yet",
+    "obs_no_instruction": "a language-conditioned policy and no instruction yet",
+}
+HOLDS = ("estop", *OBS_HOLDS, "stale_obs", "empty_queue", "non_finite")
 CLIPS = ("clamp", "velocity", "acceleration")
 Vec = Sequence[float] | np.ndarray | float
 
@@ -188,6 +201,18 @@ class SafetyLayer:
     def reset_estop(self) -> None:
         self.estop_latch.clear()
 
+    def observation_hold(self, now: float, obs_stamp: float | None, obs_fault: tuple[str, str] | None = None
+                         ) -> tuple[str, str] | None:
+        """(kind, message) of the hold the observation causes, or None when it may drive the robot:
+        ``obs_fault`` (an ``OBS_HOLDS`` kind and its reason) first, then staleness of ``obs_stamp``."""
+        if obs_fault is not None:
+            kind, reason = obs_fault
+            return (kind if kind in OBS_HOLDS else "stale_obs"), f"{reason}, holding"
+        if obs_stamp is None or now - obs_stamp > self.limits.stale_obs_s:
+            age = "no observation" if obs_stamp is None else f"observation {now - obs_stamp:.3f} s old"
+            return "stale_obs", f"{age} > {self.limits.stale_obs_s} s, holding"
+        return None
+
     def _check_shape(self, command: Any) -> np.ndarray:
         c = np.asarray(command, dtype=np.float64)
         if c.shape != (self.limits.dim,):
@@ -206,15 +231,17 @@ class SafetyLayer:
             self._note(kind, f"limited dims {dims.tolist()}")
         return y
 
-    def filter(self, command: Vec | None, now: float, obs_stamp: float | None) -> np.ndarray:
-        """command (Da,) or None, the time now and the observation's stamp (same clock, s) -> safe command (Da,)."""
+    def filter(self, command: Vec | None, now: float, obs_stamp: float | None,
+               obs_fault: tuple[str, str] | None = None) -> np.ndarray:
+        """command (Da,) or None, the time now and the observation's stamp (same clock, s) -> safe command (Da,).
+
+        ``obs_fault``: (kind, reason) when the observation is invalid (see ``observation_hold``)."""
         self._kinds: list[str] = []
         c = None if command is None else self._check_shape(command)
         if self.estopped:
             self._note("estop", "e-stop latched, holding")
-        elif obs_stamp is None or now - obs_stamp > self.limits.stale_obs_s:
-            age = "no observation" if obs_stamp is None else f"observation {now - obs_stamp:.3f} s old"
-            self._note("stale_obs", f"{age} > {self.limits.stale_obs_s} s, holding")
+        elif (obs := self.observation_hold(now, obs_stamp, obs_fault)) is not None:
+            self._note(*obs)
         elif c is None:
             self._note("empty_queue", "no action queued for this step, holding")
         elif (bad := np.flatnonzero(~np.isfinite(c))).size:
