@@ -146,10 +146,24 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"  # bfloat16 autocast of forward passes on a CUDA device; weights, gradients and optimizer stay fp32
+
+
+class EvalBackend(Choice):
+    local = "local"  # simulator subprocesses of this process (gymnasium AsyncVectorEnv)
+    ray = "ray"  # episodes, suite members and chains sharded over Ray workers (rtpolicy.envs.ray_runner; extra `dist`)
+
+
 @dataclass
 class TrainLoopConfig:
     steps: int = 2000
+    # the global batch: under torchrun it is split evenly over the processes (and over grad_accum micro-batches)
     batch_size: int = 256
+    grad_accum: int = 1  # micro-batches per optimizer step; each holds batch_size / (processes * grad_accum) windows
+    precision: Precision = Precision.fp32  # bf16: autocast on CUDA (refused on CPU)
+    dist_timeout_s: int = 1800  # under torchrun: how long ranks wait for each other (e.g. for rank 0's evaluation)
     val_fraction: float = 0.05  # share of episodes held out for validation loss
     val_every: int = 500
     eval_every: int = 0  # 0: rollout evaluation only at the end
@@ -170,6 +184,10 @@ class EvalConfig:
     video: int = 0  # number of episodes to save as mp4
     latency_reps: int = 30  # batch-1 predict_chunk timings for chunk_ms_p50/p95
     out: Optional[str] = None  # results JSON path
+    backend: EvalBackend = EvalBackend.local  # ray: shard episodes over Ray workers, same per-episode results
+    ray_address: Optional[str] = None  # backend=ray: an existing cluster (e.g. "auto", "HOST:6379"); None: start Ray here
+    ray_workers: int = 0  # backend=ray: Ray actors, each loads the policy once; 0: one per num_envs CPUs of the cluster
+    ray_gpus: float = 0.0  # backend=ray: GPUs per actor (e.g. 0.25 lets four actors share one GPU); 0: CPU inference
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The training loop: AdamW + warmup/cosine LR, EMA weights for evaluation, gradient clipping,
-periodic validation loss, rollout evaluation and atomic checkpoints; ``resume=true`` continues."""
+periodic validation loss, rollout evaluation and atomic checkpoints; ``resume=true`` continues.
+Under ``torchrun`` the same loop runs data-parallel (rtpolicy.distributed: what each rank does)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from rtpolicy import distributed
 from rtpolicy.checkpoint import read_checkpoint, restore_training, save_checkpoint
 from rtpolicy.config import default_dataset
 from rtpolicy.datasets.replay_buffer import ReplayBuffer
@@ -26,7 +28,8 @@ from rtpolicy.factory import ConfigError, build_policy
 
 #: config keys a resumed run may change (how long, how often, where, how fast); any other change is refused
 RESUMABLE = ("resume", "run_dir", "device", "eval", "task.collect", "task.demos", "train.steps", "train.log_every", "train.val_every",
-             "train.eval_every", "train.ckpt_every", "train.num_workers", "train.threads")
+             "train.eval_every", "train.ckpt_every", "train.num_workers", "train.threads", "train.grad_accum",
+             "train.precision", "train.dist_timeout_s")
 
 
 class EMA:
@@ -104,24 +107,42 @@ def check_resumable(stored: dict[str, Any], new: dict[str, Any], ckpt: Path) -> 
                           "Resume with the run's own config, or start a new run (another run_dir)")
 
 
-def cached_keypoints(policy, buffer: ReplayBuffer, device: torch.device) -> dict[str, np.ndarray]:
+class _Rows:
+    """Rows ``lo:hi`` of a stored array, read lazily (a zarr array stays on disk)."""
+
+    def __init__(self, arr, rows: slice):
+        self.arr, self.lo, self.shape = arr, rows.start, (rows.stop - rows.start, *arr.shape[1:])
+
+    def __getitem__(self, s: slice):
+        return self.arr[self.lo + s.start: self.lo + min(s.stop, self.shape[0])]
+
+
+def cached_keypoints(policy, buffer: ReplayBuffer, device: torch.device,
+                     dist: distributed.Dist = distributed.SINGLE) -> dict[str, np.ndarray]:
     """The keypoints of every stored frame for a policy with a frozen image encoder ({} otherwise):
-    training then reads (T, 2K) floats instead of decoding (T, H, W, 3) frames and running the backbone."""
+    training then reads (T, 2K) floats instead of decoding (T, H, W, 3) frames and running the backbone.
+    Under torchrun each rank encodes 1/W of the frames and the parts are all-gathered."""
     if not getattr(policy, "keypoint_shapes", None):
         return {}
     from rtpolicy.policies.encoders.image import cache_keypoints, find_image_encoder
 
     t0 = time.perf_counter()
     encoder = find_image_encoder(policy).to(device)
-    feats = cache_keypoints(encoder, {k: buffer[k] for k in policy.keypoint_shapes}, device=device)
-    print(f"[rtpolicy] frozen image encoder: cached keypoints of {buffer.n_steps} steps x {len(feats)} cameras "
-          f"in {time.perf_counter() - t0:.1f} s")
+    rows = dist.rows(buffer.n_steps)
+    feats = cache_keypoints(encoder, {k: _Rows(buffer[k], rows) for k in policy.keypoint_shapes}, device=device)
+    feats = {k: dist.gather_rows(v, buffer.n_steps) for k, v in feats.items()}
+    if dist.main:
+        print(f"[rtpolicy] frozen image encoder: cached keypoints of {buffer.n_steps} steps x {len(feats)} cameras "
+              f"in {time.perf_counter() - t0:.1f} s" + (f" ({dist.world} ranks)" if dist.active else ""))
     return feats
 
 
-def _loop(loader: DataLoader):
+def _loop(loader: DataLoader, epoch: int = 0):
     while True:
+        if hasattr(loader.sampler, "set_epoch"):  # a DistributedSampler: this epoch's permutation
+            loader.sampler.set_epoch(epoch)
         yield from loader
+        epoch += 1
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -137,13 +158,23 @@ def validation_loss(policy, loader: DataLoader, device, max_batches: int = 20) -
 
 
 def train(cfg) -> dict[str, Any]:
-    """Train the configured policy; returns the final evaluation results (plus checkpoint path)."""
+    """Train the configured policy; returns the final evaluation results (plus checkpoint path). Started by
+    torchrun, this process is one rank of a data-parallel job (rank 0 returns the results, the others
+    their step, time and the checkpoint path)."""
+    dist, device = distributed.init(resolve_device(cfg.device), cfg.train.dist_timeout_s)
+    results = _train(cfg, dist, device)
+    dist.close()  # not on an error: that process exits and torchrun stops the other ranks
+    return results
+
+
+def _train(cfg, dist: distributed.Dist, device: torch.device) -> dict[str, Any]:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    device = resolve_device(cfg.device)
-    run_dir = resolve_run_dir(cfg)
+    micro = distributed.micro_batch(cfg.train.batch_size, dist.world, cfg.train.grad_accum)
+    distributed.autocast(cfg.train.precision, device)  # bf16 off CUDA is refused before anything is written
+    run_dir = Path(dist.broadcast_json(str(resolve_run_dir(cfg))))  # rank 0's timestamp names the run
     ckpt_path = run_dir / "checkpoints" / "last.safetensors"
     if ckpt_path.exists() and not cfg.resume:
         raise FileExistsError(f"{run_dir} already holds a checkpoint; pass resume=true to continue it or another run_dir")
@@ -151,9 +182,11 @@ def train(cfg) -> dict[str, Any]:
     resolved["run_dir"] = str(run_dir)
     if cfg.resume and ckpt_path.exists():  # before anything is written: a refused resume changes nothing
         check_resumable(read_checkpoint(ckpt_path)[0]["config"], resolved, ckpt_path)
-    buffer = ensure_dataset(cfg.task)  # validated (or collected) before the run directory exists
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    with dist.main_first():  # rank 0 collects a missing store, the others then open it
+        buffer = ensure_dataset(cfg.task)  # validated (or collected) before the run directory exists
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
     shapes = {k: list(buffer.shape(k)) for k in cfg.task.obs_keys} | {"action": list(buffer.shape(cfg.task.action_key))}
     num_tasks = cfg.task.num_tasks if cfg.task.condition_on_task_id else 0  # 0: the policy sees no task id
@@ -161,12 +194,14 @@ def train(cfg) -> dict[str, Any]:
     train_mask, val_mask = split_episodes(buffer.n_episodes, cfg.train.val_fraction, cfg.train.seed)
     ds_kw = dict(obs_keys=list(cfg.task.obs_keys), action_key=cfg.task.action_key, obs_horizon=policy.obs_horizon,
                  horizon=policy.data_horizon, action_horizon=policy.action_horizon,
-                 arrays=cached_keypoints(policy, buffer, device))
+                 arrays=cached_keypoints(policy, buffer, device, dist))
     train_ds = SequenceDataset(buffer, episode_mask=train_mask, **ds_kw)
-    loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.train.batch_size,
+    sampler = dist.sampler(train_ds, cfg.train.seed)  # None in one process: the loader shuffles
+    loader = DataLoader(train_ds, batch_size=micro, shuffle=sampler is None, sampler=sampler,
+                        drop_last=len(sampler or train_ds) > micro,
                         num_workers=cfg.train.num_workers, persistent_workers=cfg.train.num_workers > 0)
     val_loader = None
-    if val_mask.any():
+    if val_mask.any() and dist.main:
         val_loader = DataLoader(SequenceDataset(buffer, episode_mask=val_mask, **ds_kw), batch_size=cfg.train.batch_size)
 
     fit_keys = [k for k in cfg.task.obs_keys if k in policy.normalizer.shapes]  # images, embeddings: no stats
@@ -183,47 +218,56 @@ def train(cfg) -> dict[str, Any]:
         meta = restore_training(ckpt_path, policy, ema.model, optimizer, lr_sched)
         step, prior_s = meta["step"], float(meta.get("metrics", {}).get("train_seconds", 0.0))
         ema.updates = step
-        print(f"[rtpolicy] resumed {run_dir} at step {step}")
+        if dist.main:
+            print(f"[rtpolicy] resumed {run_dir} at step {step}")
+    dist.seed(cfg.train.seed, step)
+    accum = cfg.train.grad_accum
+    stepper = distributed.GradientStep(policy, optimizer, dist, device, o.grad_clip, cfg.train.precision)
 
     n_params = sum(q.numel() for q in policy.parameters())
-    print(f"[rtpolicy] run_dir={run_dir} device={device} params={n_params / 1e6:.2f}M "
-          f"episodes={buffer.n_episodes} (val {int(val_mask.sum())}) windows={len(train_ds)}")
-    writer = SummaryWriter(str(run_dir / "tb"))
+    if dist.main:
+        print(f"[rtpolicy] run_dir={run_dir} device={device} params={n_params / 1e6:.2f}M "
+              f"episodes={buffer.n_episodes} (val {int(val_mask.sum())}) windows={len(train_ds)}"
+              + (f" ranks={dist.world} x batch {micro} x accum {accum}" if dist.active else ""))
+    writer = SummaryWriter(str(run_dir / "tb")) if dist.main else distributed.NullWriter()
 
     def checkpoint(metrics=None):
         metrics = {"train_seconds": round(prior_s + time.perf_counter() - t0, 1)} | (metrics or {})
         return save_checkpoint(ckpt_path, ema=ema.model, model=policy, optimizer=optimizer, lr_scheduler=lr_sched,
                                step=step, config=resolved, shapes=shapes, num_tasks=num_tasks, metrics=metrics)
 
-    batches = _loop(loader)
+    batches = _loop(loader, epoch=step * accum // len(loader))
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
-    policy.train()
+    bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True, disable=not dist.main)
+    stepper.train()
     while step < cfg.train.steps:
-        loss, metrics = policy.compute_loss(_to(next(batches), device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), o.grad_clip)
-        optimizer.step()
+        metrics, grad_norm = stepper.step([_to(next(batches), device) for _ in range(accum)])
         lr_sched.step()
-        ema.update(policy)
+        if dist.main:
+            ema.update(policy)
         step += 1
         bar.update(1)
         if step % cfg.train.log_every == 0:
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            writer.add_scalar("train/loss", metrics["loss"], step)
+            loss = dist.mean(metrics["loss"])  # over ranks
+            bar.set_postfix(loss=f"{loss:.4f}")
+            writer.add_scalar("train/loss", loss, step)
             writer.add_scalar("train/grad_norm", float(grad_norm), step)
             writer.add_scalar("train/lr", lr_sched.get_last_lr()[0], step)
         if val_loader is not None and step % cfg.train.val_every == 0:
             writer.add_scalar("val/loss", validation_loss(ema.model, val_loader, device), step)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-            for k, v in _evaluate(ema.model, cfg, device, run_dir / f"eval_{step}").items():
-                if isinstance(v, (int, float)):
-                    writer.add_scalar(f"eval/{k}", v, step)
-        if step % cfg.train.ckpt_every == 0:
+            if dist.main:
+                for k, v in _evaluate(ema.model, cfg, device, run_dir / f"eval_{step}").items():
+                    if isinstance(v, (int, float)):
+                        writer.add_scalar(f"eval/{k}", v, step)
+            dist.barrier()  # the other ranks wait for rank 0's rollouts
+        if step % cfg.train.ckpt_every == 0 and dist.main:
             checkpoint()
     bar.close()
     train_s = prior_s + time.perf_counter() - t0
+    if not dist.main:
+        dist.barrier()  # until rank 0 has evaluated and written the last checkpoint
+        return {"rank": dist.rank, "step": step, "train_seconds": round(train_s, 1), "checkpoint": str(ckpt_path)}
     val = validation_loss(ema.model, val_loader, device) if val_loader is not None else None
     results = _evaluate(ema.model, cfg, device, run_dir / "eval") if cfg.eval.episodes > 0 else {}
     results |= {"head": f"{cfg.policy.name}/{cfg.denoiser.name}", "train_seconds": round(train_s, 1), "val_loss": val, "step": step}
@@ -234,6 +278,7 @@ def train(cfg) -> dict[str, Any]:
             writer.add_scalar(f"eval/{k}", results[k], step)
     writer.close()
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    dist.barrier()
     return results
 
 
