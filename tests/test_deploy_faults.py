@@ -118,3 +118,18 @@ def test_each_observation_fault_holds_with_its_own_kind_and_no_inference_error(r
         assert runs_policy(rig, time.time())
     st = node.stats()
     assert st["inference_errors"] == 0 and st["safety_stale_obs"] == 0 and st["safety_non_finite"] == 0
+
+
+# ------------------------------------------------------------------------------------- 4: no inference while holding
+def test_no_inference_is_submitted_while_the_observation_is_stale(rig, bundle):
+    sensors = rig.sensors()
+    node = start(rig.policy(bundle, stale_obs_s=0.3))
+    assert runs_policy(rig, 0.0)
+    sensors.publishing = False
+    holds_after(rig, "safety_stale_obs", node)
+    submitted = node.stats()["submitted"]
+    ticks_pass(node, 15)
+    assert node.stats()["submitted"] == submitted and node.stats()["observation"].startswith("stale_obs")
+    sensors.publishing = True
+    assert runs_policy(rig, time.time())
+    assert node.stats()["submitted"] > submitted

@@ -19,7 +19,8 @@ tick skips steps and counts them as deadline misses):
                                                        empty queue / non-finite -> hold; else clamp,
                                                        velocity, acceleration
     4. publish (by the bundle's action kind, below)
-    5. maybe submit the observation to the InferenceWorker, as obs_step = k + 1
+    5. submit the observation to the InferenceWorker, as obs_step = k + 1, only when the observation
+       passed (no e-stop, no invalid or stale observation) and the queue needs a chunk
 
 A chunk computed from the observation of tick k is for steps k+1, k+2, ...: the command of tick k is
 already out when the observation is taken, and one control period is the inference budget. A chunk
@@ -428,7 +429,8 @@ class PolicyNode(LifecycleNode):
             self._publish(cmd, None if held else self._planned(k, now, stamp))
             self.last_command = cmd
         self._step = k + 1
-        if sample.valid and not self.safety.estopped and self._should_submit():
+        # no inference on an observation the safety layer refuses: it would only burn the CPU the loop needs
+        if self.last_obs_hold is None and not self.safety.estopped and self._should_submit():
             self.worker.submit(self.builder.observation(), obs_step=k + 1)
             self.submitted += 1
         self.ticks += 1
