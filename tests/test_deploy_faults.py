@@ -133,3 +133,17 @@ def test_no_inference_is_submitted_while_the_observation_is_stale(rig, bundle):
     sensors.publishing = True
     assert runs_policy(rig, time.time())
     assert node.stats()["submitted"] > submitted
+
+
+def test_repeated_estops_publish_commands_only_on_the_tick(rig, bundle):
+    rig.sensors()
+    node = start(rig.policy(bundle))
+    assert runs_policy(rig, 0.0)
+    st0, t0 = node.stats(), time.time()
+    for _ in range(40):
+        deliver(rig, node, rig.estop, Bool(data=True), "estop_msgs")
+    ticks_pass(node, 2)
+    st1, t1 = node.stats(), time.time()
+    assert st1["commands_published"] - st0["commands_published"] == st1["ticks"] - st0["ticks"]
+    assert wait_for(lambda: len(rig.got("twist", t1)) >= 1)  # what was published by t1 has arrived
+    assert len(twists_between(rig, t0, t1)) <= st1["ticks"] - st0["ticks"] + 1

@@ -18,7 +18,7 @@ tick skips steps and counts them as deadline misses):
     3. SafetyLayer.filter(a, now, obs stamp, fault)    e-stop / invalid obs (own kind each) / stale obs /
                                                        empty queue / non-finite -> hold; else clamp,
                                                        velocity, acceleration
-    4. publish (by the bundle's action kind, below)
+    4. publish (by the bundle's action kind, below): the only place commands go out, once per tick
     5. submit the observation to the InferenceWorker, as obs_step = k + 1, only when the observation
        passed (no e-stop, no invalid or stale observation) and the queue needs a chunk
 
@@ -192,6 +192,7 @@ class PolicyNode(LifecycleNode):
         self.episode = 0
         self.instruction = ""
         self.encode_instruction = None  # language-conditioned bundles: text -> the policy's language input
+        self.operator_msgs = dict.fromkeys(("estop", "reset", "instruction"), 0)
         # the e-stop: one latch for the node's life, subscribed from now on (see the module docstring)
         self.estop_latch = EstopLatch()
         estop_topic = rosparams.coerce("estop_topic", self.get_parameter("estop_topic").value, PARAMETERS["estop_topic"][0])
@@ -502,6 +503,7 @@ class PolicyNode(LifecycleNode):
         self._period_jitter_ms = collections.deque(maxlen=2000)
         self._tick_ms = collections.deque(maxlen=2000)
         self.ticks = self.deadline_misses = self.holds = self.submitted = self.invalid_observations = self.tick_errors = 0
+        self.commands_published = 0
         self._last_invalid_reason = ""
         self.last_sample = self.last_obs_hold = None
         self.last_command = None
@@ -509,6 +511,7 @@ class PolicyNode(LifecycleNode):
 
     # ================================================================== publishing
     def _publish(self, cmd: np.ndarray, planned: np.ndarray | None) -> None:
+        self.commands_published += 1
         stamp = self.get_clock().now().to_msg()
         if self.kind == "ee_delta":
             msg = TwistStamped()
@@ -553,20 +556,21 @@ class PolicyNode(LifecycleNode):
             builder.update_array(topic, msg.data)
 
     def _on_estop(self, msg: Bool) -> None:
+        """Latches; the hold goes out with the next control tick (commands are only published on the tick)."""
         topic = self._estop_subs[0].topic_name
         with self._lock:
+            self.operator_msgs["estop"] += 1
             if msg.data:
                 if not self.estop_latch.latched:
                     self.estop_latch.latch(f"true on {topic}")
                     self.get_logger().error(f"E-STOP latched; clear it with '{RESET_ESTOP}' on the reset topic")
-                if self._active:
-                    self._publish(self.safety.hold(), None)
             else:
                 self.get_logger().warning(f"false on {topic} does not clear the e-stop: send '{RESET_ESTOP}' on the reset topic")
 
     def _on_reset(self, msg: String) -> None:
         request = msg.data.strip()
         with self._lock:
+            self.operator_msgs["reset"] += 1
             if request == RESET_ESTOP and self.safety is None:  # unconfigured: the latch is the node's, clear it anyway
                 self.estop_latch.clear()
                 return
@@ -592,6 +596,7 @@ class PolicyNode(LifecycleNode):
     def _on_instruction(self, msg: String) -> None:
         text = msg.data.strip()
         with self._lock:
+            self.operator_msgs["instruction"] += 1
             if self.builder is None:
                 return
             if text == self.instruction:
@@ -637,6 +642,8 @@ class PolicyNode(LifecycleNode):
                 # "ok" only when the last tick's observation could drive the robot; else "<hold kind>: <reason>"
                 "observation": "ok" if self.last_obs_hold is None else f"{self.last_obs_hold[0]}: {self.last_obs_hold[1]}",
                 "hold": ",".join(k for k in self.safety.last_interventions if k in HOLDS) or "none",
+                "commands_published": self.commands_published,
+                **{f"{k}_msgs": v for k, v in self.operator_msgs.items()},
             }
             return out
 
