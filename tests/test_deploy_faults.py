@@ -135,6 +135,25 @@ def test_no_inference_is_submitted_while_the_observation_is_stale(rig, bundle):
     assert node.stats()["submitted"] > submitted
 
 
+# ------------------------------------------------------------------------------------- 5 and 7: operator topics
+def test_operator_warnings_are_throttled_and_echoes_cut(rig, bundle, capfd):
+    rig.sensors()
+    node = start(rig.policy(bundle))
+    instruction = rig.node.create_publisher(String, "/rtpolicy/instruction", 10)
+    huge = "x" * (256 * 1024)
+    for _ in range(30):
+        deliver(rig, node, rig.estop, Bool(data=False), "estop_msgs")
+    for _ in range(3):
+        deliver(rig, node, rig.reset, String(data=huge + "r"), "reset_msgs")
+        deliver(rig, node, instruction, String(data=huge + "i"), "instruction_msgs")
+    err = capfd.readouterr().err
+    lines = err.splitlines()
+    assert 1 <= sum("does not clear the e-stop" in line for line in lines) <= 3, err[-3000:]
+    assert 1 <= sum("unknown request" in line for line in lines) <= 2
+    assert 1 <= sum("is single-task and not language-conditioned" in line for line in lines) <= 2
+    assert max(map(len, lines)) < 1000 and f"({len(huge) + 1} chars)" in err
+
+
 def test_repeated_estops_publish_commands_only_on_the_tick(rig, bundle):
     rig.sensors()
     node = start(rig.policy(bundle))
@@ -147,3 +166,22 @@ def test_repeated_estops_publish_commands_only_on_the_tick(rig, bundle):
     assert st1["commands_published"] - st0["commands_published"] == st1["ticks"] - st0["ticks"]
     assert wait_for(lambda: len(rig.got("twist", t1)) >= 1)  # what was published by t1 has arrived
     assert len(twists_between(rig, t0, t1)) <= st1["ticks"] - st0["ticks"] + 1
+
+
+# ------------------------------------------------------------------------------------- 5: a policy failing every tick
+def test_a_policy_failing_every_call_logs_one_traceback_not_one_per_call(caplog):
+    import logging
+
+    from rtpolicy.deploy.scheduler import ActionScheduler, InferenceWorker
+
+    def predict(obs):
+        raise RuntimeError("inf in the input")
+
+    with caplog.at_level(logging.ERROR, logger="rtpolicy.deploy"), \
+            InferenceWorker(predict, ActionScheduler(2), step_fn=lambda: 0, warmup=0, error_log_s=3600) as w:
+        for step in range(20):
+            w.submit("obs", obs_step=step)
+            assert w.wait_idle(10)
+    assert w.errors == 20
+    records = [r for r in caplog.records if "fail" in r.getMessage()]
+    assert len(records) == 1 and records[0].exc_info

@@ -52,6 +52,7 @@ language-conditioned bundle (its ``language`` spec) the text is encoded once on 
 embedding or backbone token ids, memoized per string) and conditions every following chunk; until the
 first instruction (or the ``instruction`` parameter) the node holds.
 diagnostic_msgs/DiagnosticArray on diagnostics_topic at ``diagnostics_rate_hz``: see ``stats()``.
+Repeated operator warnings are throttled and echoed input is cut to ``ECHO_CHARS`` characters.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ COMMAND_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=10, reliabili
 # a latched e-stop publisher's last message reaches subscribers that join later
 ESTOP_LATCHED_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
                                durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
+ECHO_CHARS = 80  # operator input echoed in a log line is cut to this
 THROTTLE_S = 5.0  # a repeated operator warning is logged at most once per this many seconds
 SCHED_COUNTERS = ("chunks", "late_chunks", "dropped_actions", "empty_pops")
 
@@ -124,6 +126,11 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "diagnostics_rate_hz": (1.0, "diagnostics publish rate"),
     "frame_id": ("base_link", "header.frame_id of TwistStamped / JointTrajectory"),
 }
+
+
+def _echo(text: str) -> str:
+    """Operator input for a log line: repr, cut to ECHO_CHARS characters with the full length noted."""
+    return repr(text) if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]!r}... ({len(text)} chars)"
 
 
 def _pct(xs, q: float) -> float:
@@ -565,7 +572,8 @@ class PolicyNode(LifecycleNode):
                     self.estop_latch.latch(f"true on {topic}")
                     self.get_logger().error(f"E-STOP latched; clear it with '{RESET_ESTOP}' on the reset topic")
             else:
-                self.get_logger().warning(f"false on {topic} does not clear the e-stop: send '{RESET_ESTOP}' on the reset topic")
+                self.get_logger().warning(f"false on {topic} does not clear the e-stop: send '{RESET_ESTOP}' on the reset topic "
+                                          f"(repeats not logged for {THROTTLE_S:g} s)", throttle_duration_sec=THROTTLE_S)
 
     def _on_reset(self, msg: String) -> None:
         request = msg.data.strip()
@@ -590,8 +598,8 @@ class PolicyNode(LifecycleNode):
                     self.scheduler.reset()  # actions planned before the stop are stale
                     self.get_logger().warning("e-stop cleared: queued actions dropped, resuming")
             else:
-                self.get_logger().warning(f"unknown request {request!r} on {self.p['reset_topic']}; "
-                                          f"expected '{RESET_EPISODE}' or '{RESET_ESTOP}'")
+                self.get_logger().warning(f"unknown request {_echo(request)} on {self.p['reset_topic']}; "
+                                          f"expected '{RESET_EPISODE}' or '{RESET_ESTOP}'", throttle_duration_sec=THROTTLE_S)
 
     def _on_instruction(self, msg: String) -> None:
         text = msg.data.strip()
@@ -604,15 +612,16 @@ class PolicyNode(LifecycleNode):
             self.instruction = text
             if self.encode_instruction is not None:
                 self.builder.set_instruction(self.encode_instruction(text))
-                self.get_logger().info(f"instruction {text!r}")
+                self.get_logger().info(f"instruction {_echo(text)}")
             if text in self.task_names:
                 self.builder.set_task_id(self.task_names.index(text))
                 self.get_logger().info(f"instruction {text!r}: task id {self.builder.task_id}")
             elif self.builder.num_tasks:
-                self.get_logger().warning(f"instruction {text!r} is none of this bundle's tasks {self.task_names}; "
-                                          f"task id stays {self.builder.task_id}")
+                self.get_logger().warning(f"instruction {_echo(text)} is none of this bundle's tasks {self.task_names}; "
+                                          f"task id stays {self.builder.task_id}", throttle_duration_sec=THROTTLE_S)
             elif self.encode_instruction is None:
-                self.get_logger().warning(f"instruction {text!r} ignored: this policy is single-task and not language-conditioned")
+                self.get_logger().warning(f"instruction {_echo(text)} ignored: this policy is single-task and not "
+                                          "language-conditioned", throttle_duration_sec=THROTTLE_S)
 
     # ================================================================== diagnostics
     def stats(self) -> dict[str, Any]:

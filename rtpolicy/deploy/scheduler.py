@@ -154,16 +154,20 @@ class InferenceWorker:
 
     ``submit`` hands over the latest observation; an unprocessed older one is replaced (counted in
     ``replaced``), never queued. Chunks are added with ``current_step=step_fn()`` read when predict
-    returns. Exceptions in predict or add_chunk are logged, counted in ``errors`` and kept in
-    ``last_error``; the thread keeps serving. Latency (ms, predict only) skips the first ``warmup`` calls;
+    returns. Exceptions in predict or add_chunk are counted in ``errors`` and kept in ``last_error``; the
+    thread keeps serving. The log gets a traceback when the error differs from the previous one, else one
+    line at most every ``error_log_s`` seconds (a policy failing on every tick does not flood the log).
+    Latency (ms, predict only) skips the first ``warmup`` calls;
     ``max_latency_samples`` keeps only that many of the latest (None: all).
     ``reset()`` starts a new episode: the pending observation is dropped and a chunk still being computed
     is discarded (counted in ``discarded``) instead of reaching the scheduler.
     """
 
     def __init__(self, predict: Callable[[Any], Any], scheduler: ActionScheduler, step_fn: Callable[[], int],
-                 warmup: int = 1, clock: Callable[[], float] = time.perf_counter, max_latency_samples: int | None = None):
+                 warmup: int = 1, clock: Callable[[], float] = time.perf_counter, max_latency_samples: int | None = None,
+                 error_log_s: float = 5.0):
         self.predict, self.scheduler, self.step_fn, self.warmup, self.clock = predict, scheduler, step_fn, warmup, clock
+        self.error_log_s, self._error_logged = error_log_s, (None, -float("inf"))  # (repr of the error, clock time)
         self._cond = threading.Condition()
         self._pending: tuple[Any, int] | None = None
         self._busy = self._closed = False
@@ -223,7 +227,7 @@ class InferenceWorker:
                         self.discarded += 1
             except Exception as e:  # reported through errors / last_error and the log, never swallowed
                 err = e
-                log.exception("inference for the observation of step %d failed", obs_step)
+                self._log_error(e, obs_step)
             with self._cond:
                 self.calls += 1
                 if ms is not None and self.calls > self.warmup:
@@ -232,6 +236,17 @@ class InferenceWorker:
                     self.errors, self.last_error = self.errors + 1, err
                 self._busy = False
                 self._cond.notify_all()
+
+    def _log_error(self, e: Exception, obs_step: int) -> None:
+        what, now = f"{type(e).__name__}: {e}"[:300], self.clock()
+        last, at = self._error_logged
+        if what != last:
+            log.exception("inference for the observation of step %d failed", obs_step)
+        elif now - at >= self.error_log_s:
+            log.error("inference failed again (%d errors so far): %s", self.errors + 1, what)
+        else:
+            return
+        self._error_logged = (what, now)
 
     def close(self, timeout: float = 5.0) -> None:
         with self._cond:
