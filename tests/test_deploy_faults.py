@@ -168,6 +168,27 @@ def test_repeated_estops_publish_commands_only_on_the_tick(rig, bundle):
     assert len(twists_between(rig, t0, t1)) <= st1["ticks"] - st0["ticks"] + 1
 
 
+# ------------------------------------------------------------------------------------- 3: a sensor flood
+def test_sensor_flood_work_is_bounded_and_the_loop_keeps_driving(rig, bundle):
+    sensors = rig.sensors()
+    node = start(rig.policy(bundle, sensor_poll_hz=40.0))
+    assert runs_policy(rig, 0.0)
+    flood = rig.node.create_publisher(JointState, "/joint_states", qos_profile_sensor_data)
+    msg = JointState(name=list(JOINT_NAMES), position=[float(x) for x in sensors.state[:4]])
+    taken0, ticks0, t0 = node.sensor_msgs, node.stats()["ticks"], time.monotonic()
+    sent, mark = 0, time.time()
+    while time.monotonic() - t0 < 2.0:  # up to 2 kHz for 2 s, on top of the 50 Hz sensors
+        for _ in range(20):
+            flood.publish(msg)
+        sent += 20
+        time.sleep(0.01)
+    elapsed = time.monotonic() - t0
+    taken = node.sensor_msgs - taken0
+    # at most one message per topic (2) per poll period, however many arrive
+    assert taken <= 2 * (40.0 * elapsed + 2), (taken, sent, elapsed)
+    assert node.stats()["ticks"] > ticks0 and runs_policy(rig, mark)
+
+
 # ------------------------------------------------------------------------------------- 5: a policy failing every tick
 def test_a_policy_failing_every_call_logs_one_traceback_not_one_per_call(caplog):
     import logging

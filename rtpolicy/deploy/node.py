@@ -13,7 +13,8 @@ Lifecycle (``rclpy.lifecycle``; drive it with ``ros2 lifecycle set /rtpolicy con
 Control tick k (timer at ``control_rate_hz``; k counts control periods since activation, so a late
 tick skips steps and counts them as deadline misses):
 
-    1. sample the latest messages into the observation history (invalid: a hold kind and a reason, logged)
+    1. take the latest message of each sensor topic (stored by the sensor thread, below), sample them
+       into the observation history (invalid: a hold kind and a reason, logged)
     2. a = scheduler.pop(k)                            the action queued for this step, or None
     3. SafetyLayer.filter(a, now, obs stamp, fault)    e-stop / invalid obs (own kind each) / stale obs /
                                                        empty queue / non-finite -> hold; else clamp,
@@ -21,6 +22,12 @@ tick skips steps and counts them as deadline misses):
     4. publish (by the bundle's action kind, below): the only place commands go out, once per tick
     5. submit the observation to the InferenceWorker, as obs_step = k + 1, only when the observation
        passed (no e-stop, no invalid or stale observation) and the queue needs a chunk
+
+Sensors: the sensor subscriptions live on a second, internal node (``<name>_sensors``) spun by its own
+thread and executor, so a sensor flood never queues in front of the control timer. Their QoS keeps
+one message (KEEP_LAST 1, best effort), the thread takes at most one message per topic per
+``sensor_poll_hz`` period, and a callback only stores the message and its receive time: older messages
+of a flood are dropped inside the RMW, all decoding happens once per tick on the control thread.
 
 A chunk computed from the observation of tick k is for steps k+1, k+2, ...: the command of tick k is
 already out when the observation is taken, and one control period is the inference budget. A chunk
@@ -69,12 +76,14 @@ from typing import Any
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.duration import Duration
 from rclpy.event_handler import SubscriptionEventCallbacks
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
+from rclpy.node import Node
+from rclpy.qos import QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
@@ -91,6 +100,9 @@ COMMAND_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=10, reliabili
 # a latched e-stop publisher's last message reaches subscribers that join later
 ESTOP_LATCHED_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
                                durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
+# sensors: only the latest message matters; a flood is dropped inside the RMW, not queued for Python
+SENSOR_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=1, reliability=QoSReliabilityPolicy.BEST_EFFORT,
+                        durability=QoSDurabilityPolicy.VOLATILE)
 ECHO_CHARS = 80  # operator input echoed in a log line is cut to this
 THROTTLE_S = 5.0  # a repeated operator warning is logged at most once per this many seconds
 SCHED_COUNTERS = ("chunks", "late_chunks", "dropped_actions", "empty_pops")
@@ -106,6 +118,7 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "stale_obs_s": (0.5, "hold when the oldest observation source is older than this (s)"),
     "obs_range_margin": (-1.0, "hold when an observation leaves the bundle's training [min, max] widened by this fraction "
                                "of the range on each side; < 0: no range check"),
+    "sensor_poll_hz": (0.0, "the sensor thread takes at most one message per topic this often; 0: 4 x the control rate"),
     "estop_state_file": ("", "JSON file keeping the e-stop latch across restarts ('': memory only); read on configure"),
     "max_velocity": ([0.0], "per-dim limit (action units/s): one value for all dims or one per dim; <= 0: none"),
     "max_acceleration": ([0.0], "per-dim limit (action units/s^2): one value or one per dim; <= 0: none"),
@@ -183,7 +196,6 @@ class PolicyNode(LifecycleNode):
         logging.getLogger("rtpolicy.deploy").addHandler(self._log_handler)
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self._control_group = MutuallyExclusiveCallbackGroup()
-        self._sensor_group = ReentrantCallbackGroup()
         self._operator_group = MutuallyExclusiveCallbackGroup()
         self._diag_group = MutuallyExclusiveCallbackGroup()
         self.configure_error: str | None = None
@@ -200,6 +212,14 @@ class PolicyNode(LifecycleNode):
         self.instruction = ""
         self.encode_instruction = None  # language-conditioned bundles: text -> the policy's language input
         self.operator_msgs = dict.fromkeys(("estop", "reset", "instruction"), 0)
+        # sensors: topic -> (latest message, steady receive time), written by the sensor thread
+        self._latest: dict[str, tuple[Any, float]] = {}
+        self._latest_lock = threading.Lock()
+        self.sensor_msgs = 0  # sensor messages taken from the RMW (a flood's others are dropped there)
+        self._sensor_node: Node | None = None
+        self._sensor_executor: SingleThreadedExecutor | None = None
+        self._sensor_thread: threading.Thread | None = None
+        self._sensor_stop = threading.Event()
         # the e-stop: one latch for the node's life, subscribed from now on (see the module docstring)
         self.estop_latch = EstopLatch()
         estop_topic = rosparams.coerce("estop_topic", self.get_parameter("estop_topic").value, PARAMETERS["estop_topic"][0])
@@ -235,6 +255,8 @@ class PolicyNode(LifecycleNode):
             raise ValueError(f"blend must be one of {list(BLENDS)}, got {p['blend']!r}")
         if not p["diagnostics_rate_hz"] > 0:
             raise ValueError(f"diagnostics_rate_hz must be > 0, got {p['diagnostics_rate_hz']}")
+        if p["sensor_poll_hz"] < 0:
+            raise ValueError(f"sensor_poll_hz must be >= 0, got {p['sensor_poll_hz']}")
         self.estop_latch.attach(p["estop_state_file"] or None)  # a latch in the file latches; never clears one
         self.device = p["device"]
         policy, bundle = load_bundle(p["bundle"], self.device)
@@ -304,13 +326,55 @@ class PolicyNode(LifecycleNode):
             if self.kind == "joint_position":
                 pub["trajectory"] = self.create_publisher(JointTrajectory, p["trajectory_topic"], COMMAND_QOS)
         pub["diagnostics"] = self.create_publisher(DiagnosticArray, p["diagnostics_topic"], 10)
+        for msg_type, topic, cb in ((String, p["reset_topic"], self._on_reset), (String, p["instruction_topic"], self._on_instruction)):
+            self._subs.append(self.create_subscription(msg_type, topic, cb, COMMAND_QOS, callback_group=self._operator_group))
+        self._start_sensors()
+
+    def _start_sensors(self) -> None:
+        """The sensor subscriptions on their own node, executor and thread (see the module docstring)."""
+        node = Node(f"{self.get_name()}_sensors", namespace=self.get_namespace(), context=self.context,
+                    start_parameter_services=False)
         for topic, kind in self.builder.kinds.items():
             msg_type = {"joint_state": JointState, "array": Float64MultiArray, "image": Image,
                         "compressed_image": CompressedImage}[kind]
-            self._subs.append(self.create_subscription(msg_type, topic, lambda m, t=topic: self._on_sensor(t, m),
-                                                       qos_profile_sensor_data, callback_group=self._sensor_group))
-        for msg_type, topic, cb in ((String, p["reset_topic"], self._on_reset), (String, p["instruction_topic"], self._on_instruction)):
-            self._subs.append(self.create_subscription(msg_type, topic, cb, COMMAND_QOS, callback_group=self._operator_group))
+            node.create_subscription(msg_type, topic, lambda m, t=topic: self._store_latest(t, m), SENSOR_QOS)
+        executor = SingleThreadedExecutor(context=self.context)
+        executor.add_node(node)
+        poll = self.p["sensor_poll_hz"] or 4 * self.rate
+        self._sensor_stop = stop = threading.Event()
+        self._sensor_node, self._sensor_executor = node, executor
+        self._latest = {}
+        self._sensor_thread = threading.Thread(target=self._spin_sensors, args=(executor, stop, 1.0 / poll, len(self.builder.kinds)),
+                                               name="rtpolicy-sensors", daemon=True)
+        self._sensor_thread.start()
+
+    def _spin_sensors(self, executor: SingleThreadedExecutor, stop: threading.Event, period: float, n_topics: int) -> None:
+        """At most one wait and ``n_topics`` callbacks per ``period``: bounded work whatever the sensor rate."""
+        while not stop.is_set() and self.context.ok():
+            t = time.monotonic()
+            try:
+                executor.spin_once(timeout_sec=0.1)
+                for _ in range(n_topics - 1):  # the other topics ready in the same wait
+                    executor.spin_once(timeout_sec=0)
+            except Exception as e:  # the context or node going away under us ends the thread
+                if not stop.is_set() and self.context.ok():
+                    self.get_logger().error(f"sensor thread stopped: {type(e).__name__}: {e}")
+                return
+            stop.wait(max(0.0, t + period - time.monotonic()))
+
+    def _stop_sensors(self) -> None:
+        self._sensor_stop.set()
+        thread, executor, node = self._sensor_thread, self._sensor_executor, self._sensor_node
+        self._sensor_thread = self._sensor_executor = self._sensor_node = None
+        if thread is not None:
+            thread.join(2.0)
+        if executor is not None:
+            executor.shutdown(timeout_sec=1.0)
+        if node is not None:
+            try:
+                node.destroy_node()
+            except Exception:  # the context is already gone (shutdown by signal): nothing left to release
+                pass
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         with self._lock:
@@ -320,6 +384,7 @@ class PolicyNode(LifecycleNode):
             self._t0 = time.monotonic()
             self._step, self._last_k = 0, 0
             self._seeded = self.kind != "joint_position"
+            self._ingest()
             self._try_seed()
             self._reset_tick_stats()
             self.worker = InferenceWorker(self._infer, self.scheduler, lambda: self._step, max_latency_samples=2000)
@@ -364,6 +429,7 @@ class PolicyNode(LifecycleNode):
             worker.close(timeout=2.0)
 
     def _cleanup(self) -> None:
+        self._stop_sensors()
         for s in self._subs:
             self.destroy_subscription(s)
         for p in self._pubs.values():
@@ -373,6 +439,7 @@ class PolicyNode(LifecycleNode):
 
     def destroy_node(self) -> None:
         self._stop("node destroyed")
+        self._stop_sensors()
         logging.getLogger("rtpolicy.deploy").removeHandler(self._log_handler)
         super().destroy_node()
 
@@ -416,6 +483,7 @@ class PolicyNode(LifecycleNode):
         self._tick_times.append(now)
         self._jitter_ms.append((now - (self._t0 + k * self.dt)) * 1e3)
 
+        self._ingest()
         sample = self.builder.sample()
         self.last_sample = sample
         fault = None if sample.valid else (sample.kind, sample.reason)
@@ -549,18 +617,31 @@ class PolicyNode(LifecycleNode):
         self.get_logger().warning(f"holding: {why}")
 
     # ================================================================== inputs
-    def _on_sensor(self, topic: str, msg: JointState | Float64MultiArray | Image | CompressedImage) -> None:
-        builder = self.builder  # None once cleaned up; a message taken just before is dropped
-        if builder is None:
+    def _store_latest(self, topic: str, msg: Any) -> None:
+        """Sensor thread: keep the message and its receive time; all other work waits for the tick."""
+        t = time.monotonic()
+        with self._latest_lock:
+            self._latest[topic] = (msg, t)
+            self.sensor_msgs += 1
+
+    def _ingest(self) -> None:
+        """Control thread: the latest message of each sensor topic since the last tick -> the ObservationBuilder."""
+        with self._latest_lock:
+            latest, self._latest = self._latest, {}
+        if not latest:
             return
-        if isinstance(msg, JointState):
-            builder.update_joint_state(topic, msg.name, {"position": msg.position, "velocity": msg.velocity, "effort": msg.effort})
-        elif isinstance(msg, Image):
-            builder.update_image(topic, msg.encoding, msg.height, msg.width, msg.step, msg.data)
-        elif isinstance(msg, CompressedImage):
-            builder.update_compressed_image(topic, msg.format, msg.data)
-        else:
-            builder.update_array(topic, msg.data)
+        for topic, (msg, t_recv) in latest.items():
+            stamp, fault = t_recv, None
+            builder = self.builder
+            if isinstance(msg, JointState):
+                builder.update_joint_state(topic, msg.name, {"position": msg.position, "velocity": msg.velocity,
+                                                             "effort": msg.effort}, stamp, fault)
+            elif isinstance(msg, Image):
+                builder.update_image(topic, msg.encoding, msg.height, msg.width, msg.step, msg.data, stamp, fault)
+            elif isinstance(msg, CompressedImage):
+                builder.update_compressed_image(topic, msg.format, msg.data, stamp, fault)
+            else:
+                builder.update_array(topic, msg.data, stamp, fault)
 
     def _on_estop(self, msg: Bool) -> None:
         """Latches; the hold goes out with the next control tick (commands are only published on the tick)."""
@@ -651,7 +732,7 @@ class PolicyNode(LifecycleNode):
                 # "ok" only when the last tick's observation could drive the robot; else "<hold kind>: <reason>"
                 "observation": "ok" if self.last_obs_hold is None else f"{self.last_obs_hold[0]}: {self.last_obs_hold[1]}",
                 "hold": ",".join(k for k in self.safety.last_interventions if k in HOLDS) or "none",
-                "commands_published": self.commands_published,
+                "commands_published": self.commands_published, "sensor_msgs": self.sensor_msgs,
                 **{f"{k}_msgs": v for k, v in self.operator_msgs.items()},
             }
             return out
