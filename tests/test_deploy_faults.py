@@ -189,6 +189,22 @@ def test_sensor_flood_work_is_bounded_and_the_loop_keeps_driving(rig, bundle):
     assert node.stats()["ticks"] > ticks0 and runs_policy(rig, mark)
 
 
+# ------------------------------------------------------------------------------------- 9: header stamps
+def test_stale_by_stamp_holds_on_old_or_future_header_stamps(rig, bundle):
+    sensors = rig.sensors()
+    sensors.stamp_offset = 0.0
+    node = start(rig.policy(bundle, stale_by="stamp", stale_obs_s=0.5, max_clock_skew_s=0.5))
+    assert runs_policy(rig, 0.0)
+    sensors.stamp_offset = -10.0  # a 10 s old JointState, arriving on time
+    _, held = holds_after(rig, "safety_stale_obs", node)
+    assert not any(moving(m) for m in held) and "10." in node.stats()["observation"]
+    sensors.stamp_offset = 5.0  # from 5 s in the future: the clocks disagree
+    _, held = holds_after(rig, "safety_obs_bad_stamp", node)
+    assert not any(moving(m) for m in held)
+    sensors.stamp_offset = 0.0
+    assert runs_policy(rig, time.time())
+
+
 # ------------------------------------------------------------------------------------- 5: a policy failing every tick
 def test_a_policy_failing_every_call_logs_one_traceback_not_one_per_call(caplog):
     import logging

@@ -28,6 +28,7 @@ from geometry_msgs.msg import TwistStamped  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
 import rclpy.executors  # noqa: E402
+import rclpy.time  # noqa: E402
 from rclpy.context import Context  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
@@ -112,6 +113,7 @@ class Sensors:
         self.state = np.linspace(-0.5, 0.5, 39)
         self.order = list(range(len(self.joints)))  # publication order of the joints
         self.drop: set[str] = set()
+        self.stamp_offset: float | None = None  # JointState header stamp = now + this (s); None: left 0
         self.mangle = None  # (names, positions, object values) -> the same, as published (a faulty driver)
         self.publishing = True
         self.pub_j = self.node.create_publisher(JointState, "/joint_states", qos_profile_sensor_data)
@@ -142,7 +144,11 @@ class Sensors:
         obj = [float(x) for x in self.state[4:]]
         if self.mangle is not None:
             names, pos, obj = self.mangle(names, pos, obj)
-        self.pub_j.publish(JointState(name=names, position=pos))
+        msg = JointState(name=names, position=pos)
+        if self.stamp_offset is not None:
+            now = self.node.get_clock().now().nanoseconds
+            msg.header.stamp = rclpy.time.Time(nanoseconds=now + int(self.stamp_offset * 1e9)).to_msg()
+        self.pub_j.publish(msg)
         self.pub_o.publish(Float64MultiArray(data=obj))
 
 

@@ -28,6 +28,10 @@ thread and executor, so a sensor flood never queues in front of the control time
 one message (KEEP_LAST 1, best effort), the thread takes at most one message per topic per
 ``sensor_poll_hz`` period, and a callback only stores the message and its receive time: older messages
 of a flood are dropped inside the RMW, all decoding happens once per tick on the control thread.
+``stale_by``: ``receive`` (default) ages a sample by its receive time (steady clock); ``stamp`` by the
+messages' header stamps (sensor_msgs/JointState, Image, CompressedImage; arrays have none and use the
+receive time), against the node's clock; a stamp more than ``max_clock_skew_s`` in the future, or 0,
+holds as ``obs_bad_stamp``.
 
 A chunk computed from the observation of tick k is for steps k+1, k+2, ...: the command of tick k is
 already out when the observation is taken, and one control period is the inference budget. A chunk
@@ -103,6 +107,7 @@ ESTOP_LATCHED_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=1, reli
 # sensors: only the latest message matters; a flood is dropped inside the RMW, not queued for Python
 SENSOR_QOS = QoSProfile(history=QoSHistoryPolicy.KEEP_LAST, depth=1, reliability=QoSReliabilityPolicy.BEST_EFFORT,
                         durability=QoSDurabilityPolicy.VOLATILE)
+STALE_BY = ("receive", "stamp")
 ECHO_CHARS = 80  # operator input echoed in a log line is cut to this
 THROTTLE_S = 5.0  # a repeated operator warning is logged at most once per this many seconds
 SCHED_COUNTERS = ("chunks", "late_chunks", "dropped_actions", "empty_pops")
@@ -116,6 +121,8 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "ensemble_k": (0.01, "blend=ensemble: weight exp(-k i) of the i-th oldest prediction"),
     "rtc_overlap": (4, "blend=rtc: steps crossfaded after the committed prefix"),
     "stale_obs_s": (0.5, "hold when the oldest observation source is older than this (s)"),
+    "stale_by": ("receive", f"age of an observation by: {' | '.join(STALE_BY)} (header stamps; arrays use the receive time)"),
+    "max_clock_skew_s": (0.05, "stale_by=stamp: header stamps up to this far in the future count as now; further: hold"),
     "obs_range_margin": (-1.0, "hold when an observation leaves the bundle's training [min, max] widened by this fraction "
                                "of the range on each side; < 0: no range check"),
     "sensor_poll_hz": (0.0, "the sensor thread takes at most one message per topic this often; 0: 4 x the control rate"),
@@ -255,8 +262,10 @@ class PolicyNode(LifecycleNode):
             raise ValueError(f"blend must be one of {list(BLENDS)}, got {p['blend']!r}")
         if not p["diagnostics_rate_hz"] > 0:
             raise ValueError(f"diagnostics_rate_hz must be > 0, got {p['diagnostics_rate_hz']}")
-        if p["sensor_poll_hz"] < 0:
-            raise ValueError(f"sensor_poll_hz must be >= 0, got {p['sensor_poll_hz']}")
+        if p["stale_by"] not in STALE_BY:
+            raise ValueError(f"stale_by must be one of {list(STALE_BY)}, got {p['stale_by']!r}")
+        if not p["max_clock_skew_s"] >= 0 or p["sensor_poll_hz"] < 0:
+            raise ValueError(f"max_clock_skew_s and sensor_poll_hz must be >= 0, got {p['max_clock_skew_s']}, {p['sensor_poll_hz']}")
         self.estop_latch.attach(p["estop_state_file"] or None)  # a latch in the file latches; never clears one
         self.device = p["device"]
         policy, bundle = load_bundle(p["bundle"], self.device)
@@ -630,8 +639,21 @@ class PolicyNode(LifecycleNode):
             latest, self._latest = self._latest, {}
         if not latest:
             return
+        by_stamp = self.p["stale_by"] == "stamp"
+        if by_stamp:  # the node clock and the steady clock read together: header stamps -> steady time
+            ros_now, mono_now = self.get_clock().now().nanoseconds * 1e-9, time.monotonic()
         for topic, (msg, t_recv) in latest.items():
             stamp, fault = t_recv, None
+            if by_stamp and hasattr(msg, "header"):
+                header = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+                ros_recv = ros_now - (mono_now - t_recv)
+                if header == 0:
+                    fault = ("obs_bad_stamp", f"{topic}: header stamp is 0 (unset) and stale_by=stamp")
+                elif header - ros_recv > self.p["max_clock_skew_s"]:
+                    fault = ("obs_bad_stamp", f"{topic}: header stamp {header - ros_recv:.3f} s in the future "
+                                              f"(> max_clock_skew_s {self.p['max_clock_skew_s']})")
+                else:
+                    stamp = t_recv - max(0.0, ros_recv - header)
             builder = self.builder
             if isinstance(msg, JointState):
                 builder.update_joint_state(topic, msg.name, {"position": msg.position, "velocity": msg.velocity,
