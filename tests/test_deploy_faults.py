@@ -205,6 +205,22 @@ def test_stale_by_stamp_holds_on_old_or_future_header_stamps(rig, bundle):
     assert runs_policy(rig, time.time())
 
 
+# ------------------------------------------------------------------------------------- 8: two SIGINTs
+def test_two_sigints_50_ms_apart_exit_0_after_the_hold(rig, bundle):
+    rig.sensors()
+    proc = rig.procs.start([*CLI, "deploy", f"bundle={bundle}", f"observation_sources={json.dumps(MW_SOURCES)}",
+                            f"control_rate_hz={RATE}", "diagnostics_rate_hz=5"])
+    assert wait_for(lambda: runs_policy(rig, 0.0), timeout=60), "the deployed node never drove"
+    mark = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = rig.procs.stop(proc, grace=30)
+    assert proc.returncode == 0, (proc.returncode, out[-3000:])
+    assert "holding: shutting down" in out, out[-3000:]
+    assert wait_for(lambda: any(not moving(m) for m in rig.got("twist", mark)), 5.0)
+
+
 # ------------------------------------------------------------------------------------- 5: a policy failing every tick
 def test_a_policy_failing_every_call_logs_one_traceback_not_one_per_call(caplog):
     import logging

@@ -59,6 +59,7 @@ def spin_node(factory: Callable[[Context], Node], ros_args: list[str], lifecycle
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     node: Node | None = None
     executor: SingleThreadedExecutor | None = None
+    interrupted = False
     try:
         node = factory(context)
         executor = SingleThreadedExecutor(context=context)
@@ -71,6 +72,7 @@ def spin_node(factory: Callable[[Context], Node], ros_args: list[str], lifecycle
         executor.spin()
         return 0
     except KeyboardInterrupt:
+        interrupted = True
         if node is not None:
             node.get_logger().info("interrupted: shutting down")
         return 0
@@ -82,6 +84,7 @@ def spin_node(factory: Callable[[Context], Node], ros_args: list[str], lifecycle
         if executor is not None:
             executor.shutdown()
         rclpy.try_shutdown(context=context)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if not interrupted:  # after a signal the process is ending: a second one stays ignored (restoring Python's
+            for sig, handler in previous.items():  # handler would let it kill the exit with -SIGINT)
+                signal.signal(sig, handler)
         _exit_if_inference_running()
