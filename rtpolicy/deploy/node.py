@@ -64,6 +64,7 @@ embedding or backbone token ids, memoized per string) and conditions every follo
 first instruction (or the ``instruction`` parameter) the node holds.
 diagnostic_msgs/DiagnosticArray on diagnostics_topic at ``diagnostics_rate_hz``: see ``stats()``.
 Repeated operator warnings are throttled and echoed input is cut to ``ECHO_CHARS`` characters.
+See docs/deploy_safety.md for what each hold means and what the node does and does not guarantee.
 """
 
 from __future__ import annotations
