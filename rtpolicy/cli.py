@@ -12,7 +12,7 @@ import hydra  # noqa: E402
 
 from rtpolicy.config import register_configs  # noqa: E402
 from rtpolicy.errors import reported, take_traceback_flag  # noqa: E402
-from rtpolicy.factory import CONF_DIR, task_config  # noqa: E402
+from rtpolicy.factory import CONF_DIR, ConfigError, task_config  # noqa: E402
 REPORT_KEYS = ("success", "ci95", "episodes", "chunk_ms_p50", "chunk_ms_p95")
 
 register_configs()
@@ -64,6 +64,12 @@ def _evaluate(cfg) -> None:
     policy, meta = load_policy(cfg.checkpoint, device, OmegaConf.to_container(cfg.policy))
     task_cfg = task_config(meta["config"]["task"])
     video_dir = Path(cfg.eval.out).parent / "videos" if cfg.eval.out else Path("eval_videos")
+    if cfg.eval.runtime == "ort":  # the same policy as ONNX graphs in ONNX Runtime
+        from rtpolicy.deploy.onnx import OrtPolicy
+
+        policy = OrtPolicy.from_policy(policy.cpu(), video_dir.parent / "onnx", threads=cfg.eval.ort_threads)
+    elif cfg.eval.runtime != "torch":
+        raise ConfigError(f"eval.runtime must be torch or ort, got {cfg.eval.runtime!r}")
     results = evaluate(policy, task_cfg, cfg.eval, device=device, video_dir=video_dir)
     _report(results)
     if cfg.eval.out:

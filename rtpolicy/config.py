@@ -183,6 +183,8 @@ class EvalConfig:
     max_episode_steps: Optional[int] = None  # None: task.max_episode_steps
     video: int = 0  # number of episodes to save as mp4
     latency_reps: int = 30  # batch-1 predict_chunk timings for chunk_ms_p50/p95
+    runtime: str = "torch"  # torch (eager) | ort: the chunk as ONNX graphs in ONNX Runtime (the ort extra)
+    ort_threads: int = 1  # ONNX Runtime intra-op threads (runtime=ort)
     out: Optional[str] = None  # results JSON path
     backend: EvalBackend = EvalBackend.local  # ray: shard episodes over Ray workers, same per-episode results
     ray_address: Optional[str] = None  # backend=ray: an existing cluster (e.g. "auto", "HOST:6379"); None: start Ray here

@@ -71,10 +71,12 @@ def export_bundle(
     joint_names: list[str] | None = None,
     control_rate_hz: float | None = None,
     program: bool = False,
+    onnx: bool = False,
 ) -> Path:
     """Write a bundle for ``checkpoint`` into ``out_dir`` (created; an existing bundle is replaced
     atomically file by file). Action/observation specs default to the env family's ``DEPLOY_SPEC``.
-    ``program=True`` also writes the parity-checked ``torch.export`` denoiser (:func:`export_program`)."""
+    ``program=True`` also writes the parity-checked ``torch.export`` denoiser (:func:`export_program`);
+    ``onnx=True`` the whole chunk as ONNX graphs for ONNX Runtime (:mod:`rtpolicy.deploy.onnx`)."""
     policy, meta = load_policy(checkpoint, "cpu", policy_overrides)
     cfg = meta["config"]
     task = cfg.get("task", {})
@@ -123,6 +125,16 @@ def export_bundle(
         bundle["program"] = export_program(policy, out / PROGRAM_FILE)
     else:
         (out / PROGRAM_FILE).unlink(missing_ok=True)  # a replaced bundle must not keep a stale program
+    from rtpolicy.deploy import onnx as ort_backend
+
+    for stale in (ort_backend.ONNX_FILE, ort_backend.WARM_FILE):
+        (out / stale).unlink(missing_ok=True)
+    if onnx:
+        try:
+            graphs = ort_backend.export_onnx(policy, out)
+        except ort_backend.OnnxExportError as e:
+            raise BundleError(str(e)) from e
+        bundle["onnx"] = {kind: g | {"sha256": _sha256(out / g["file"])} for kind, g in graphs.items()}
     with atomic_path(out / "bundle.json") as tmp:
         tmp.write_text(json.dumps(bundle, indent=2))
     return out
@@ -290,11 +302,25 @@ def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     return bundle
 
 
-def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu"):
-    """-> (policy in eval mode, bundle dict); verifies the bundle first (see :func:`read_bundle`)."""
+BACKENDS = ("torch", "ort")
+
+
+def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu", backend: str = "torch", threads: int = 1):
+    """-> (policy in eval mode, bundle dict); verifies the bundle first (see :func:`read_bundle`).
+
+    ``backend="ort"``: the bundle's ONNX graphs in ONNX Runtime (``threads`` intra-op threads) behind the
+    same ``reset`` / ``predict_chunk`` interface; needs a bundle exported with ``--onnx``."""
     from rtpolicy.factory import policy_from_stored
 
+    if backend not in BACKENDS:
+        raise BundleError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     bundle = read_bundle(bundle_dir)
+    if backend == "ort":
+        try:
+            from rtpolicy.deploy.onnx import OrtPolicy
+        except ImportError as e:
+            raise BundleError(f"backend 'ort' needs onnxruntime: pip install -e '.[ort]' ({e})") from e
+        return OrtPolicy(bundle_dir, bundle, threads=threads), bundle
     weights = load_file(str(Path(bundle_dir) / "policy.safetensors"))
     policy = policy_from_stored(bundle, weights, source=str(bundle_dir), error=BundleError)
     return policy.to(device), bundle
@@ -309,12 +335,13 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--joint-names", nargs="*", default=None)
     ap.add_argument("--control-rate", type=float, default=None, help="Hz (default: the env family's)")
     ap.add_argument("--program", action="store_true", help=f"also write the denoiser as a torch.export program ({PROGRAM_FILE})")
+    ap.add_argument("--onnx", action="store_true", help="also write the whole chunk as ONNX graphs for ONNX Runtime (needs the ort extra)")
     args = ap.parse_args(argv)
     try:
         over, _ = parse_key_values(args.set)
     except ValueError as e:
         ap.error(f"--set: {e}")
-    out = export_bundle(args.checkpoint, args.out, over, args.joint_names, args.control_rate, args.program)
+    out = export_bundle(args.checkpoint, args.out, over, args.joint_names, args.control_rate, args.program, args.onnx)
     print(f"bundle: {out} ({json.loads((out / 'bundle.json').read_text())['weights_sha256'][:12]}...)")
     return out
 

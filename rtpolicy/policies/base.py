@@ -20,6 +20,9 @@ from rtpolicy.registry import Registry
 class Policy(nn.Module, abc.ABC):
     obs_horizon: int
     action_horizon: int
+    #: set by rtpolicy.factory.build_policy: {policy, denoiser (config dicts), shapes, num_tasks}, which with the
+    #: state dict rebuilds this policy elsewhere (rtpolicy.factory.policy_from_stored)
+    spec: dict | None = None
 
     @abc.abstractmethod
     def reset(self) -> None:

@@ -53,11 +53,27 @@ class DiffusionPolicy(DenoisingHead):
     def sample(self, cond: torch.Tensor) -> torch.Tensor:
         """Condition tokens (B, N, Dc) -> normalized action window (B, H, Da); NFE = num_inference_steps."""
         b = cond.shape[0]
-        x = torch.randn(b, self.horizon, self.action_dim, device=cond.device)
+        x = self.randn(b, self.horizon, self.action_dim, device=cond.device)
         for t in self.sampler.timesteps:
             out = self.denoiser(x, t.to(cond.device).float().expand(b), cond)
-            x = self.sampler.step(out, t, x).prev_sample
+            x = self._ddpm_step(out, t, x) if self.cfg.sampler == "ddpm" else self.sampler.step(out, t, x).prev_sample
         return x
+
+    def _ddpm_step(self, out: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """diffusers' DDPMScheduler.step (fixed_small variance), its noise drawn through ``self.randn``."""
+        s = self.sampler
+        t = int(t)
+        prev_t = s.previous_timestep(t)
+        a, a_prev = s.alphas_cumprod[t], s.alphas_cumprod[prev_t] if prev_t >= 0 else s.one
+        beta, beta_prev = 1 - a, 1 - a_prev
+        alpha_t, beta_t = a / a_prev, 1 - a / a_prev
+        x0 = (x - beta**0.5 * out) / a**0.5 if self.cfg.prediction_type == "epsilon" else out
+        if self.cfg.clip_sample:
+            x0 = x0.clamp(-s.config.clip_sample_range, s.config.clip_sample_range)
+        mean = (a_prev**0.5 * beta_t / beta) * x0 + (alpha_t**0.5 * beta_prev / beta) * x
+        if t > 0:
+            mean = mean + s._get_variance(t) ** 0.5 * self.randn(*out.shape, device=out.device)
+        return mean
 
     def denoise_loss(self, x0: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         noise = torch.randn_like(x0)

@@ -99,7 +99,7 @@ class EDMPolicy(DenoisingHead):
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> torch.Tensor:
         """cond (B, N, Dc) [, task-free uncond (B, N, Dc) for guidance] -> normalized window (B, H, Da)."""
         sig = self.sigmas.tolist()
-        x = torch.randn(cond.shape[0], self.horizon, self.action_dim, device=cond.device) * sig[0]
+        x = self.randn(cond.shape[0], self.horizon, self.action_dim, device=cond.device) * sig[0]
         old = None
         for i in range(len(sig) - 1):
             s, s_next = sig[i], sig[i + 1]

@@ -13,6 +13,8 @@ Window convention (per training sample and per inference call):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from rtpolicy.datasets.normalizer import Normalizer
@@ -55,6 +57,28 @@ def denoiser_calls(policy, obs: dict[str, torch.Tensor], steady: bool = False) -
     return calls
 
 
+class NoiseFeed:
+    """Where a head's sampling noise comes from, in draw order: torch's RNG, recorded (``values=None``), or
+    a given list of tensors (replay; an exported graph's noise inputs), so a given noise gives one output."""
+
+    def __init__(self, values: list[torch.Tensor] | None = None, check: bool = True):
+        self.values = None if values is None else list(values)
+        self.drawn: list[torch.Tensor] = []
+        self.check = check  # False while a graph is traced: the runtime checks its inputs itself
+
+    def randn(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        if self.values is None:
+            x = torch.randn(shape, device=device)
+        else:
+            if not self.values:
+                raise ValueError(f"noise feed is empty; the head drew one more tensor of shape {tuple(shape)}")
+            x = self.values.pop(0)
+            if tuple(x.shape) != tuple(shape):
+                raise ValueError(f"noise feed gave shape {tuple(x.shape)} where the head draws {tuple(shape)}")
+        self.drawn.append(x)
+        return x
+
+
 class DenoisingHead(Policy):
     """cfg needs obs_horizon, horizon, action_horizon, normalizer ('minmax'|'meanstd'), cond_dim."""
 
@@ -89,6 +113,31 @@ class DenoisingHead(Policy):
     def reset(self) -> None:
         """Stateless between chunks: nothing to reset."""
 
+    # -- sampling noise --------------------------------------------------------------------------
+    _feed: NoiseFeed | None = None
+
+    def randn(self, *shape: int, device=None) -> torch.Tensor:
+        """Standard normal noise (shape) for sampling; every draw at inference goes through here."""
+        return torch.randn(shape, device=device) if self._feed is None else self._feed.randn(shape, device)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Noise shaped (and, from torch's RNG, laid out) like ``x``."""
+        return torch.randn_like(x) if self._feed is None else self._feed.randn(tuple(x.shape), x.device)
+
+    @contextlib.contextmanager
+    def noise_feed(self, feed: NoiseFeed):
+        """Inside: sampling noise comes from ``feed`` (recorded or replayed)."""
+        prev, self._feed = self._feed, feed
+        try:
+            yield feed
+        finally:
+            self._feed = prev
+
+    def features(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Raw obs (validated) -> condition tokens (B, N, Dc): vector keys normalized, the rest as they are."""
+        x = {k: self.normalizer.normalize(k, obs[k].float()) if k in self.norm_keys else obs[k] for k in self.obs_shapes}
+        return self.encoder(x, obs.get("task_id"))
+
     def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Raw obs -> condition tokens (B, N, Dc); validates keys, shapes and finiteness.
 
@@ -100,9 +149,9 @@ class DenoisingHead(Policy):
         if lang is not None and lang.ndim == 2:
             obs = obs | {self.lang_key: lang[:, None].expand(-1, self.obs_horizon, -1)}
         shapes = self.obs_shapes | {k: v for k, v in self.keypoint_shapes.items() if k in obs and obs[k].ndim == 3}
-        check_obs(obs, shapes, self.obs_horizon)
-        x = {k: self.normalizer.normalize(k, obs[k].float()) if k in self.norm_keys else obs[k] for k in self.obs_shapes}
-        return self.encoder(x, obs.get("task_id"))
+        if self._feed is None or self._feed.check:
+            check_obs(obs, shapes, self.obs_horizon)
+        return self.features(obs)
 
     def unconditional(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``obs`` without its instruction and task: task_id -1 (the null task), the language key zeroed

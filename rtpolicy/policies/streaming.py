@@ -101,26 +101,30 @@ class StreamingPolicy(DenoisingHead):
     def warm_start(self, cond: torch.Tensor) -> torch.Tensor:
         """Fresh buffer: DDIM at one level for the whole chunk, then re-noised onto the staircase."""
         b = cond.shape[0]
-        x = torch.randn(b, self.horizon, self.action_dim, device=cond.device)
+        x = self.randn(b, self.horizon, self.action_dim, device=cond.device)
         levels = torch.linspace(self.K, 0, self.cfg.warmup_steps + 1, device=cond.device)
         for lv, nxt in zip(levels[:-1], levels[1:]):
             self.start_chunk()  # a feature cache computes every warm-start call in full
             x = self.step_to(x, lv.expand(b, self.horizon), nxt.expand(b, self.horizon), cond)
         a = self.abar(self.staircase(b, 0.0, cond.device))[..., None]
-        return a.sqrt() * x + (1 - a).sqrt() * torch.randn_like(x)
+        return a.sqrt() * x + (1 - a).sqrt() * self.randn_like(x)
 
     @torch.no_grad()
     def predict_chunk(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """One control tick: -> (B, 1, Da). The first call after reset() also runs the warm start."""
         cond = self.encode(obs)
-        b, dev = cond.shape[0], cond.device
-        if self.buffer is None or self.buffer.shape[0] != b:
+        if self.buffer is None or self.buffer.shape[0] != cond.shape[0]:
             self.buffer = self.warm_start(cond)
-        x, s = self.buffer, self.cfg.steps_per_tick
+        action, self.buffer = self.tick(cond, self.buffer)
+        return action
+
+    def tick(self, cond: torch.Tensor, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cond (B, N, Dc), buffer (B, H, Da) -> (the action to execute now (B, 1, Da) raw, the next buffer)."""
+        b, dev = cond.shape[0], cond.device
+        x, s = buffer, self.cfg.steps_per_tick
         self.start_chunk()  # a tick's steps_per_tick calls are one "chunk" for a feature cache
         drop = self.K / self.horizon / s
         for m in range(s):
             level = self.staircase(b, m * drop, dev)
             x = self.step_to(x, level, (level - drop).clamp(min=0), cond)
-        self.buffer = torch.cat([x[:, 1:], torch.randn_like(x[:, :1])], dim=1)
-        return self.normalizer.unnormalize("action", x[:, :1])
+        return self.normalizer.unnormalize("action", x[:, :1]), torch.cat([x[:, 1:], self.randn_like(x[:, :1])], dim=1)

@@ -92,9 +92,14 @@ class TruncatedPolicy(DenoisingHead):
     def sample(self, cond: torch.Tensor) -> torch.Tensor:
         """cond (B, N, Dc) -> normalized window (B, H, Da) from the chosen anchor's mode."""
         logits = self.scores(cond)
-        mode = logits.argmax(1) if self.cfg.mode_select == "argmax" else torch.multinomial(logits.softmax(1), 1)[:, 0]
+        if self.cfg.mode_select == "sample":  # Gumbel-max: a draw by score whose randomness is standard normal noise
+            u = (0.5 * (1 + torch.erf(self.randn(*logits.shape, device=logits.device) / 2**0.5))).clamp(1e-6, 1 - 1e-6)
+            logits = logits - torch.log(-torch.log(u))
+        mode = logits.argmax(1)
         b, ts = cond.shape[0], self.timesteps.tolist()
-        x = self.noise_anchor(self.anchors[mode], torch.full((b,), ts[0], device=cond.device))
+        anchor = self.anchors[mode]
+        x = self.scheduler.add_noise(anchor, self.randn_like(anchor),
+                                     torch.full((b,), ts[0], device=cond.device))
         abar = self.scheduler.alphas_cumprod
         for i, t in enumerate(ts):
             x0 = self.denoiser(x, torch.full((b,), float(t), device=cond.device), cond).clamp(-1, 1)

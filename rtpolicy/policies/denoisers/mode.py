@@ -69,7 +69,7 @@ class SparseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, probs = self.route(r)
-        if torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             # a static graph (torch.export): every expert on every token, weighted; unchosen weights are 0
             h = F.gelu(torch.einsum("ble,nhe->blnh", x, self.w1) + self.b1, approximate="tanh")
             out = ((torch.einsum("blnh,neh->blne", h, self.w2) + self.b2) * weights[..., None]).sum(-2)
