@@ -245,3 +245,21 @@ def test_a_policy_failing_every_call_logs_one_traceback_not_one_per_call():
     assert w.errors == 20
     failures = [r for r in records if "fail" in r.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info
+
+
+def test_worker_reports_each_latency_once_for_window_percentiles():
+    """benchmarks/control_loop.py takes every inference latency of a window from diagnostics' inference_ms_recent."""
+    import numpy as np
+
+    from rtpolicy.deploy.scheduler import ActionScheduler, InferenceWorker
+
+    with InferenceWorker(lambda obs: np.ones((2, 2)), ActionScheduler(2), step_fn=lambda: 0, warmup=0, max_latency_samples=3) as w:
+        for step in range(5):
+            w.submit("obs", obs_step=0)
+            assert w.wait_idle(10)
+        count, new = w.latency_since(0)
+        assert count == 5 and len(new) == 3  # only the kept ones
+        assert w.latency_since(count) == (5, [])
+        w.submit("obs", obs_step=0)
+        assert w.wait_idle(10)
+        assert len(w.latency_since(count)[1]) == 1 and len(w.latency_since(0, limit=2)[1]) == 2

@@ -112,6 +112,7 @@ STALE_BY = ("receive", "stamp")
 ECHO_CHARS = 80  # operator input echoed in a log line is cut to this
 THROTTLE_S = 5.0  # a repeated operator warning is logged at most once per this many seconds
 SCHED_COUNTERS = ("chunks", "late_chunks", "dropped_actions", "empty_pops")
+DIAG_LATENCIES = 500  # at most this many latencies (ms) since the last message in diagnostics' inference_ms_recent
 
 # name -> (default, description); the default's type is the parameter's type (see rosparams)
 PARAMETERS: dict[str, tuple[Any, str]] = {
@@ -593,6 +594,7 @@ class PolicyNode(LifecycleNode):
         self.last_sample = self.last_obs_hold = None
         self.last_command = None
         self._diag_prev = {"holds": 0, "deadline_misses": 0, "late_chunks": 0, "errors": 0}
+        self._diag_latency_count = 0  # worker.latency_count at the last diagnostics message
 
     # ================================================================== publishing
     def _publish(self, cmd: np.ndarray, planned: np.ndarray | None) -> None:
@@ -785,6 +787,10 @@ class PolicyNode(LifecycleNode):
         else:
             status.level, status.message = DiagnosticStatus.OK, f"running at {st['loop_rate_hz']:.1f} Hz"
         status.values = [KeyValue(key=k, value=f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in st.items()]
+        worker = self.worker
+        if worker is not None:  # each inference latency once, for percentiles over any window (benchmarks/control_loop.py)
+            self._diag_latency_count, new = worker.latency_since(self._diag_latency_count, DIAG_LATENCIES)
+            status.values.append(KeyValue(key="inference_ms_recent", value=",".join(f"{x:.2f}" for x in new)))
         arr = DiagnosticArray(status=[status])
         arr.header.stamp = self.get_clock().now().to_msg()
         self._pubs["diagnostics"].publish(arr)

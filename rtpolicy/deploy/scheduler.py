@@ -158,7 +158,8 @@ class InferenceWorker:
     thread keeps serving. The log gets a traceback when the error differs from the previous one, else one
     line at most every ``error_log_s`` seconds (a policy failing on every tick does not flood the log).
     Latency (ms, predict only) skips the first ``warmup`` calls;
-    ``max_latency_samples`` keeps only that many of the latest (None: all).
+    ``max_latency_samples`` keeps only that many of the latest (None: all); ``latency_since`` returns
+    those taken since an earlier ``latency_count``.
     ``reset()`` starts a new episode: the pending observation is dropped and a chunk still being computed
     is discarded (counted in ``discarded``) instead of reaching the scheduler.
     """
@@ -175,6 +176,7 @@ class InferenceWorker:
         self.calls = self.replaced = self.errors = self.discarded = 0
         self.last_error: BaseException | None = None
         self._latency: collections.deque[float] = collections.deque(maxlen=max_latency_samples)
+        self.latency_count = 0
         self._thread = threading.Thread(target=self._run, name="rtpolicy-inference", daemon=True)
         self._thread.start()
 
@@ -207,6 +209,13 @@ class InferenceWorker:
         with self._cond:
             return list(self._latency)
 
+    def latency_since(self, count: int, limit: int | None = None) -> tuple[int, list[float]]:
+        """(latency_count now, the latencies (ms) taken since the count was ``count``, at most the ``limit``
+        latest and only those still kept)."""
+        with self._cond:
+            n = min(self.latency_count - count, len(self._latency), limit if limit is not None else len(self._latency))
+            return self.latency_count, list(self._latency)[len(self._latency) - n:] if n > 0 else []
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -232,6 +241,7 @@ class InferenceWorker:
                 self.calls += 1
                 if ms is not None and self.calls > self.warmup:
                     self._latency.append(ms)
+                    self.latency_count += 1
                 if err is not None:
                     self.errors, self.last_error = self.errors + 1, err
                 self._busy = False
