@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-K_POS = 10.0  # action units per metre of position error
+K_POS = 10.0  # action units per metre of position error (moves: no overshoot with a held object)
+K_POS_FINE = 20.0  # at the grasp (the OSC goal is then the target itself): holds its own under action noise
 K_ROT = 1.5  # gain on the axis-angle error (rad) / 0.5 rad
 OPEN, CLOSE = -1.0, 1.0
 GRIP_OPEN = 0.075  # finger opening (m) of an open gripper (max ~0.079)
@@ -121,9 +122,9 @@ class Expert:
     def get(self, name: str) -> np.ndarray:
         return self.obj[self.layout[name]]
 
-    def move(self, target: np.ndarray, yaw: float, grip: float) -> np.ndarray:
+    def move(self, target: np.ndarray, yaw: float, grip: float, gain: float = K_POS) -> np.ndarray:
         """The action toward grip-site position ``target`` with the hand down at ``yaw``."""
-        pos = K_POS * (np.asarray(target, dtype=np.float64) - self.eef)
+        pos = gain * (np.asarray(target, dtype=np.float64) - self.eef)
         norm = np.linalg.norm(pos)
         if norm > 1.0:
             pos /= norm
@@ -138,26 +139,41 @@ class Expert:
         d = np.asarray(point) - self.eef
         return bool(np.linalg.norm(d[:2]) < xy_tol and abs(d[2]) < z_tol and width - 0.015 < self.opening < width + 0.008)
 
-    def grasp(self, point: np.ndarray, yaw: float, hover: float = 0.08, xy_tol: float = 0.006, z_tol: float = 0.008) -> np.ndarray:
-        """Approach ``point`` (the grip site's grasp position) at ``yaw`` through a funnel, then close."""
-        d = np.asarray(point) - self.eef
+    def grasp(self, point: np.ndarray, yaw: float, width: float, hover: float = 0.08, xy_tol: float = 0.008,
+              z_tol: float = 0.012) -> np.ndarray:
+        """Approach ``point`` (the grip site's grasp position) at ``yaw`` through a funnel, then close on
+        an object ``width`` wide. Closing starts once the object is between the open fingers (within
+        ``xy_tol`` across them, ``z_tol`` in height) and goes on while it stays there (closing fingers
+        centre it); fingers closed past the width (a miss) reopen."""
+        d = np.asarray(point, dtype=np.float64) - self.eef
         xy, dz, yaw_err = float(np.linalg.norm(d[:2])), float(d[2]), self.yaw_error(yaw)
-        closing = self.opening < GRIP_OPEN - 0.01  # already closing: wider tolerances (the object may shift a little)
-        tol = 2.0 if closing else 1.0
-        if xy < tol * xy_tol and abs(dz) < tol * z_tol and yaw_err < 0.12 * tol:
-            return self.move(point, yaw, CLOSE)
-        height = min(hover, 3.0 * max(0.0, xy - 0.003) + 0.3 * max(0.0, yaw_err - 0.05))
+        along = abs(float(np.dot(d[:2], self.hand[:2, 1])))  # along the finger axis (the hand's y)
+        across = abs(float(np.dot(d[:2], self.hand[:2, 0])))
+        room = max(0.0, (self.opening - width) / 2)  # free space between the object and a finger
+        if self.opening >= GRIP_OPEN - 0.01:  # open: start closing when aligned
+            if along < room - 0.004 and across < xy_tol and abs(dz) < z_tol and yaw_err < 0.2:
+                return self.move(point, yaw, CLOSE, K_POS_FINE)
+        elif self.opening > width - 0.015:  # closing: go on while the object's centre is between the fingers
+            if along < self.opening / 2 - 0.005 and across < 0.015 and abs(dz) < 0.025 and yaw_err < 0.35:
+                return self.move(point, yaw, CLOSE, K_POS_FINE)
+        height = min(hover, 2.5 * max(0.0, xy - xy_tol / 2) + 0.3 * max(0.0, yaw_err - 0.1))
         if self.opening < GRIP_OPEN - 0.01 and xy > xy_tol:  # fingers not yet open: wait above the object
             height = max(height, 0.03)
         target = np.asarray(point, dtype=np.float64) + [0.0, 0.0, height]
-        if self.eef[2] < target[2] - 0.01 and xy > 0.02:  # rise before moving sideways
+        if self.eef[2] < target[2] - 0.01 and xy > 0.03:  # rise before moving sideways
             target[:2] = self.eef[:2]
-        return self.move(target, yaw, OPEN)
+        return self.move(target, yaw, OPEN, K_POS_FINE if xy < 0.03 else K_POS)
 
 
 def _cube_yaw(quat: np.ndarray, reference: float = 0.0) -> float:
     """The grasp yaw for a cube: its yaw modulo 90 deg, nearest ``reference``."""
     return nearest_yaw(yaw_of(quat), np.pi / 2, reference)
+
+
+def _stable_reference(yaw: float, limit: float = 0.5) -> float:
+    """A reference yaw for choosing among symmetric grasp yaws: the hand's current yaw, clipped to
+    +-``limit`` (no flip between two equivalent yaws, and the choice stays within the wrist's range)."""
+    return float(np.clip(yaw, -limit, limit))
 
 
 class LiftExpert(Expert):
@@ -167,10 +183,10 @@ class LiftExpert(Expert):
 
     def plan(self) -> np.ndarray:
         cube = self.get("cube_pos")
-        yaw = _cube_yaw(self.get("cube_quat"))
+        yaw = _cube_yaw(self.get("cube_quat"), _stable_reference(self.yaw, 0.3))
         if self.holds(cube, self.WIDTH):
             return self.move(np.array([cube[0], cube[1], self.geometry["table_z"] + 0.2]), yaw, CLOSE)
-        return self.grasp(cube, yaw)
+        return self.grasp(cube - [0.0, 0.0, 0.005], yaw, self.WIDTH, xy_tol=0.012)
 
 
 class StackExpert(Expert):
@@ -183,23 +199,23 @@ class StackExpert(Expert):
         stacked_z = b[2] + self.HALF_A + self.HALF_B
         xy_err = float(np.linalg.norm(a[:2] - b[:2]))
         if self.holds(a, self.WIDTH_A):
-            if xy_err < 0.006 and a[2] - stacked_z < 0.006:
+            if xy_err < 0.012 and a[2] - stacked_z < 0.008:  # A's centre over B's 5 cm top face
                 return self.move(self.eef, self.yaw, OPEN)  # on B: let go
-            hover = min(0.1, 3.0 * max(0.0, xy_err - 0.003))
+            hover = min(0.1, 2.5 * max(0.0, xy_err - 0.008))
             goal = np.array([b[0], b[1], stacked_z + hover])
-            if a[2] < stacked_z + 0.015 and xy_err > 0.01:  # too low to slide over B: rise first
+            if a[2] < stacked_z + 0.015 and xy_err > 0.02:  # too low to slide over B: rise first
                 goal[:2] = a[:2]
             return self.move(self.eef + goal - a, self.yaw, CLOSE)
         if xy_err < 0.02 and abs(a[2] - stacked_z) < 0.012:  # placed: open and rise
             return self.move(np.array([a[0], a[1], a[2] + 0.12]), self.yaw, OPEN)
-        yaw = _cube_yaw(self.get("cubeA_quat"))
+        yaw = _cube_yaw(self.get("cubeA_quat"), _stable_reference(self.yaw, 0.3))
         d = b[:2] - a[:2]
         if np.linalg.norm(d) < 0.13:  # the fingers (4 cm either side) must not land on B: close them across A->B
             u = d / np.linalg.norm(d)
             options = [yaw, yaw + np.pi / 2]
             score = [abs(np.dot(u, [-np.sin(y), np.cos(y)])) for y in options]  # finger axis = hand y = Rz(yaw) (0, -1)
-            yaw = nearest_yaw(options[int(np.argmin(score))], np.pi, 0.0)
-        return self.grasp(a, yaw)
+            yaw = nearest_yaw(options[int(np.argmin(score))], np.pi, _stable_reference(self.yaw))
+        return self.grasp(a - [0.0, 0.0, 0.005], yaw, self.WIDTH_A, xy_tol=0.01)
 
 
 class CanExpert(Expert):
@@ -229,7 +245,7 @@ class CanExpert(Expert):
             return self.move(self.eef + target - can, self.yaw, CLOSE)
         if inside and can[2] < g["bin_z"] + 0.1:  # placed: open and rise
             return self.move(np.array([self.eef[0], self.eef[1], can[2] + 0.15]), self.yaw, OPEN)
-        return self.grasp(grasp, self.grasp_yaw(can), hover=0.1, xy_tol=0.005)
+        return self.grasp(grasp, self.grasp_yaw(can), self.WIDTH, hover=0.1, xy_tol=0.008)
 
     def grasp_yaw(self, can: np.ndarray) -> float:
         """Fingers along the axis with more room to the walls of bin 1 (yaw 0: fingers along world y)."""
@@ -267,7 +283,7 @@ class SquareExpert(Expert):
                 target = np.array([peg[0], peg[1], above])
             # the nut moves and turns with the hand
             return self.move(self.eef + target - nut, self.yaw + turn, CLOSE)
-        return self.grasp(handle, self.grasp_yaw(nut_yaw, turn), hover=0.08, xy_tol=0.005)
+        return self.grasp(handle, self.grasp_yaw(nut_yaw, turn), self.WIDTH, hover=0.08, xy_tol=0.008)
 
     def grasp_yaw(self, nut_yaw: float, turn: float) -> float:
         """Hand x along the handle (fingers across it): of the two such yaws the one that keeps the wrist
