@@ -88,7 +88,17 @@ def build_policy(policy_cfg, denoiser_cfg, shapes: Mapping[str, Sequence[int]], 
     denoiser from them, so an artifact needs only configs + shapes + weights.
     """
     policies, _ = _registries()
-    return policies.build(policy_cfg.name, policy_cfg, denoiser_cfg, {k: list(v) for k, v in shapes.items()}, num_tasks)
+    shapes = {k: list(v) for k, v in shapes.items()}
+    policy = policies.build(policy_cfg.name, policy_cfg, denoiser_cfg, shapes, num_tasks)
+    # what policy_from_stored needs to build it again (e.g. on a Ray evaluation worker, with its state dict)
+    policy.spec = {"policy": _plain(policy_cfg), "denoiser": _plain(denoiser_cfg), "shapes": shapes, "num_tasks": num_tasks}
+    return policy
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    """A config (DictConfig, dataclass or mapping) as plain JSON-able values, enums as their names."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
 
 
 def without_init_files(policy_cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """Closed-loop evaluation of a Policy in parallel simulator processes.
 
 Episodes run in rounds of ``num_envs`` (gymnasium AsyncVectorEnv). Episode ``i`` uses layout seed
-``eval.seed + i``. Each env keeps an observation history of the last ``policy.obs_horizon`` steps
-(the first observation repeated at reset); every ``policy.action_horizon`` steps the policy is
+``eval.seed + i``; the round starting at episode ``s`` seeds the policy's sampling noise with
+``eval.seed + s``, so a round's outcomes do not depend on the rounds played before it (``eval.backend=ray``
+plays blocks of rounds on Ray workers, :mod:`rtpolicy.envs.ray_runner`, with the same per-episode results).
+Each env keeps an observation history of the last ``policy.obs_horizon`` steps (the first observation
+repeated at reset); every ``policy.action_horizon`` steps the policy is
 called once for the whole batch and its chunk is executed one action per step (receding horizon).
 Envs are absorbing once their episode ends, so finished envs simply idle until the round ends.
 """
@@ -140,17 +143,42 @@ def evaluate(
     Keys: ``success`` (mean), ``ci95`` ([lo, hi], Wilson), ``episodes``, ``successes``, ``mean_length``,
     ``chunk_ms_p50``/``chunk_ms_p95`` (batch-1 predict_chunk latency on real observations, after
     warm-up), ``rollout_chunk_ms_p50`` (batched calls during the rollouts), ``per_episode``
-    ([{seed, success, length}]), ``videos`` (mp4 paths; the first ``eval_cfg.video`` episodes when
+    ([{seed, success, length, return}]; return: the episode's summed reward), ``videos`` (mp4 paths; the first ``eval_cfg.video`` episodes when
     ``video_dir`` is given), and a few settings. Written as JSON to ``eval_cfg.out`` when set.
     ``context``: multiprocessing start method of the simulator workers (default forkserver).
+    ``eval_cfg.backend == "ray"``: the same evaluation sharded over Ray workers (:mod:`rtpolicy.envs.ray_runner`).
     """
+    if str(getattr(eval_cfg, "backend", "local")) == "ray":
+        from rtpolicy.envs.ray_runner import evaluate_ray
+
+        return evaluate_ray(policy, task_cfg, eval_cfg, video_dir=video_dir, progress=progress, context=context)
     members = suite_members(task_cfg)
-    chain = int((task_cfg.get("chain_length") if isinstance(task_cfg, Mapping) else getattr(task_cfg, "chain_length", 0)) or 0)
+    chain = chain_length(task_cfg)
     if members and chain > 0:
         return _evaluate_chains(policy, task_cfg, chain, eval_cfg, device, video_dir, progress, context)
     if members:
         return _evaluate_suite(policy, task_cfg, members, eval_cfg, device, video_dir, progress, context)
     fields = task_fields(task_cfg)
+    s = settings(policy, fields, eval_cfg, video_dir)
+    device = torch.device(device)
+    # policy sampling noise is seeded too (the caller's RNG state is restored afterwards)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(s.base_seed)
+        results = _run(policy, fields, s.n, s.episodes, s.base_seed, s.max_steps, s.To, s.Ha, s.reps, s.n_video, video_dir,
+                       device, progress, context)
+    _write_results(eval_cfg, results)
+    return results
+
+
+def chain_length(task_cfg: Any) -> int:
+    """``task.chain_length`` (0: no chains) of a config or mapping."""
+    return int((task_cfg.get("chain_length") if isinstance(task_cfg, Mapping) else getattr(task_cfg, "chain_length", 0)) or 0)
+
+
+def settings(policy, fields: dict[str, Any], eval_cfg: Any, video_dir: str | Path | None) -> SimpleNamespace:
+    """The checked settings of one task's evaluation: episodes, n (envs per round), base_seed, max_steps,
+    reps, n_video, To, Ha; ValueError naming the eval field for a bad value."""
     episodes = int(eval_cfg.episodes)
     num_envs = int(eval_cfg.num_envs)
     reps = int(eval_cfg.latency_reps)
@@ -165,16 +193,8 @@ def evaluate(
     To, Ha = int(policy.obs_horizon), int(policy.action_horizon)
     if To < 1 or Ha < 1:
         raise ValueError(f"policy.obs_horizon and policy.action_horizon must be >= 1, got {To}, {Ha}")
-    device = torch.device(device)
-    n = min(num_envs, episodes)
-    n_video = min(n_video, episodes)
-    # policy sampling noise is seeded too (the caller's RNG state is restored afterwards)
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(base_seed)
-        results = _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_video, video_dir, device, progress, context)
-    _write_results(eval_cfg, results)
-    return results
+    return SimpleNamespace(episodes=episodes, n=min(num_envs, episodes), base_seed=base_seed, max_steps=max_steps,
+                           reps=reps, n_video=min(n_video, episodes), To=To, Ha=Ha)
 
 
 def _write_results(eval_cfg: Any, results: dict[str, Any]) -> None:
@@ -192,16 +212,27 @@ def _evaluate_suite(policy, task_cfg, members, eval_cfg, device, video_dir, prog
     Wilson interval of the pooled successes, ``episodes`` the total; latency figures are medians over
     tasks; ``per_task`` maps each task to its own results (without per-episode lists).
     """
+    member_cfg = suite_member_cfg(eval_cfg)
+    per_task = {fields["name"]: evaluate(policy, fields, member_cfg, device=device, progress=progress, context=context,
+                                         video_dir=Path(video_dir) / fields["name"] if video_dir is not None else None)
+                for fields in members}
+    results = suite_results(task_cfg, per_task, device)
+    _write_results(eval_cfg, results)
+    return results
+
+
+def suite_member_cfg(eval_cfg: Any) -> SimpleNamespace:
+    """The eval settings each suite member is evaluated with (the suite's, written nowhere)."""
     keys = ("episodes", "num_envs", "seed", "max_episode_steps", "video", "latency_reps")
-    member_cfg = SimpleNamespace(**{k: getattr(eval_cfg, k, None) for k in keys}, out=None)
-    per_task: dict[str, dict[str, Any]] = {}
+    return SimpleNamespace(**{k: getattr(eval_cfg, k, None) for k in keys}, out=None)
+
+
+def suite_results(task_cfg: Any, per_task: dict[str, dict[str, Any]], device) -> dict[str, Any]:
+    """Members' results {task: results of :func:`evaluate`} -> the suite's (see :func:`_evaluate_suite`)."""
     per_episode, videos = [], []
-    for fields in members:
-        res = evaluate(policy, fields, member_cfg, device=device, progress=progress, context=context,
-                       video_dir=Path(video_dir) / fields["name"] if video_dir is not None else None)
-        per_episode += [e | {"task": fields["name"]} for e in res.pop("per_episode")]
+    for name, res in per_task.items():
+        per_episode += [e | {"task": name} for e in res.pop("per_episode")]
         videos += res.pop("videos")
-        per_task[fields["name"]] = res
     successes = sum(r["successes"] for r in per_task.values())
     episodes = sum(r["episodes"] for r in per_task.values())
     lo, hi = wilson_interval(successes, episodes)
@@ -221,7 +252,6 @@ def _evaluate_suite(policy, task_cfg, members, eval_cfg, device, video_dir, prog
         "per_episode": per_episode,
         "videos": videos,
     }
-    _write_results(eval_cfg, results)
     return results
 
 
@@ -234,16 +264,27 @@ def _evaluate_chains(policy, task_cfg, chain: int, eval_cfg, device, video_dir, 
     ``avg_chain_length`` (mean completed subtasks) and ``chain_length`` to the usual results, whose
     ``success`` is the rate of fully completed chains.
     """
+    fields, cfg = chain_setup(task_cfg, chain, eval_cfg)
+    results = chain_results(task_cfg, chain, evaluate(policy, fields, cfg, device=device, video_dir=video_dir,
+                                                      progress=progress, context=context))
+    _write_results(eval_cfg, results)
+    return results
+
+
+def chain_setup(task_cfg: Any, chain: int, eval_cfg: Any) -> tuple[dict[str, Any], SimpleNamespace]:
+    """The env fields (task ``chain<N>``, N subtasks' steps) and eval settings of a chain evaluation."""
     fields = task_fields(task_cfg)
     fields |= {"name": f"chain{chain}", "max_episode_steps": chain * fields["max_episode_steps"]}
     keys = ("episodes", "num_envs", "seed", "video", "latency_reps")
-    cfg = SimpleNamespace(**{k: getattr(eval_cfg, k, None) for k in keys}, max_episode_steps=None, out=None)
-    results = evaluate(policy, fields, cfg, device=device, video_dir=video_dir, progress=progress, context=context)
+    return fields, SimpleNamespace(**{k: getattr(eval_cfg, k, None) for k in keys}, max_episode_steps=None, out=None)
+
+
+def chain_results(task_cfg: Any, chain: int, results: dict[str, Any]) -> dict[str, Any]:
+    """The chains' results plus the CALVIN figures (see :func:`_evaluate_chains`)."""
     completed = np.array([e["completed"] for e in results["per_episode"]])
     results |= {"task": task_fields(task_cfg)["name"], "chain_length": chain,
                 "chain_success": [float((completed >= k).mean()) for k in range(1, chain + 1)],
                 "avg_chain_length": float(completed.mean())}
-    _write_results(eval_cfg, results)
     return results
 
 
@@ -273,6 +314,7 @@ def _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_vide
             seeds = [base_seed + start + j for j in range(n)]  # extra envs of a short last round run unrecorded
             if n_video:
                 envs.set_attr("record_frames", [start + j < n_video for j in range(n)])
+            torch.manual_seed(base_seed + start)  # per round: the same noise wherever the round is played
             policy.reset()
             obs, _ = envs.reset(seed=seeds)
             task_id = obs.pop("task_id", None)
@@ -280,6 +322,7 @@ def _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_vide
             done = np.arange(n) >= active
             success = np.zeros(n, dtype=bool)
             length = np.zeros(n, dtype=np.int64)
+            ret = np.zeros(n)  # summed reward until the episode ends
             completed = np.zeros(n, dtype=np.int64)  # subtasks done (chain envs report info["completed"])
             chains = False
             chunk = None
@@ -295,7 +338,8 @@ def _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_vide
                         latency_obs.append(_to_torch(hist, task_id, device, slice(0, 1)))
                 action = chunk[:, pos]
                 pos += 1
-                obs, _, terminated, truncated, info = envs.step(action)
+                obs, reward, terminated, truncated, info = envs.step(action)
+                ret[~done] += np.asarray(reward, dtype=np.float64)[~done]
                 new_task = obs.pop("task_id", None)
                 t += 1
                 ended = (terminated | truncated) & ~done
@@ -322,7 +366,8 @@ def _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_vide
                         _write_video(path, list(all_frames[j]), fps)
                         videos.append(str(path))
             for j in range(active):
-                per_episode.append({"seed": seeds[j], "success": bool(success[j]), "length": int(length[j])}
+                per_episode.append({"seed": seeds[j], "success": bool(success[j]), "length": int(length[j]),
+                                    "return": float(ret[j])}
                                    | ({"completed": int(completed[j])} if chains else {}))
             bar.update(active)
             bar.set_postfix(success=f"{np.mean([e['success'] for e in per_episode]):.2f}")
