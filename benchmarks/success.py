@@ -5,6 +5,8 @@
     python benchmarks/success.py --denoiser transformer --heads diffusion --cache bac:4 bac:3 uniform:2 uniform:3 \
                                  --out benchmarks/success_cache.json
 
+``--eval-backend ray`` plays the evaluation episodes on Ray workers (``eval.backend=ray``; a local Ray, or the
+cluster of ``--ray-address``) with the same per-episode results as the local runner.
 ``--cache experts`` evaluates DDIM-10 of a ``--denoiser mode`` policy with its experts fused per noise
 level (``cache_policy_experts``). ``--denoiser`` trains every head on that denoiser (runs under ``<runs>/<task>-<denoiser>/``; unet1d keeps
 ``<runs>/<task>/``). ``--cache MODE:N`` (issue 4) also evaluates the diffusion head's DDIM-10 setting with
@@ -100,8 +102,16 @@ def main() -> None:
     ap.add_argument("--settings", nargs="*", default=None, metavar="NAME",
                     help="evaluate only these settings, e.g. ddim10 ddim+bac410 (default: all of each head)")
     ap.add_argument("--tag", default="", help="suffix of the run folder (variants of one denoiser)")
+    ap.add_argument("--eval-backend", default="local", choices=["local", "ray"],
+                    help="ray: evaluation episodes on Ray workers (pip install ray), same per-episode results")
+    ap.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start Ray on this machine)")
+    ap.add_argument("--ray-workers", type=int, default=0, help="Ray actors (0: one per --num-envs CPUs)")
+    ap.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per Ray actor (0: the actors infer on the CPU)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every head's training")
     args = ap.parse_args()
+    if args.eval_backend == "ray" and args.cache:
+        raise SystemExit("--eval-backend ray evaluates policies as their checkpoints build them; --cache wraps the "
+                         "denoiser in this process only: evaluate --cache settings with --eval-backend local")
     register_configs()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -131,7 +141,8 @@ def main() -> None:
                 if cache:
                     report = apply_cache(policy, cache, task_cfg, args.calib, device)
                     print(f"[success] cache {cache}: {report}", flush=True)
-                ecfg = EvalConfig(episodes=args.episodes, num_envs=args.num_envs, out=str(out))
+                ecfg = EvalConfig(episodes=args.episodes, num_envs=args.num_envs, out=str(out), backend=args.eval_backend,
+                                  ray_address=args.ray_address, ray_workers=args.ray_workers, ray_gpus=args.ray_gpus)
                 print(f"[success] {head} {sampler}-{steps}: {args.episodes} episodes per task", flush=True)
                 evaluate(policy, task_cfg, ecfg, device=device)
             res = json.loads(out.read_text())

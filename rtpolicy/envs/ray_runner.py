@@ -144,9 +144,9 @@ def evaluate_ray(policy, task_cfg: Any, eval_cfg: Any, video_dir: str | Path | N
     or exported policy does; its state dict travels as safetensors bytes. ``context`` is unused (the
     workers' simulator processes use the runner's default).
     """
-    if policy.spec is None:
-        raise UserError("eval.backend=ray: the policy has no spec (build it with rtpolicy.factory, e.g. "
-                        "rtpolicy.checkpoint.load_policy), so Ray workers cannot build it")
+    if getattr(policy, "spec", None) is None:
+        raise UserError(f"eval.backend=ray needs a torch policy built by rtpolicy.factory (e.g. by load_policy, with "
+                        f"eval.runtime=torch); got a {type(policy).__name__} without a spec, which Ray workers cannot rebuild")
     members, chain = suite_members(task_cfg), chain_length(task_cfg)
     if members and chain > 0:
         fields, cfg = chain_setup(task_cfg, chain, eval_cfg)
