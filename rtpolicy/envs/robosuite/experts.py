@@ -7,22 +7,35 @@ expert decides from the observation which stage it is in, so a perturbed or nois
 collection) is recovered from wherever it is:
 
 * holding: the object sits between the fingers and the gripper opening matches the object's width;
-* aligned: the open gripper is at the grasp pose -> close;
+* closing: the object is between the open fingers (within a few mm across them, with room on both
+  sides along them, at grasp height, yaw nearly aligned) -> close; once closing, go on while the
+  object's centre stays between the fingers (closing fingers centre it); fingers closed past the
+  object's width (a miss) reopen;
 * otherwise: open the gripper and approach the grasp pose through a funnel (the hover height above the
   grasp pose shrinks with the horizontal and yaw errors, so the fingers only come down once aligned);
 * placed (Stack, Can): the object is at its goal and not held -> open and rise.
 
 Motion: a proportional pose controller on the grip site with the gripper pointing down: position
-``clip(K_POS * error)`` (norm <= 1; one unit is a 5 cm OSC step), rotation ``clip(K_ROT * axis-angle
-error / 0.5 rad)``. The fingers close along the hand's y axis, which at yaw 0 is the world y axis.
+``clip(K_POS * error)`` (norm <= 1; one unit is a 5 cm OSC step; ``K_POS_FINE`` near the grasp, which
+keeps the alignment under DART-style action noise), rotation ``clip(K_ROT * axis-angle error / 0.5 rad)``.
+The fingers close along the hand's y axis, which at yaw 0 is the world y axis. Among symmetric grasp yaws
+(a cube's four, a handle's two) the choice is referred to the hand's current yaw, so it never flips.
 
-Square (NutAssemblySquare): grasp the nut's handle (5.4 cm from the nut's centre, fingers across its
-3.2 cm width), choosing between the two grasp yaws the one that keeps the wrist within +-90 deg after
-the nut has been turned; carry the nut so that its centre is above the square peg at 2 cm clearance
-while turning it to the nearest multiple of 90 deg (the peg's half width is 1.6 cm, the hole's 2.3 cm);
-descend once the centre is within 2.5 mm (funnel) and lower the nut to the table while holding it
-(robosuite's success: centre within 3 cm of the peg, < 5 cm above the table, grip site > 4.2 cm away,
-which the handle grasp already gives).
+Lift: grasp the cube at its centre, lift it 15 cm. Stack: grasp cube A (fingers across the A->B
+direction when the cubes are within 13 cm), carry it over B, lower it until it rests on B, let go within
+1.2 cm of B's centre, rise. Can: grasp the can 1.5 cm above its centre (fingers along the axis with
+more room to bin 1's walls), lift it over the walls, lower it 5 cm inside the near corner of its
+compartment of bin 2 (the far corner is at the arm's reach), let go, rise.
+
+Square (NutAssemblySquare): grasp the nut's handle 6 cm from the nut's centre (the open fingers must
+clear the ring, which ends at 4.4 cm), fingers across its 3.2 cm width; the nut is turned to a yaw
+that points the handle toward the robot or sideways (pointing away, the nut's centre over the peg is
+beyond the arm's reach), and of the two grasp yaws the one is taken that keeps the wrist nearest yaw 0
+at the grasp and after the turn; carry the nut so that its centre is 2 cm above the peg top, over the
+square peg, while turning it (the peg's half width is 1.6 cm, the hole's 2.3 cm); descend once the
+centre is within 4 mm of the peg's axis and the turn is done, down the peg to the table while holding
+the nut (robosuite's success: centre within 3 cm of the peg, < 5 cm above the table, grip site > 4.2 cm
+from the centre, which the handle grasp already gives). A nut too low to move sideways is lifted first.
 """
 
 from __future__ import annotations
