@@ -17,6 +17,8 @@ Settings (cumulative; each adds one change to the row before it):
 | +DART | same experts, executed noise 0.2, clean labels | state_rel | on |
 | +chains | + 300 expert 5-chains cut per subtask | state_rel | on |
 | +chains, 4 actions per chunk | same, ``policy.action_horizon=4`` (re-plan every 4 steps instead of 8) | state_rel | on |
+| +chains, 1 obs step | same, ``policy.obs_horizon=1`` (no two-step history to read the last action from) | state_rel | on |
+| +features, 1 obs step / baseline, 1 obs step | the +features / baseline rows with ``policy.obs_horizon=1`` | | |
 
 ``run`` trains in-process (the ``train.py`` config with ``task=calvin_like_rel`` and the overrides shown in
 each row's ``command``) and evaluates on ``--episodes`` chains (seeds 100000+); ``table`` averages the rows of
@@ -43,6 +45,7 @@ STORES = {  # name -> (experts, task demos, chains, noise)
     "new": ("new", 50, 0, 0.0),
     "dart": ("new", 50, 0, 0.2),
     "chains": ("new", 50, 300, 0.2),
+    "chains_obj": ("new", 50, 300, 0.2),  # the same store (same seeds) with the objects_rel key too
 }
 SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "baseline": ("old", "state", False, []),
@@ -52,6 +55,12 @@ SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "+DART": ("dart", "state_rel", True, []),
     "+chains": ("chains", "state_rel", True, []),
     "+chains, 4 actions per chunk": ("chains", "state_rel", True, ["policy.action_horizon=4"]),
+    # one observation step instead of two: no velocity in the input to copy the previous action from
+    "+chains, 1 obs step": ("chains", "state_rel", True, ["policy.obs_horizon=1"]),
+    "+features, 1 obs step": ("old", "state_rel", True, ["policy.obs_horizon=1"]),
+    "baseline, 1 obs step": ("old", "state", False, ["policy.obs_horizon=1"]),
+    # ... and without the controller-offset dims either (objects_rel = state_rel less target - TCP)
+    "+chains, 1 obs step, no command offsets": ("chains_obj", "objects_rel", True, ["policy.obs_horizon=1"]),
 }
 
 
@@ -77,7 +86,8 @@ def cmd_collect(a) -> None:
             if not a.old_experts:
                 raise SystemExit("the 'old' store needs --old-experts (the previous experts.py)")
             _use_old_experts(a.old_experts)
-        info = collect(Path(a.dir) / f"{name}.zarr", ["state", "state_rel"], demos, chains, noise, seed=0,
+        keys = ["state", "state_rel"] + ["objects_rel"] * name.endswith("_obj")
+        info = collect(Path(a.dir) / f"{name}.zarr", keys, demos, chains, noise, seed=0,
                        workers=1 if experts == "old" else a.workers)
         print(f"{name}: {info['episodes']} episodes, {info['steps']} steps in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -103,7 +113,7 @@ def cmd_run(a) -> None:
     if not hygiene:  # the normalizer before issue 13
         N.MIN_RANGE, N.CLIP, N.WARN_AT = None, dict.fromkeys(N.MODES), dict.fromkeys(N.MODES)
     register_configs()
-    over = overrides(a.setting, a.seed, a.steps, a.episodes, a.dir, a.run_dir, a.device)
+    over = overrides(a.setting, a.seed, a.steps, a.episodes, a.dir, a.run_dir, a.device) + ["resume=true"] * a.resume
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=over)
     t0 = time.process_time()
@@ -192,6 +202,7 @@ def main(argv=None) -> None:
     r.add_argument("--run-dir", required=True)
     r.add_argument("--device", default="auto")
     r.add_argument("--out", required=True)
+    r.add_argument("--resume", action="store_true", help="continue the run in --run-dir up to --steps (train.py resume=true)")
     r.add_argument("--single-tasks", type=int, default=0, help="also evaluate each block task alone for this many episodes")
     t = sub.add_parser("table")
     t.add_argument("rows", nargs="+")

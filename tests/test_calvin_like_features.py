@@ -11,7 +11,15 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from rtpolicy.datasets.collect import run_expert_episode  # noqa: E402
-from rtpolicy.envs.calvin_like import REL_DIM, REL_NAMES, STATE_DIM, TASKS, CalvinLikeEnv  # noqa: E402
+from rtpolicy.envs.calvin_like import (  # noqa: E402
+    OBJECTS_REL_DIM,
+    OBJECTS_REL_NAMES,
+    REL_DIM,
+    REL_NAMES,
+    STATE_DIM,
+    TASKS,
+    CalvinLikeEnv,
+)
 from rtpolicy.envs.calvin_like.demos import collect, split_subtasks  # noqa: E402
 from rtpolicy.envs.calvin_like.tasks import quat_yaw  # noqa: E402
 
@@ -52,6 +60,19 @@ def test_state_rel_shape_and_keys():
     rel = obs["state_rel"]
     np.testing.assert_allclose(rel[IDX["red_dx"] : IDX["red_dz"] + 1], s.pos["red"] - s.ee, atol=1e-6)
     assert rel[IDX["red_turned_cos"]] == pytest.approx(1.0) and rel[IDX["red_moved_x"]] == 0.0  # nothing moved yet
+
+
+def test_objects_rel_is_state_rel_without_the_command_offsets():
+    assert OBJECTS_REL_DIM == REL_DIM - 4 and not any(n.startswith("target_") for n in OBJECTS_REL_NAMES)
+    env = make(keys=("state_rel", "objects_rel"))
+    obs, _ = env.reset(seed=2)
+    expert = env.expert()
+    for _ in range(6):  # moving: the target leads the TCP
+        obs, *_ = env.step(expert(obs))
+    rel = obs["state_rel"]
+    assert np.abs(rel[IDX["target_dx"] : IDX["target_dyaw"] + 1]).max() > 1e-3
+    keep = [IDX[n] for n in OBJECTS_REL_NAMES]
+    np.testing.assert_array_equal(obs["objects_rel"], rel[keep])
 
 
 def test_relative_vectors_are_zero_at_the_block_and_rotate_with_the_hand():

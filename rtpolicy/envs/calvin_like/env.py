@@ -33,6 +33,9 @@ Observation dict:
   the same), block z, uprightness, grasped (0/1), displacement since the (sub)task began (xyz) and
   sin/cos of its yaw change since then (the observable target of push and rotate; CALVIN scores
   against the subtask's start state). Zero block - TCP vectors mean the TCP is at the block centre.
+* ``"objects_rel"``: (58,) float32, names in :data:`OBJECTS_REL_NAMES`: ``"state_rel"`` without the
+  controller target - TCP offsets (``[7:11]``), which reveal the previous action (a policy can copy it
+  instead of reading the scene), when ``task_cfg.obs_keys`` lists it.
 * ``"task_id"``: np.int64 index into :data:`TASKS` of the current (sub)task (when
   ``task_cfg.num_tasks > 0`` or in chain mode).
 * ``"instruction_id"``: np.int64 index into :data:`ALL_INSTRUCTIONS` of the current (sub)task's
@@ -109,6 +112,9 @@ REL_NAMES: list[str] = (
     + [f"{c}_{k}" for c in S.BLOCKS for k in REL_BLOCK_NAMES]
 )
 REL_DIM = len(REL_NAMES)
+_CMD = slice(7, 11)  # the target - TCP offsets in REL_NAMES
+OBJECTS_REL_NAMES: list[str] = REL_NAMES[:_CMD.start] + REL_NAMES[_CMD.stop:]
+OBJECTS_REL_DIM = len(OBJECTS_REL_NAMES)
 
 
 def _get(task_cfg: Any, key: str, default=None):
@@ -168,7 +174,8 @@ class CalvinLikeEnv(gymnasium.Env):
         "delta_dims": [0, 1, 2, 3],
         "twist_axes": ["linear.x", "linear.y", "linear.z", "angular.z"],  # the yaw delta is a rotation about z
         "control_rate_hz": 1.0 / CONTROL_DT,
-        "obs_names": {"state": ", ".join(STATE_NAMES), "state_rel": ", ".join(REL_NAMES)},
+        "obs_names": {"state": ", ".join(STATE_NAMES), "state_rel": ", ".join(REL_NAMES),
+                      "objects_rel": ", ".join(OBJECTS_REL_NAMES)},
     }
 
     def __init__(
@@ -255,6 +262,9 @@ class CalvinLikeEnv(gymnasium.Env):
         self._rel = "state_rel" in obs_keys
         if self._rel:
             obs_spaces["state_rel"] = spaces.Box(-np.inf, np.inf, (REL_DIM,), np.float32)
+        self._objects_rel = "objects_rel" in obs_keys
+        if self._objects_rel:
+            obs_spaces["objects_rel"] = spaces.Box(-np.inf, np.inf, (OBJECTS_REL_DIM,), np.float32)
         if self.num_tasks > 0 or self.chain_length:
             obs_spaces["task_id"] = spaces.Discrete(len(TASKS))
         obs_spaces["instruction_id"] = spaces.Discrete(len(ALL_INSTRUCTIONS))
@@ -560,8 +570,12 @@ class CalvinLikeEnv(gymnasium.Env):
         assert self._snap is not None
         k = min(self._sub, len(self._chain) - 1)
         obs: dict[str, Any] = {"state": self._state_vector(self._snap)}
-        if self._rel:
-            obs["state_rel"] = self.rel_vector()
+        if self._rel or self._objects_rel:
+            rel = self.rel_vector()
+            if self._rel:
+                obs["state_rel"] = rel
+            if self._objects_rel:
+                obs["objects_rel"] = np.concatenate([rel[: _CMD.start], rel[_CMD.stop :]])
         if self.num_tasks > 0 or self.chain_length:
             obs["task_id"] = np.int64(TASK_INDEX[self._chain[k]])
         obs["instruction_id"] = np.int64(self._instr[k])
