@@ -31,8 +31,16 @@ import numpy as np
 import torch
 
 from rtpolicy.envs import suite_members, task_fields
-from rtpolicy.envs.runner import (_write_results, chain_length, chain_results, chain_setup, settings, suite_member_cfg,
-                                  suite_results, wilson_interval)
+from rtpolicy.envs.runner import (
+    _write_results,
+    chain_length,
+    chain_results,
+    chain_setup,
+    settings,
+    suite_member_cfg,
+    suite_results,
+    wilson_interval,
+)
 from rtpolicy.errors import UserError
 
 READY_TIMEOUT_S = 600  # for every actor to start and build its policy
@@ -150,13 +158,13 @@ def evaluate_ray(policy, task_cfg: Any, eval_cfg: Any, video_dir: str | Path | N
     members, chain = suite_members(task_cfg), chain_length(task_cfg)
     if members and chain > 0:
         fields, cfg = chain_setup(task_cfg, chain, eval_cfg)
-        jobs = [dict(name=fields["name"], fields=fields, cfg=cfg, video_dir=video_dir)]
+        jobs = [{"name": fields["name"], "fields": fields, "cfg": cfg, "video_dir": video_dir}]
     elif members:
         cfg = suite_member_cfg(eval_cfg)
-        jobs = [dict(name=f["name"], fields=f, cfg=cfg, video_dir=None if video_dir is None else Path(video_dir) / f["name"])
+        jobs = [{"name": f["name"], "fields": f, "cfg": cfg, "video_dir": None if video_dir is None else Path(video_dir) / f["name"]}
                 for f in members]
     else:
-        jobs = [dict(name=task_fields(task_cfg)["name"], fields=task_fields(task_cfg), cfg=eval_cfg, video_dir=video_dir)]
+        jobs = [{"name": task_fields(task_cfg)["name"], "fields": task_fields(task_cfg), "cfg": eval_cfg, "video_dir": video_dir}]
     for job in jobs:
         job["s"] = settings(policy, job["fields"], job["cfg"], job["video_dir"])
         job["video_dir"] = None if job["video_dir"] is None else str(Path(job["video_dir"]).resolve())
