@@ -46,6 +46,7 @@ STORES = {  # name -> (experts, task demos, chains, noise)
     "dart": ("new", 50, 0, 0.2),
     "chains": ("new", 50, 300, 0.2),
     "chains_obj": ("new", 50, 300, 0.2),  # the same store (same seeds) with the objects_rel key too
+    "chains_tgt": ("new", 50, 300, 0.2),  # ... and target_rel
 }
 SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "baseline": ("old", "state", False, []),
@@ -61,6 +62,8 @@ SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "baseline, 1 obs step": ("old", "state", False, ["policy.obs_horizon=1"]),
     # ... and without the controller-offset dims either (objects_rel = state_rel less target - TCP)
     "+chains, 1 obs step, no command offsets": ("chains_obj", "objects_rel", True, ["policy.obs_horizon=1"]),
+    # ... plus the current task's block in its own slot (target_rel)
+    "+chains, 1 obs step, no command offsets, task block slot": ("chains_tgt", "objects_rel,target_rel", True, ["policy.obs_horizon=1"]),
 }
 
 
@@ -86,7 +89,7 @@ def cmd_collect(a) -> None:
             if not a.old_experts:
                 raise SystemExit("the 'old' store needs --old-experts (the previous experts.py)")
             _use_old_experts(a.old_experts)
-        keys = ["state", "state_rel"] + ["objects_rel"] * name.endswith("_obj")
+        keys = ["state", "state_rel"] + ["objects_rel"] * name.endswith(("_obj", "_tgt")) + ["target_rel"] * name.endswith("_tgt")
         info = collect(Path(a.dir) / f"{name}.zarr", keys, demos, chains, noise, seed=0,
                        workers=1 if experts == "old" else a.workers)
         print(f"{name}: {info['episodes']} episodes, {info['steps']} steps in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -126,6 +129,7 @@ def cmd_run(a) -> None:
            "train_cpu_minutes": round(res["train_seconds"] / 60, 2), "process_cpu_minutes": round((time.process_time() - t0) / 60, 2),
            "device": a.device, "command": "python train.py " + " ".join(f"'{o}'" if "[" in o else o for o in over)
            + ("  # normalizer hygiene off" if not hygiene else "")}
+    row["subtask_kinds"] = subtask_kinds(json.loads((Path(a.run_dir) / "eval" / "results.json").read_text())["per_episode"])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(row, indent=2))
     print(json.dumps({k: row[k] for k in ("setting", "seed", "avg_chain_length", "success_at", "train_seconds")}), flush=True)
@@ -133,6 +137,29 @@ def cmd_run(a) -> None:
         row["single_task"] = single_task_success(res["checkpoint"], cfg, a.single_tasks, a.device)
         Path(a.out).write_text(json.dumps(row, indent=2))
         print(json.dumps(row["single_task"]), flush=True)
+
+
+def subtask_kinds(per_episode: list[dict]) -> dict[str, str]:
+    """{kind of subtask: "solved/attempted"} over the chains of an evaluation (each chain's subtasks up to its
+    first failure; the chain of a seed is the env's), kinds: fixture, push, lift, rotate, place/stack."""
+    from collections import Counter
+
+    from rtpolicy.envs.calvin_like.env import CalvinLikeEnv
+
+    def kind(t: str) -> str:
+        for k in ("push", "lift", "rotate"):
+            if t.startswith(k):
+                return k
+        return "place/stack" if t.startswith(("place", "stack", "unstack")) else "fixture"
+
+    env = CalvinLikeEnv({"name": "chain5"}, seed=0)
+    tried, solved = Counter(), Counter()
+    for e in per_episode:
+        env.reset(seed=e["seed"])
+        for i, t in enumerate(env.chain[: e["completed"] + 1]):
+            tried[kind(t)] += 1
+            solved[kind(t)] += i < e["completed"]
+    return {k: f"{solved[k]}/{tried[k]}" for k in ("fixture", "push", "lift", "rotate", "place/stack") if tried[k]}
 
 
 def single_task_success(checkpoint: str, cfg, episodes: int, device: str) -> dict[str, float]:
@@ -163,7 +190,8 @@ def cmd_table(a) -> None:
 
     rows = [json.loads(Path(p).read_text()) for p in a.rows]
     out = []
-    for setting in SETTINGS:
+    names = list(dict.fromkeys([r["setting"] for r in rows if r["setting"] not in SETTINGS] + list(SETTINGS)))
+    for setting in names:
         rs = [r for r in rows if r["setting"] == setting]
         if not rs:
             continue
@@ -172,7 +200,8 @@ def cmd_table(a) -> None:
                     "avg_chain_length_per_seed": acl, "seeds": len(rs), "episodes": rs[0]["episodes"],
                     "success_at": [round(float(v), 3) for v in np.mean([r["success_at"] for r in rs], axis=0)],
                     "train_cpu_minutes": round(float(np.mean([r["train_cpu_minutes"] for r in rs])), 2),
-                    "train_steps": rs[0]["train_steps"], "device": rs[0]["device"], "command": rs[0]["command"]})
+                    "train_steps": rs[0]["train_steps"], "device": rs[0]["device"], "command": rs[0]["command"]}
+                   | {k: rs[0][k] for k in ("subtask_kinds", "single_task", "note") if k in rs[0]})
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": out, "extra": a.extra and json.loads(Path(a.extra).read_text())}, indent=2) + "\n")
     print("| setting | seeds | chains per seed | success at 1 / 2 / 3 / 4 / 5 | average chain length (per seed) |")

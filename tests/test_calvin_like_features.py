@@ -75,6 +75,23 @@ def test_objects_rel_is_state_rel_without_the_command_offsets():
     np.testing.assert_array_equal(obs["objects_rel"], rel[keep])
 
 
+@pytest.mark.parametrize("task,block", [("lift_pink_block_table", "pink"), ("unstack_block", None), ("open_drawer", None)])
+def test_target_rel_is_the_current_task_block(task, block):
+    env = make(task, keys=("state_rel", "target_rel"))
+    obs, _ = env.reset(seed=1)
+    c = env.task_block_now()
+    if task == "unstack_block":  # the top block of the stack
+        assert c is not None and env.snapshot().pos[c][2] > 0.05
+    else:
+        assert c == block
+    if c is None:
+        assert obs["target_rel"].shape == (15,) and not obs["target_rel"].any()
+    else:
+        np.testing.assert_array_equal(obs["target_rel"], obs["state_rel"][[IDX[f"{c}_{k}"] for k in ("dx", "dy", "dz", "hand_dx",
+                                      "hand_dy", "yaw_sin", "yaw_cos", "z", "up", "grasped", "moved_x", "moved_y", "moved_z",
+                                      "turned_sin", "turned_cos")]])
+
+
 def test_relative_vectors_are_zero_at_the_block_and_rotate_with_the_hand():
     env = make()
     env.reset(seed=1)

@@ -36,6 +36,10 @@ Observation dict:
 * ``"objects_rel"``: (58,) float32, names in :data:`OBJECTS_REL_NAMES`: ``"state_rel"`` without the
   controller target - TCP offsets (``[7:11]``), which reveal the previous action (a policy can copy it
   instead of reading the scene), when ``task_cfg.obs_keys`` lists it.
+* ``"target_rel"``: (15,) float32, the 15 block features of ``"state_rel"`` (same names without the colour)
+  for the block the current (sub)task is about: the named block of push / lift / rotate, the top block of
+  unstack, the block held at the (sub)task's start for place / stack; zeros for fixture tasks. A function
+  of the observation and the task id, so a policy need not learn to pick the block out of all three.
 * ``"task_id"``: np.int64 index into :data:`TASKS` of the current (sub)task (when
   ``task_cfg.num_tasks > 0`` or in chain mode).
 * ``"instruction_id"``: np.int64 index into :data:`ALL_INSTRUCTIONS` of the current (sub)task's
@@ -83,8 +87,10 @@ from rtpolicy.envs.calvin_like.tasks import (
     grasped,
     quat_up,
     quat_yaw,
+    stacks,
     success,
     symbolic_state,
+    task_block,
 )
 
 MAX_STEP = 0.02  # m per env step at |action| = 1
@@ -263,6 +269,9 @@ class CalvinLikeEnv(gymnasium.Env):
         if self._rel:
             obs_spaces["state_rel"] = spaces.Box(-np.inf, np.inf, (REL_DIM,), np.float32)
         self._objects_rel = "objects_rel" in obs_keys
+        self._target_rel = "target_rel" in obs_keys
+        if self._target_rel:
+            obs_spaces["target_rel"] = spaces.Box(-np.inf, np.inf, (len(REL_BLOCK_NAMES),), np.float32)
         if self._objects_rel:
             obs_spaces["objects_rel"] = spaces.Box(-np.inf, np.inf, (OBJECTS_REL_DIM,), np.float32)
         if self.num_tasks > 0 or self.chain_length:
@@ -566,12 +575,29 @@ class CalvinLikeEnv(gymnasium.Env):
                                s.pos[c][2], quat_up(s.quat[c]), float(grasped(s, c)), *moved, np.sin(turned), np.cos(turned))
         return out
 
+    def task_block_now(self) -> str | None:
+        """The block the current (sub)task is about (see ``"target_rel"``), or None."""
+        task, start = self.current_task, self._start_snap
+        c = task_block(task)
+        if c is not None or start is None:
+            return c
+        if task == "unstack_block":
+            pairs = stacks(start)
+            return pairs[0][0] if pairs else None
+        held = [b for b in S.BLOCKS if grasped(start, b)]
+        return held[0] if held else None
+
     def _make_obs(self) -> dict[str, Any]:
         assert self._snap is not None
         k = min(self._sub, len(self._chain) - 1)
         obs: dict[str, Any] = {"state": self._state_vector(self._snap)}
-        if self._rel or self._objects_rel:
+        if self._rel or self._objects_rel or self._target_rel:
             rel = self.rel_vector()
+            if self._target_rel:
+                c = self.task_block_now()
+                i = S.BLOCKS.index(c) if c is not None else None
+                obs["target_rel"] = (rel[17 + 15 * i : 32 + 15 * i].copy() if i is not None
+                                     else np.zeros(len(REL_BLOCK_NAMES), np.float32))
             if self._rel:
                 obs["state_rel"] = rel
             if self._objects_rel:
