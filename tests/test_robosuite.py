@@ -106,6 +106,9 @@ def test_camera_frames_and_suite_padding():
         assert obs["object"].shape == (max(OBJECT_DIMS.values()),) and obs["state"].shape == (9 + max(OBJECT_DIMS.values()),)
         assert not obs["object"][OBJECT_DIMS["PickPlaceCan"]:].any() and int(obs["task_id"]) == 2
         assert env.observation_space.contains(obs)
+        args = env.env_args  # robomimic's HDF5 env_args
+        assert args["env_name"] == "PickPlaceCan" and args["type"] == 1 and args["env_kwargs"]["control_freq"] == 20
+        assert args["env_kwargs"]["camera_names"] == ["agentview", "robot0_eye_in_hand"]
     finally:
         env.close()
 

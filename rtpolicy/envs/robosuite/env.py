@@ -158,6 +158,7 @@ class RobosuiteEnv(gymnasium.Env):
         self._render_camera, self._render_size = camera, (_check_int("height", height, 1, 2048), _check_int("width", width, 1, 2048))
 
         robosuite = import_robosuite()
+        self._robosuite_version = str(robosuite.__version__)
         with numpy_global_seed(MODEL_SEED):
             self._env = robosuite.make(
                 self.task_name, robots=["Panda"], controller_configs=controller_config(), control_freq=CONTROL_HZ,
@@ -244,6 +245,17 @@ class RobosuiteEnv(gymnasium.Env):
         from rtpolicy.envs.robosuite.experts import make_expert
 
         return make_expert(self.task_name, self.object_layout, self.geometry, noise=noise, seed=seed)
+
+    @property
+    def env_args(self) -> dict[str, Any]:
+        """robomimic's ``env_args`` for this env (the ``data`` attr of its HDF5 datasets): robosuite env name,
+        EnvType 1 and the constructor arguments (Panda, OSC_POSE composite controller, 20 Hz, cameras)."""
+        return {"env_name": self.task_name, "type": 1, "env_version": self._robosuite_version, "env_kwargs": {
+            "robots": ["Panda"], "controller_configs": controller_config(), "control_freq": CONTROL_HZ,
+            "has_renderer": False, "has_offscreen_renderer": bool(self.cameras), "ignore_done": True,
+            "use_object_obs": True, "use_camera_obs": bool(self.cameras), "reward_shaping": False,
+            "camera_names": list(self.cameras), "camera_heights": self.image_size, "camera_widths": self.image_size,
+            "camera_depths": False}}
 
     @property
     def elapsed_steps(self) -> int:
