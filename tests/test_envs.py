@@ -102,8 +102,8 @@ def test_seeded_layouts():
 def test_unknown_task_errors():
     with pytest.raises(ValueError, match=r"unknown Meta-World V3 task 'pick-place'.*did you mean pick-place-v3"):
         make_env(TaskConfig(name="pick-place"))
-    with pytest.raises(KeyError, match="unknown env family 'robosuite'"):
-        make_env(TaskConfig(env="robosuite", name=TASK))
+    with pytest.raises(KeyError, match="unknown env family 'gazebo'"):
+        make_env(TaskConfig(env="gazebo", name=TASK))
     with pytest.raises(ValueError, match="max_episode_steps"):
         make_env(task_cfg(), max_episode_steps=0)
 
