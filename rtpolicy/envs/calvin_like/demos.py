@@ -1,7 +1,7 @@
 """Chain-aware CALVIN-like demonstrations: single-task starts plus expert chains cut per subtask, DART labels.
 
     python -m rtpolicy.envs.calvin_like.demos --out data/calvin_like/calvin_like_rel.zarr \
-        --obs-keys state state_rel --task-demos 50 --chains 300 --noise 0.2 --workers 2
+        --obs-keys state state_rel objects_rel target_rel --task-demos 50 --chains 300 --noise 0.2 --workers 2
 
 One store for the 27-task policy (``task_id`` = index in :data:`TASKS`):
 
