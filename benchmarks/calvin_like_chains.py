@@ -191,10 +191,9 @@ def cmd_table(a) -> None:
     rows = [json.loads(Path(p).read_text()) for p in a.rows]
     out = []
     names = list(dict.fromkeys([r["setting"] for r in rows if r["setting"] not in SETTINGS] + list(SETTINGS)))
-    for setting in names:
-        rs = [r for r in rows if r["setting"] == setting]
-        if not rs:
-            continue
+    groups = [(n, steps) for n in names for steps in sorted({r["train_steps"] for r in rows if r["setting"] == n})]
+    for setting, steps in groups:  # rows of one setting and budget; their seeds are averaged
+        rs = [r for r in rows if r["setting"] == setting and r["train_steps"] == steps]
         acl = [r["avg_chain_length"] for r in rs]
         out.append({"setting": setting, "avg_chain_length": round(float(np.mean(acl)), 3),
                     "avg_chain_length_per_seed": acl, "seeds": len(rs), "episodes": rs[0]["episodes"],
@@ -204,11 +203,11 @@ def cmd_table(a) -> None:
                    | {k: rs[0][k] for k in ("subtask_kinds", "single_task", "note") if k in rs[0]})
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": out, "extra": a.extra and json.loads(Path(a.extra).read_text())}, indent=2) + "\n")
-    print("| setting | seeds | chains per seed | success at 1 / 2 / 3 / 4 / 5 | average chain length (per seed) |")
-    print("|---|---|---|---|---|")
+    print("| setting | steps | seeds | chains per seed | success at 1 / 2 / 3 / 4 / 5 | average chain length (per seed) |")
+    print("|---|---|---|---|---|---|")
     for r in out:
         per = ", ".join(f"{v:.2f}" for v in r["avg_chain_length_per_seed"])
-        print(f"| {r['setting']} | {r['seeds']} | {r['episodes']} | {' / '.join(f'{v:.2f}' for v in r['success_at'])} | "
+        print(f"| {r['setting']} | {r['train_steps']} | {r['seeds']} | {r['episodes']} | {' / '.join(f'{v:.2f}' for v in r['success_at'])} | "
               f"**{r['avg_chain_length']:.2f}** ({per}) |")
 
 
