@@ -10,6 +10,12 @@ noise hits them all alike. Rows: head, sampler, steps, nfe (denoiser calls per c
 forward hook), unit ("chunk" = Ha actions; "tick" = one action, streaming), ms_median, ms_p95,
 ratio_vs_ddpm100 (same denoiser), ratio_vs_floor (one bare denoiser forward at batch 1).
 
+``--backends torch ort`` adds, for every setting, the same policy exported as ONNX graphs and run in ONNX
+Runtime (``rtpolicy.deploy.onnx``, ``--ort-threads`` intra-op threads, no spinning), timed in the same
+interleaved rounds; rows carry ``backend`` and, for ORT, ``speedup_vs_torch``. ``--camera`` adds the camera
+policy of the image-only recipe (truncated 1-step, three 84x84 cameras, small CNN, proprio). ``--settings``
+keeps only the named settings (e.g. ``truncated:1 diffusion:ddim:10``; DDPM-100 and the floor always run).
+
 With ``--lerobot-python``, LeRobot's default DiffusionPolicy (its own venv; benchmarks/lerobot_peer.py)
 is timed in a subprocess of that interpreter, one chunk per repetition, interleaved with ours.
 """
@@ -22,6 +28,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,6 +135,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lerobot-python", default=None, help="python of a venv with lerobot==0.3.2 installed")
     ap.add_argument("--lerobot-reps", type=int, default=10)
+    ap.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "ort"])
+    ap.add_argument("--ort-threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: --threads)")
+    ap.add_argument("--camera", action="store_true", help="also time the three-camera small-CNN truncated policy")
+    ap.add_argument("--settings", nargs="*", default=None, help="head[:sampler]:steps to keep, e.g. truncated:1")
     ap.add_argument("--vla", action="store_true", help="also time VLA policies (MiniLM backbone, 64x64 small-CNN camera, "
                     "unet1d decoder) with the truncated and streaming heads (needs the lang extra)")
     args = ap.parse_args()
@@ -138,17 +149,40 @@ def main() -> None:
     obs = {"state": torch.randn(1, 2, 39)}
     timers: dict[tuple, callable] = {}
     meta: dict[tuple, dict] = {}
+    ort_dir = Path(tempfile.mkdtemp(prefix="rtpolicy-ort-"))
+
+    def add_ort(key, policy, o):
+        """The same policy as ONNX graphs in ONNX Runtime, timed beside it (key: head + '@ort')."""
+        if "ort" not in args.backends:
+            return
+        from rtpolicy.deploy.onnx import OrtPolicy
+
+        ort = OrtPolicy.from_policy(policy, ort_dir / "-".join(map(str, key)), threads=args.ort_threads or args.threads)
+        ort_key = (key[0], f"{key[1]}@ort", *key[2:])
+        meta[ort_key] = dict(meta[key], backend="ort")
+        ort.predict_chunk(o)  # streaming: the warm start, so the timed calls are steady-state ticks
+        timers[ort_key] = (lambda p=ort: p.predict_chunk(o))
+
+    def keep(head, over):
+        sampler, steps = label(head, over)
+        wanted = {tuple(s.split(":")) for s in args.settings} if args.settings is not None else None
+        always = (head == "diffusion" and over.get("sampler") == "ddpm" and steps == 100)
+        return wanted is None or always or (head, str(steps)) in wanted or (head, sampler, str(steps)) in wanted
+
     for den in args.denoisers:
         den_cfg = denoiser_config(den)
         for head, over in SETTINGS:
+            if not keep(head, over):
+                continue
             policy = build(head, over, den_cfg)
             sampler, steps = label(head, over)
             key = (den, head, sampler, steps)
             policy.reset()
             meta[key] = {"nfe": count_nfe(policy, obs), "unit": "tick" if head == "streaming" else "chunk",
-                         "params": sum(p.numel() for p in policy.denoiser.parameters())}
+                         "params": sum(p.numel() for p in policy.denoiser.parameters()), "backend": "torch"}
             timers[key] = (lambda p=policy: p.predict_chunk(obs))
-        if den == "mode":  # expert caching vs dense MoDE-architecture denoisers of the active and the total size
+            add_ort(key, policy, obs)
+        if den == "mode" and args.settings is None:  # expert caching vs dense MoDE-architecture denoisers of the active and the total size
             ddim10 = {"sampler": "ddim", "num_inference_steps": 10}
             c = den_cfg
             width = c.expert_hidden * (c.top_k + c.shared_expert), c.expert_hidden * (c.n_experts + c.shared_expert)
@@ -163,7 +197,7 @@ def main() -> None:
                 key = (den, label_, "ddim", 10)
                 meta[key] = {"nfe": 10, "unit": "chunk", "params": counts["total"], "active_params": counts["active"]}
                 timers[key] = (lambda p=policy: p.predict_chunk(obs))
-        if den == "transformer":
+        if den == "transformer" and args.settings is None:
             calib = {"state": torch.randn(16, 2, 39)}
             for label_, kw in CACHES:
                 policy = build("diffusion", {"sampler": "ddim", "num_inference_steps": 10}, den_cfg)
@@ -180,6 +214,20 @@ def main() -> None:
         key = (den, "floor", "one_forward", 1)
         meta[key] = {"nfe": 1, "unit": "forward", "params": meta[(den, "diffusion", "ddpm", 100)]["params"]}
         timers[key] = (lambda p=policy, x=x, t=t, c=cond: p.denoiser(x, t, c))
+
+    if args.camera:  # the image-only recipe's policy: truncated 1-step, three 84x84 cameras, one small CNN, proprio
+        cams = ["rgb_corner", "rgb_behindGripper", "rgb_gripperPOV"]
+        shapes = {"proprio": [4], **{c: [84, 84, 3] for c in cams}, "action": [4]}
+        cfg = policy_config("truncated", {"obs_horizon": 1, "encoder": {"image_backbone": "small_cnn"}})
+        policy = build_policy(cfg, denoiser_config("unet1d"), shapes).eval()
+        g = torch.Generator().manual_seed(0)
+        policy.normalizer.fit({"proprio": torch.randn(256, 4, generator=g), "action": torch.rand(256, 4, generator=g) * 2 - 1})
+        policy.prepare(torch.rand(256, policy.data_horizon, 4, generator=g) * 2 - 1)
+        cobs = {"proprio": torch.randn(1, 1, 4), **{c: torch.randint(0, 256, (1, 1, 84, 84, 3), dtype=torch.uint8) for c in cams}}
+        key = ("camera", "truncated", "anchored", 1)
+        meta[key] = {"nfe": 1, "unit": "chunk", "params": sum(p.numel() for p in policy.parameters()), "backend": "torch"}
+        timers[key] = (lambda p=policy, o=cobs: p.predict_chunk(o))
+        add_ort(key, policy, cobs)
 
     if args.vla:  # issue 7: the backbone as observation encoder, a fast head as the action decoder
         from rtpolicy.policies.encoders.vla import TOKENS_KEY, build_report_policy, count_parameters, tokenize_instructions
@@ -232,11 +280,16 @@ def main() -> None:
                    "ms_median": med, "ms_p95": p95(times[key]), "ratio_vs_ddpm100": ddpm / med, "ratio_vs_floor": med / floor}
             if len(key) == 5:  # a cached setting: its knob and the speedup over the same head uncached
                 row |= {"cache_param": key[4], "speedup_vs_uncached": statistics.median(times[(den, "diffusion", "ddim", 10)]) / med}
+            if head.endswith("@ort"):
+                row["speedup_vs_torch"] = statistics.median(times[(den, head[:-4], *key[2:])]) / med
             rows.append(row)
-        for key in [k for k in timers if k[0] == "vla" and den == args.denoisers[0]]:
+        for key in [k for k in timers if k[0] in ("vla", "camera") and den == args.denoisers[0]]:
             med = statistics.median(times[key])
             rows.append({"denoiser": "unet1d", "head": key[1], "sampler": key[2], "steps": key[3], **meta[key], "ms_median": med,
-                         "ms_p95": p95(times[key]), "ratio_vs_ddpm100": ddpm / med, "ratio_vs_floor": med / floor})
+                         "ms_p95": p95(times[key]), "ratio_vs_ddpm100": ddpm / med, "ratio_vs_floor": med / floor}
+                        | ({"obs": key[0]} if key[0] == "camera" else {})
+                        | ({"speedup_vs_torch": statistics.median(times[(key[0], key[1][:-4], *key[2:])]) / med}
+                           if key[1].endswith("@ort") else {}))
         if peer_times:
             med = statistics.median(peer_times)
             rows.append({"denoiser": "lerobot_unet", "head": "lerobot_diffusion", "sampler": peer.info["sampler"],
@@ -249,7 +302,8 @@ def main() -> None:
         head = r["head"] + (f"({r['cache_param']})" if "cache_param" in r else "")
         print(f"{r['denoiser']:12s} {head:22s} {r['sampler']:11s} {r['steps']:5d} {r['nfe']:4d} {r['unit']:>7s} "
               f"{r.get('gflops', float('nan')):7.3f} {r['ms_median']:9.2f} {r['ms_p95']:9.2f} {r['ratio_vs_ddpm100']:10.1f} "
-              f"{r['ratio_vs_floor']:8.2f}" + (f"  {r['speedup_vs_uncached']:.2f}x vs uncached" if "cache_param" in r else ""))
+              f"{r['ratio_vs_floor']:8.2f}" + (f"  {r['speedup_vs_uncached']:.2f}x vs uncached" if "cache_param" in r else "")
+              + (f"  {r['speedup_vs_torch']:.2f}x vs torch" if "speedup_vs_torch" in r else ""))
     if peer_times:
         for den in args.denoisers:
             fastest = min((r for r in rows if r["denoiser"] == den and r["unit"] == "chunk"), key=lambda r: r["ms_median"])
