@@ -17,7 +17,6 @@ onnxruntime is an optional extra (``pip install -e '.[ort]'``); without it the t
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rtpolicy.policies.head import NoiseFeed
+from rtpolicy.policies.head import NoiseDraws, NoiseFeed
 
 ONNX_FILE = "policy.onnx"
 WARM_FILE = "warm_start.onnx"
@@ -56,9 +55,9 @@ def is_streaming(policy) -> bool:
 class _Graph(nn.Module):
     """``policy`` as a function of (obs tensors..., [buffer], noise...) for one export."""
 
-    def __init__(self, policy, keys: list[str], kind: str, n_noise: int):
+    def __init__(self, policy, keys: list[str], kind: str):
         super().__init__()
-        self.policy, self.keys, self.kind, self.n_noise = policy, keys, kind, n_noise
+        self.policy, self.keys, self.kind = policy, keys, kind
 
     def forward(self, *inputs: torch.Tensor):
         obs = dict(zip(self.keys, inputs[: len(self.keys)]))
@@ -103,7 +102,7 @@ def export_graph(policy, path: Path, kind: str = "chunk") -> dict[str, Any]:
     obs = example_obs(policy)
     keys = list(obs)
     shapes = _noise_shapes(policy, kind, obs)
-    graph = _Graph(policy, keys, kind, len(shapes))
+    graph = _Graph(policy, keys, kind)
     buffer = [torch.zeros(1, policy.horizon, policy.action_dim)] if kind == "tick" else []
     args = tuple([*obs.values(), *buffer, *[torch.zeros(s) for s in shapes]])
     names = [*keys, *(["buffer"] if buffer else []), *[f"noise_{i}" for i in range(len(shapes))]]
@@ -120,24 +119,24 @@ def export_graph(policy, path: Path, kind: str = "chunk") -> dict[str, Any]:
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
         onnx.checker.check_model(str(tmp))
-    diff = check_parity(policy, path, kind)
+    diff = check_parity(policy, path, kind, shapes)
     return {"file": path.name, "kind": kind, "opset": OPSET, "inputs": names, "outputs": outputs,
             "noise_shapes": [list(s) for s in shapes], "parity_max_abs": diff}
 
 
-def check_parity(policy, path: Path, kind: str, trials: int = 2) -> float:
-    """Max abs difference between ORT and the eager head for the same random observations and noise."""
+def check_parity(policy, path: Path, kind: str, shapes: list[tuple[int, ...]], trials: int = 2) -> float:
+    """Max abs difference between ORT and the eager head for the same random observations and noise
+    (``shapes``: the noise tensors one call draws, from :func:`_noise_shapes`)."""
     session = make_session(path)
     names = [i.name for i in session.get_inputs()]
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
     for _ in range(trials):
         obs = {k: _random_like(v, k, policy, gen) for k, v in example_obs(policy).items()}
-        shapes = _noise_shapes(policy, kind, obs)
         noise = [torch.randn(s, generator=gen) for s in shapes]
         buffer = [torch.randn(1, policy.horizon, policy.action_dim, generator=gen)] if kind == "tick" else []
         with torch.no_grad():
-            want = _Graph(policy, list(obs), kind, len(noise))(*obs.values(), *buffer, *noise)
+            want = _Graph(policy, list(obs), kind)(*obs.values(), *buffer, *noise)
         got = session.run(None, dict(zip(names, [t.numpy() for t in (*obs.values(), *buffer, *noise)])))
         want = want if isinstance(want, tuple) else (want,)
         worst = max(worst, *(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want)))
@@ -177,7 +176,7 @@ def make_session(path: Path, threads: int = 1, spinning: bool = False):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-class OrtPolicy:
+class OrtPolicy(NoiseDraws):
     """A bundle's ONNX graphs behind the Policy interface (batch 1): ``reset()``, ``predict_chunk(obs)``."""
 
     def __init__(self, bundle_dir: str | Path, bundle: dict[str, Any], threads: int = 1, spinning: bool = False):
@@ -215,17 +214,6 @@ class OrtPolicy:
                   "shapes": policy.obs_shapes | {"action": [policy.action_dim]}, "num_tasks": policy.num_tasks}
         return cls(folder, bundle, threads=threads)
 
-    _feed: NoiseFeed | None = None
-
-    @contextlib.contextmanager
-    def noise_feed(self, feed: NoiseFeed):
-        """Inside: the graphs' noise inputs come from ``feed`` (as the eager head's ``noise_feed``)."""
-        prev, self._feed = self._feed, feed
-        try:
-            yield feed
-        finally:
-            self._feed = prev
-
     def reset(self) -> None:
         self.buffer = None
 
@@ -251,8 +239,7 @@ class OrtPolicy:
         if "buffer" in inputs:
             feeds["buffer"] = state[0]
         for i, shape in enumerate(graph["noise_shapes"]):
-            noise = torch.randn(shape) if self._feed is None else self._feed.randn(tuple(shape), "cpu")
-            feeds[f"noise_{i}"] = noise.numpy()
+            feeds[f"noise_{i}"] = self.randn(*shape).numpy()
         missing = [n for n in inputs if n not in feeds]
         if missing:
             raise ValueError(f"observation is missing keys {missing}; got {sorted(obs)}")

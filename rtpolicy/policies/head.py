@@ -79,7 +79,31 @@ class NoiseFeed:
         return x
 
 
-class DenoisingHead(Policy):
+class NoiseDraws:
+    """Sampling noise drawn through one place, so a :class:`NoiseFeed` can record or replay it: the eager
+    heads and the ONNX Runtime policy (whose graphs take the noise as inputs) both draw here."""
+
+    _feed: NoiseFeed | None = None
+
+    def randn(self, *shape: int, device=None) -> torch.Tensor:
+        """Standard normal noise (shape) for sampling; every draw at inference goes through here."""
+        return torch.randn(shape, device=device) if self._feed is None else self._feed.randn(shape, device)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Noise shaped (and, from torch's RNG, laid out) like ``x``."""
+        return torch.randn_like(x) if self._feed is None else self._feed.randn(tuple(x.shape), x.device)
+
+    @contextlib.contextmanager
+    def noise_feed(self, feed: NoiseFeed):
+        """Inside: sampling noise comes from ``feed`` (recorded or replayed)."""
+        prev, self._feed = self._feed, feed
+        try:
+            yield feed
+        finally:
+            self._feed = prev
+
+
+class DenoisingHead(Policy, NoiseDraws):
     """cfg needs obs_horizon, horizon, action_horizon, normalizer ('minmax'|'meanstd'), cond_dim."""
 
     def __init__(self, cfg, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0):
@@ -112,26 +136,6 @@ class DenoisingHead(Policy):
 
     def reset(self) -> None:
         """Stateless between chunks: nothing to reset."""
-
-    # -- sampling noise --------------------------------------------------------------------------
-    _feed: NoiseFeed | None = None
-
-    def randn(self, *shape: int, device=None) -> torch.Tensor:
-        """Standard normal noise (shape) for sampling; every draw at inference goes through here."""
-        return torch.randn(shape, device=device) if self._feed is None else self._feed.randn(shape, device)
-
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        """Noise shaped (and, from torch's RNG, laid out) like ``x``."""
-        return torch.randn_like(x) if self._feed is None else self._feed.randn(tuple(x.shape), x.device)
-
-    @contextlib.contextmanager
-    def noise_feed(self, feed: NoiseFeed):
-        """Inside: sampling noise comes from ``feed`` (recorded or replayed)."""
-        prev, self._feed = self._feed, feed
-        try:
-            yield feed
-        finally:
-            self._feed = prev
 
     def features(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Raw obs (validated) -> condition tokens (B, N, Dc): vector keys normalized, the rest as they are."""
