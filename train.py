@@ -1,4 +1,4 @@
-"""Train a policy: ``python train.py`` runs the default job (see conf/train.yaml)."""
+"""Train a policy: ``python train.py`` runs the default job (see rtpolicy/conf/train.yaml)."""
 
 from rtpolicy.cli import train_main
 

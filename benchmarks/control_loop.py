@@ -6,7 +6,7 @@
     python benchmarks/control_loop.py --bundle bundles/reach --sensor-rate 2000 [--seconds 30]   # flood, side by side
 
 Two processes over the real RMW on a private ROS domain (``ROS_DOMAIN_ID``, random unless
-``--domain-id``), both with conf/deploy/metaworld.yaml: ``rtpolicy sim`` free-running
+``--domain-id``), both with rtpolicy/conf/deploy/metaworld.yaml: ``rtpolicy sim`` free-running
 (``step_on_command=false``: physics on its own timer at ``--rate``, the latest command held) and
 ``rtpolicy deploy`` at ``control_rate_hz = --rate``. With ``--checkpoint`` the bundle is exported
 first (into a temporary folder, or ``--bundle-out``) with the inference overrides of ``--set``; without

@@ -12,7 +12,7 @@ over >= 20 episodes". With the checkpoint's policy (inference overrides ``--set`
     ros     the policy exported as a bundle; ``rtpolicy sim`` in lock-step (``step_on_command=true``: one
             physics step per command, so wall-clock speed does not change the episode) with the same task,
             ``seed=S`` (episode i uses S + i, as the runner) and ``max_episodes=N``, started first, then
-            ``rtpolicy deploy``; both on a private ROS domain with conf/deploy/metaworld.yaml. The sim's
+            ``rtpolicy deploy``; both on a private ROS domain with rtpolicy/conf/deploy/metaworld.yaml. The sim's
             ``/rtpolicy/episode`` results are collected until N episodes are done (or ``--timeout``).
 
 Both get a Wilson 95% interval (``wilson_interval``); the table says whether the intervals overlap

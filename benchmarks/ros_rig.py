@@ -1,7 +1,7 @@
 """Shared by benchmarks/control_loop.py and benchmarks/ros_closed_loop.py (not a benchmark itself).
 
 ``rtpolicy sim`` and ``rtpolicy deploy`` as two processes on a private ROS domain (real RMW), with
-conf/deploy/metaworld.yaml as their params file, plus an in-process listener node that records what
+rtpolicy/conf/deploy/metaworld.yaml as their params file, plus an in-process listener node that records what
 they publish: command arrival times, the policy node's diagnostics and the sim's episode results.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Callable
 from rtpolicy.deploy.rosparams import parse_key_values
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS_FILE = ROOT / "conf" / "deploy" / "metaworld.yaml"
+PARAMS_FILE = ROOT / "rtpolicy" / "conf" / "deploy" / "metaworld.yaml"
 CONTROL_LOOP_STATUS = "policy control loop"  # the policy node's DiagnosticStatus name ends with this
 
 
@@ -56,7 +56,7 @@ def child_env(domain_id: int, threads: int) -> dict[str, str]:
 
 
 class Proc:
-    """One ``rtpolicy <command> key=value ... --ros-args --params-file conf/deploy/metaworld.yaml`` process; output to a log file."""
+    """One ``rtpolicy <command> key=value ... --ros-args --params-file rtpolicy/conf/deploy/metaworld.yaml`` process; output to a log file."""
 
     def __init__(self, name: str, command: str, params: dict[str, Any], env: dict[str, str], log_dir: Path):
         self.name = name

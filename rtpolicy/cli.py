@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-os.environ.setdefault("MUJOCO_GL", "osmesa")
+from rtpolicy.envs.gl import configure_gl
+
+configure_gl()  # egl with a GPU, else osmesa, unless MUJOCO_GL is set; before anything imports mujoco
 
 import hydra  # noqa: E402
 
@@ -28,6 +29,8 @@ def _train(cfg) -> None:
 
     with reported():
         results = train(cfg)
+    if results.get("rank", 0):  # under torchrun only rank 0 reports the run
+        return
     ckpt = results["checkpoint"]
     if "success" not in results:  # eval.episodes=0: training only
         print(f"trained in {results['train_seconds']:.0f} s; checkpoint: {ckpt}")

@@ -1,7 +1,7 @@
 """Hydra structured configs: every option is a dataclass in the ConfigStore, so unknown keys and
-wrong types fail at launch. YAML under ``conf/`` only picks among them and sets values.
+wrong types fail at launch. YAML under ``rtpolicy/conf/`` only picks among them and sets values.
 
-Groups: ``task=`` (conf/task/*.yaml on the ``metaworld`` schema), ``policy=`` and ``denoiser=``
+Groups: ``task=`` (rtpolicy/conf/task/*.yaml on the ``metaworld`` schema), ``policy=`` and ``denoiser=``
 (one registered dataclass per head / denoiser, see the registries).
 """
 

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rtpolicy.errors import UserError
 
 #: the Hydra config folder train.py and eval.py compose from
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data: an installed rtpolicy carries its configs
 
 
 class ConfigError(UserError):
@@ -138,7 +138,7 @@ def policy_from_stored(stored: Mapping[str, Any], weights: Mapping[str, torch.Te
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """The config ``python train.py OVERRIDES`` (or ``eval.py``) runs, composed by Hydra from ``conf/``
+    """The config ``python train.py OVERRIDES`` (or ``eval.py``) runs, composed by Hydra from ``rtpolicy/conf/``
     and the registered schemas; for tests and benchmarks that start where a user starts."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

@@ -1,6 +1,5 @@
 """Hydra structured configs: defaults compose, typos and wrong types fail loudly."""
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -8,8 +7,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from rtpolicy.config import register_configs
+from rtpolicy.factory import CONF_DIR
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(CONF_DIR)
 register_configs()
 
 

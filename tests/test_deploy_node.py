@@ -473,8 +473,8 @@ def test_closed_loop_with_sim_robot(rig, bundle):
 
 
 def test_cli_entry_points_sim_and_deploy_processes_with_the_yaml(rig, bundle, tmp_path):
-    """``rtpolicy sim`` and ``rtpolicy deploy`` as two processes with conf/deploy/metaworld.yaml (what the launch file starts)."""
-    params = ["--ros-args", "--params-file", str(REPO / "conf/deploy/metaworld.yaml")]
+    """``rtpolicy sim`` and ``rtpolicy deploy`` as two processes with rtpolicy/conf/deploy/metaworld.yaml (what the launch file starts)."""
+    params = ["--ros-args", "--params-file", str(REPO / "rtpolicy/conf/deploy/metaworld.yaml")]
     bad = rig.procs.run([*CLI, "deploy", f"bundle={tmp_path / 'nothing'}", *params])
     assert bad.returncode == 1 and "configure failed" in bad.stdout and "no bundle.json" in bad.stdout, bad.stdout[-2000:]
     procs = {name: rig.procs.start([*CLI, *args, *params])

@@ -41,7 +41,7 @@ TINY_HEAD = {"diffusion": ["policy.horizon=8", "policy.action_horizon=4", "polic
              "streaming": ["policy.warmup_steps=2"]}
 TRAIN = ["policy.cond_dim=16", "train.steps=2", "train.batch_size=8", "train.val_every=1000", "train.log_every=1",
          "train.ckpt_every=1000", "eval.episodes=0"]
-DEPLOY_YAML = REPO / "conf" / "deploy" / "metaworld.yaml"
+DEPLOY_YAML = REPO / "rtpolicy" / "conf" / "deploy" / "metaworld.yaml"
 
 
 def test_every_registered_head_and_denoiser_is_covered():
@@ -59,7 +59,7 @@ def store(tmp_path_factory):
 
 
 def drive_sim_with_bundle(bundle, domain):
-    """The deploy node (parameters from conf/deploy/metaworld.yaml) and the sim robot, in one context on
+    """The deploy node (parameters from rtpolicy/conf/deploy/metaworld.yaml) and the sim robot, in one context on
     ``domain``: returns the sim's first episode result once the node has driven a whole episode."""
     from rtpolicy.deploy.node import PolicyNode
     from rtpolicy.deploy.sim_robot import SimRobotNode

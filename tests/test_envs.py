@@ -106,6 +106,10 @@ def test_unknown_task_errors():
         make_env(TaskConfig(env="gazebo", name=TASK))
     with pytest.raises(ValueError, match="max_episode_steps"):
         make_env(task_cfg(), max_episode_steps=0)
+    # a misspelt env_kwargs key is named, for every family (no **kwargs swallows it)
+    for family, name in (("metaworld", TASK), ("calvin_like", "open_drawer"), ("robosuite", "Lift")):
+        with pytest.raises(ValueError, match=rf"task.env_kwargs: unknown key 'scen' for env family '{family}'"):
+            make_env(TaskConfig(env=family, name=name, env_kwargs={"scen": "B"}))
 
 
 def test_collect_demos_store_and_determinism(tmp_path):

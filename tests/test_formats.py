@@ -20,7 +20,7 @@ from rtpolicy.datasets.formats import FormatError, convert, detect_format, read_
 from rtpolicy.datasets.replay_buffer import ReplayBuffer
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
+CONF = str(ROOT / "rtpolicy" / "conf")
 LENGTHS = [17, 23, 12]
 
 

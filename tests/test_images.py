@@ -1,6 +1,5 @@
 """Image observations end to end: env cameras, zarr storage, windowed sampling, image policies, config."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from rtpolicy.config import EncoderConfig, TaskConfig
 from rtpolicy.datasets.replay_buffer import ReplayBuffer
 from rtpolicy.datasets.sampler import SequenceDataset
 from rtpolicy.policies import load_all
-from rtpolicy.factory import build_policy, denoiser_config, policy_config
+from rtpolicy.factory import CONF_DIR, build_policy, denoiser_config, policy_config
 
 load_all()
 S = 32  # frame side in these tests
@@ -296,7 +295,7 @@ def test_train_config_composes_an_image_policy():
     from rtpolicy.config import register_configs
 
     register_configs()
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    conf = str(CONF_DIR)
     over = ["task.obs_keys=[state,rgb_corner]", "task.image_size=64", "policy.encoder.image_backbone=small_cnn",
             "policy.encoder.shared_backbone=false", "policy=edm"]
     with initialize_config_dir(config_dir=conf, version_base="1.3"):

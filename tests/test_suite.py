@@ -115,7 +115,7 @@ def test_calvin_like_config_evaluates_chains(tmp_path):
     from rtpolicy.envs.calvin_like import TASKS as CALVIN_TASKS
 
     register_configs()
-    conf = str((__import__("pathlib").Path(__file__).resolve().parents[1] / "conf"))
+    conf = str(__import__("rtpolicy.factory", fromlist=["CONF_DIR"]).CONF_DIR)
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose("train", overrides=["task=calvin_like", "task.max_episode_steps=20"])
     assert list(cfg.task.tasks) == CALVIN_TASKS and cfg.task.chain_length == 5

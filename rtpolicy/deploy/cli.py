@@ -4,16 +4,13 @@
     rtpolicy sim task=reach-v3 [key=value ...] [--ros-args ...]                      a simulated robot
 
 ``key=value`` sets a node parameter (values are read as JSON when they parse: numbers, true/false,
-lists, objects); ``--ros-args`` and what follows go to ROS (e.g. ``--params-file conf/deploy/metaworld.yaml``,
+lists, objects); ``--ros-args`` and what follows go to ROS (e.g. ``--params-file rtpolicy/conf/deploy/metaworld.yaml``,
 remappings). ``key=value`` wins over a params file. ``rtpolicy deploy --help`` lists the parameters.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-
-os.environ.setdefault("MUJOCO_GL", "osmesa")
 
 COMMANDS = {"deploy": "rtpolicy.deploy.node", "sim": "rtpolicy.deploy.sim_robot"}
 

@@ -84,7 +84,21 @@ def make_env(task_cfg: Any, seed: int | None = None, render: bool = False, **kwa
     extra keyword arguments (e.g. ``max_episode_steps``, ``width``, ``height``) go to the family's env.
     """
     fields = task_fields(task_cfg)
+    check_env_kwargs(fields["env"], fields["env_kwargs"])
     return ENVS.build(fields["env"], fields, seed=seed, render=render, **(fields["env_kwargs"] | kwargs))
+
+
+def check_env_kwargs(family: str, env_kwargs: Mapping[str, Any]) -> None:
+    """UserError naming the key when ``task.env_kwargs`` has a key the family's env constructor does not take."""
+    import inspect
+
+    params = inspect.signature(ENVS.get(family).cls.__init__).parameters
+    known = sorted(n for n, p in params.items() if n not in ("self", "task_cfg") and p.kind is not p.VAR_KEYWORD)
+    unknown = sorted(set(env_kwargs) - set(known))
+    if unknown:
+        from rtpolicy.errors import UserError
+
+        raise UserError(f"task.env_kwargs: unknown key {unknown[0]!r} for env family {family!r} (it takes: {', '.join(known)})")
 
 
 def env_factory(fields: dict[str, Any], seed: int | None, render: bool, kwargs: dict[str, Any]) -> gymnasium.Env:

@@ -1,7 +1,7 @@
 """Launch the policy node and the simulated Meta-World robot together.
 
     ros2 launch rtpolicy/deploy/launch/policy.launch.py bundle:=bundles/reach-v3 task:=reach-v3
-        [params_file:=conf/deploy/metaworld.yaml] [step_on_command:=true] [sim:=false]
+        [params_file:=rtpolicy/conf/deploy/metaworld.yaml] [step_on_command:=true] [sim:=false]
 
 Both nodes run the ``rtpolicy`` console script (``rtpolicy deploy`` / ``rtpolicy sim``), found on PATH
 (activate the environment rtpolicy is installed in). The policy node configures and activates itself
@@ -16,7 +16,7 @@ from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-DEFAULT_PARAMS = str(Path(__file__).resolve().parents[3] / "conf" / "deploy" / "metaworld.yaml")
+DEFAULT_PARAMS = str(Path(__file__).resolve().parents[2] / "conf" / "deploy" / "metaworld.yaml")
 
 
 def generate_launch_description() -> LaunchDescription:

@@ -233,7 +233,7 @@ class CalvinLikeEnv(gymnasium.Env):
         if self.num_tasks and task_id >= self.num_tasks:
             raise ValueError(f"task_id must be in [0, num_tasks={self.num_tasks}), got {task_id}")
         # observed task ids are indices into TASKS (a chain switches among all of them), so a multi-task
-        # config must be the whole TASKS list, in order (conf/task/calvin_like.yaml)
+        # config must be the whole TASKS list, in order (rtpolicy/conf/task/calvin_like.yaml)
         if self.num_tasks and self.num_tasks != len(TASKS):
             raise ValueError(f"calvin_like task ids index TASKS: num_tasks must be {len(TASKS)}, got {self.num_tasks}")
         if self.num_tasks and not self.chain_length and task_id != TASKS.index(self.task_name):
