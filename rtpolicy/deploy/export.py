@@ -77,6 +77,12 @@ def export_bundle(
     atomically file by file). Action/observation specs default to the env family's ``DEPLOY_SPEC``.
     ``program=True`` also writes the parity-checked ``torch.export`` denoiser (:func:`export_program`);
     ``onnx=True`` the whole chunk as ONNX graphs for ONNX Runtime (:mod:`rtpolicy.deploy.onnx`)."""
+    if onnx:  # checked before anything is written
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise BundleError(f"--onnx needs {' and '.join(missing)}: pip install 'rtpolicy[ort]'")
     policy, meta = load_policy(checkpoint, "cpu", policy_overrides)
     cfg = meta["config"]
     task = cfg.get("task", {})
