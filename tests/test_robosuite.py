@@ -10,6 +10,7 @@ import pytest
 
 from rtpolicy.envs import make_env  # first: picks MuJoCo's GL backend before robosuite's import loads it
 from rtpolicy.envs.robosuite import OBJECT_DIMS, TASKS
+from rtpolicy.errors import UserError
 
 pytest.importorskip("robosuite", reason="robosuite is not installed (pip install 'rtpolicy[robosuite]')")
 
@@ -27,23 +28,66 @@ def lift_env():
     env.close()
 
 
-@pytest.mark.parametrize("task", list(TASKS))
-def test_obs_keys_and_shapes_match_robomimic(task):
-    env = make_env({"env": "robosuite", "name": task}, seed=0)
-    try:
-        obs, info = env.reset(seed=1)
-        assert set(obs) == {"state", "object", *ROBOT_SHAPES}
-        for key, shape in ROBOT_SHAPES.items():
-            assert obs[key].shape == shape and obs[key].dtype == np.float32, key
-        assert obs["object"].shape == (OBJECT_DIMS[task],)
-        order = [obs[k] for k in (*ROBOT_SHAPES, "object")]
-        np.testing.assert_array_equal(obs["state"], np.concatenate(order))
-        assert env.observation_space.contains(obs)
-        assert env.action_space.shape == (7,) and info["success"] is False
-        obs, _, terminated, truncated, info = env.step(np.zeros(7))
-        assert not (terminated or truncated or info["success"]) and env.observation_space.contains(obs)
-    finally:
+@pytest.fixture(scope="module")
+def task_env():
+    """task name -> one env of that task (built once per module, closed at the end)."""
+    envs = {}
+
+    def get(task):
+        if task not in envs:
+            envs[task] = make_env({"env": "robosuite", "name": task}, seed=0)
+        return envs[task]
+
+    yield get
+    for env in envs.values():
         env.close()
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_obs_keys_and_shapes_match_robomimic(task, task_env):
+    env = task_env(task)
+    obs, info = env.reset(seed=1)
+    assert set(obs) == {"state", "object", *ROBOT_SHAPES}
+    for key, shape in ROBOT_SHAPES.items():
+        assert obs[key].shape == shape and obs[key].dtype == np.float32, key
+    assert obs["object"].shape == (OBJECT_DIMS[task],)
+    order = [obs[k] for k in (*ROBOT_SHAPES, "object")]
+    np.testing.assert_array_equal(obs["state"], np.concatenate(order))
+    assert env.observation_space.contains(obs)
+    assert env.action_space.shape == (7,) and info["success"] is False
+    obs, _, terminated, truncated, info = env.step(np.zeros(7))
+    assert not (terminated or truncated or info["success"]) and env.observation_space.contains(obs)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_expert_solves_a_fixed_seed_and_the_episode_replays_exactly(task, task_env):
+    """Every task: the scripted expert solves start seed 5; replaying its actions from the same seed gives the
+    same states, rewards and flags step for step (success reported at the same step)."""
+    env = task_env(task)
+
+    def rollout(policy):
+        obs, _ = env.reset(seed=5)
+        trace = [(obs["state"], 0.0, False, False, False)]
+        actions = []
+        for t in range(env.max_episode_steps):
+            action = policy(t, obs)
+            actions.append(action)
+            obs, reward, terminated, truncated, info = env.step(action)
+            trace.append((obs["state"], reward, terminated, truncated, info["success"]))
+            if terminated or truncated:
+                break
+        return actions, trace
+
+    expert = env.expert()
+    actions, trace = rollout(lambda t, obs: expert(obs))
+    _, _, terminated, truncated, success = trace[-1]
+    assert success and terminated and not truncated, (task, len(actions))
+    assert not any(step[4] for step in trace[:-1])  # success is reported once, at the end
+    _, again = rollout(lambda t, obs: actions[t])
+    assert len(again) == len(trace)
+    for t, (a, b) in enumerate(zip(trace, again)):
+        np.testing.assert_array_equal(a[0], b[0], err_msg=f"{task} step {t}")
+        assert a[1:] == b[1:], (task, t, a[1:], b[1:])
 
 
 def test_seeded_starts_are_deterministic_across_instances(lift_env):
@@ -68,14 +112,24 @@ def test_seeded_starts_are_deterministic_across_instances(lift_env):
 
 
 def test_bad_actions_and_names_are_refused(lift_env):
-    lift_env.reset(seed=0)
-    with pytest.raises(ValueError, match=r"shape \(7,\)"):
-        lift_env.step(np.zeros(4))
-    with pytest.raises(ValueError, match="non-finite"):
-        lift_env.step(np.array([0, 0, np.nan, 0, 0, 0, 0]))
-    with pytest.raises(ValueError, match="unknown robosuite task 'Lfit'; did you mean Lift"):
+    obs, _ = lift_env.reset(seed=0)
+    bad = {
+        r"robosuite Lift: action must have shape \(7,\), got \(4,\)": np.zeros(4),
+        r"robosuite Lift: action must have shape \(7,\), got \(1, 7\)": np.zeros((1, 7)),
+        r"robosuite Lift: action has a non-finite value: \[ ?0\. +0\. +nan": np.array([0, 0, np.nan, 0, 0, 0, 0]),
+        r"robosuite Lift: action has a non-finite value: .*inf": np.array([0, 0, 0, 0, 0, 0, np.inf]),
+        r"robosuite Lift: could not convert string to float: 'up'": ["up"] * 7,
+    }
+    for match, action in bad.items():
+        with pytest.raises(UserError, match=match) as refused:
+            lift_env.step(action)
+        assert "\n" not in str(refused.value), str(refused.value)  # one line (the CLIs print it as is)
+    assert lift_env.elapsed_steps == 0  # nothing was stepped; the env goes on
+    again, _, _, _, info = lift_env.step(np.zeros(7))
+    assert info["steps"] == 1 and again["object"].shape == obs["object"].shape
+    with pytest.raises(UserError, match="unknown robosuite task 'Lfit'; did you mean Lift"):
         lift(name="Lfit")
-    with pytest.raises(ValueError, match="rgb_wristcam"):
+    with pytest.raises(UserError, match="rgb_wristcam"):
         lift(obs_keys=["state", "rgb_wristcam"])
 
 

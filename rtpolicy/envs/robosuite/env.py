@@ -40,6 +40,7 @@ from gymnasium import spaces
 
 from rtpolicy.envs import ENVS, check_action
 from rtpolicy.envs.robosuite.tasks import CAMERAS, ROBOT_DIMS, ROBOT_KEYS, TASKS, check_task_name, controller_config
+from rtpolicy.errors import UserError
 
 ACTION_DIM = 7
 CONTROL_HZ = 20
@@ -55,7 +56,7 @@ def _get(task_cfg: Any, key: str, default: Any = None) -> Any:
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
+        raise UserError(f"{name} must be an int {bound}, got {value!r}")
     return int(value)
 
 
@@ -91,7 +92,7 @@ def camera_keys(obs_keys: Any) -> list[str]:
     keys = [k for k in (obs_keys or []) if isinstance(k, str) and k.startswith(IMAGE_PREFIX)]
     for key in keys:
         if key[len(IMAGE_PREFIX):] not in CAMERAS:
-            raise ValueError(f"obs key {key!r} names no robosuite camera; use rgb_<camera> with camera in {', '.join(CAMERAS)}")
+            raise UserError(f"obs key {key!r} names no robosuite camera; use rgb_<camera> with camera in {', '.join(CAMERAS)}")
     return keys
 
 
@@ -143,7 +144,7 @@ class RobosuiteEnv(gymnasium.Env):
         self.num_tasks = _check_int("num_tasks", _get(task_cfg, "num_tasks", 0) or 0, 0)
         task_id = _check_int("task_id", _get(task_cfg, "task_id", 0) or 0, 0)
         if self.num_tasks and task_id >= self.num_tasks:
-            raise ValueError(f"task_id must be in [0, num_tasks={self.num_tasks}), got {task_id}")
+            raise UserError(f"task_id must be in [0, num_tasks={self.num_tasks}), got {task_id}")
         self.task_id = task_id
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
@@ -154,7 +155,7 @@ class RobosuiteEnv(gymnasium.Env):
         size = image_size if image_size is not None else (_get(task_cfg, "image_size", None) or 84)
         self.image_size = _check_int("image_size", size, 1, 1024)
         if camera not in CAMERAS:
-            raise ValueError(f"camera must be one of {', '.join(CAMERAS)}, got {camera!r}")
+            raise UserError(f"camera must be one of {', '.join(CAMERAS)}, got {camera!r}")
         self._render_camera, self._render_size = camera, (_check_int("height", height, 1, 2048), _check_int("width", width, 1, 2048))
 
         robosuite = import_robosuite()
@@ -211,10 +212,13 @@ class RobosuiteEnv(gymnasium.Env):
         return self._copy_obs(), dict(self._info)
 
     def step(self, action):
-        """action (7,) in [-1, 1] (clipped; wrong shape or NaN: ValueError) -> (obs, reward, terminated, truncated, info)."""
+        """action (7,) in [-1, 1] (clipped; wrong shape or NaN/inf: UserError, one line) -> (obs, reward, terminated, truncated, info)."""
         if self._obs is None:
             raise RuntimeError("call reset() before step()")
-        action = check_action(action, ACTION_DIM)
+        try:
+            action = check_action(action, ACTION_DIM)
+        except ValueError as e:  # one line naming the task and the value
+            raise UserError(f"robosuite {self.task_name}: {' '.join(str(e).split())}") from None
         if self._terminated or self._truncated:  # absorbing: no physics, same flags
             return self._copy_obs(), 0.0, self._terminated, self._truncated, dict(self._info)
         raw, reward, _, _ = self._env.step(action)

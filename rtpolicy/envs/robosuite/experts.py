@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from rtpolicy.errors import UserError
+
 K_POS = 10.0  # action units per metre of position error (moves: no overshoot with a held object)
 K_POS_FINE = 20.0  # at the grasp (the OSC goal is then the target itself): holds its own under action noise
 K_ROT = 1.5  # gain on the axis-angle error (rad) / 0.5 rad
@@ -110,13 +112,13 @@ class Expert:
         self.layout, self.geometry = dict(layout), dict(geometry)
         self.noise = float(noise)
         if not np.isfinite(self.noise) or self.noise < 0:
-            raise ValueError(f"noise must be a finite float >= 0, got {noise!r}")
+            raise UserError(f"noise must be a finite float >= 0, got {noise!r}")
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, obs: Mapping[str, Any]) -> np.ndarray:
         missing = [k for k in ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object") if k not in obs]
         if missing:
-            raise ValueError(f"the robosuite expert needs obs keys {missing} (got {sorted(obs)})")
+            raise UserError(f"the robosuite expert needs obs keys {missing} (got {sorted(obs)})")
         self.eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
         self.hand = quat_to_mat(obs["robot0_eef_quat"])
         self.yaw = float(np.arctan2(self.hand[1, 0], self.hand[0, 0]))
@@ -318,5 +320,5 @@ def make_expert(task: str, layout: Mapping[str, slice], geometry: Mapping[str, A
                 seed: int | None = None) -> Expert:
     """The scripted expert of robosuite task ``task`` (a key of :data:`EXPERTS`)."""
     if task not in EXPERTS:
-        raise ValueError(f"no scripted robosuite expert for {task!r}; experts: {', '.join(EXPERTS)}")
+        raise UserError(f"no scripted robosuite expert for {task!r}; experts: {', '.join(EXPERTS)}")
     return EXPERTS[task](layout, geometry, noise=noise, seed=seed)

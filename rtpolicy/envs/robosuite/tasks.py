@@ -13,6 +13,8 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
+from rtpolicy.errors import UserError
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -41,7 +43,7 @@ ROBOT_DIMS = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 
 
 
 def check_task_name(name: Any) -> str:
-    """The robosuite env name of ``name`` (a key of :data:`TASKS` or an alias), else a ValueError naming the close ones."""
+    """The robosuite env name of ``name`` (a key of :data:`TASKS` or an alias), else a UserError naming the close ones."""
     if isinstance(name, str):
         if name in TASKS:
             return name
@@ -50,7 +52,7 @@ def check_task_name(name: Any) -> str:
     names = list(TASKS) + list(ALIASES)
     close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(f"unknown robosuite task {name!r}; {hint}available: {', '.join(TASKS)} (or {', '.join(ALIASES)})")
+    raise UserError(f"unknown robosuite task {name!r}; {hint}available: {', '.join(TASKS)} (or {', '.join(ALIASES)})")
 
 
 def controller_config() -> dict[str, Any]:
