@@ -5,6 +5,15 @@
     python benchmarks/success.py --denoiser transformer --heads diffusion --cache bac:4 bac:3 uniform:2 uniform:3 \
                                  --out benchmarks/success_cache.json
 
+``--train-seeds N`` trains every head N times (``train.seed`` 0..N-1; seed 0 keeps the run folder ``<head>``, seed s
+trains into ``<head>-seed<s>``) and adds, per setting, a ``task: "mean over seeds"`` row: the mean of the seeds'
+MT10 means, their sample std and range, and the per-seed figures with their seed lists (per-task rows carry
+``train_seed``). ``--eval-seed S`` evaluates on episode seeds S, S+1, ... (default 100000, ``eval.seed``); a
+setting evaluated on other seeds than the default is stored as ``eval_<setting>_seed<S>.json``.
+``--calib-source`` picks where the --cache calibration windows come from (``demos``: drawn from the training
+demos as before; ``demos-per-task``: the same number from each suite member); ``--cache bound:F`` calibrates the
+error-bounded schedule (``calibrate_bounded``) at cost fraction F (e.g. bound:0.3), with half of the windows held out.
+
 ``--eval-backend ray`` plays the evaluation episodes on Ray workers (``eval.backend=ray``; a local Ray, or the
 cluster of ``--ray-address``) with the same per-episode results as the local runner.
 ``--cache experts`` evaluates DDIM-10 of a ``--denoiser mode`` policy with its experts fused per noise
@@ -54,29 +63,47 @@ HEADS = {
 }
 
 
-def apply_cache(policy, setting: str, task_cfg, n: int, device) -> dict:
-    """Wrap ``policy.denoiser`` in a feature cache calibrated on ``n`` demo observation windows."""
+def demo_windows(policy, task_cfg, n: int, device, per_task: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``n`` observation windows (n, To, ...) drawn from the training demos (per_task: n // members from each
+    suite member's episodes), with their task ids for a suite policy."""
     import numpy as np
 
     from rtpolicy.datasets.replay_buffer import ReplayBuffer
-    from rtpolicy.policies.accelerators.cache import calibrate
-    from rtpolicy.policies.denoisers.mode import cache_policy_experts
 
-    mode, _, num = setting.partition(":")
-    if not (mode in ("bac", "uniform", "taylor") and num.isdigit() or setting == "experts"):
-        raise SystemExit(f"--cache {setting!r}: expected bac:N, uniform:N, taylor:N or experts")
     buf = ReplayBuffer.open(task_cfg.dataset)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     to = policy.obs_horizon
     ends = buf.episode_ends
     starts = np.concatenate([[0], ends[:-1]])
-    ep = rng.integers(0, len(ends), n)
+    data = buf.load(["state"] + (["task_id"] if getattr(policy, "num_tasks", 0) else []))
+    if per_task and "task_id" in data:
+        ep_task = data["task_id"][starts]
+        members = np.unique(ep_task)
+        ep = np.concatenate([rng.choice(np.flatnonzero(ep_task == m), max(1, n // len(members))) for m in members])
+    else:
+        ep = rng.integers(0, len(ends), n)
     t = rng.integers(starts[ep] + to - 1, ends[ep])  # windows that lie inside one episode
     idx = t[:, None] - np.arange(to)[::-1]
-    data = buf.load(["state"] + (["task_id"] if getattr(policy, "num_tasks", 0) else []))
     obs = {"state": torch.from_numpy(data["state"][idx]).float().to(device)}
     if "task_id" in data:
         obs["task_id"] = torch.from_numpy(data["task_id"][t]).long().to(device)
+    return obs
+
+
+def apply_cache(policy, setting: str, task_cfg, n: int, device, source: str = "demos") -> dict:
+    """Wrap ``policy.denoiser`` in a feature cache calibrated on ``n`` demo observation windows."""
+    from rtpolicy.policies.accelerators.cache import calibrate, calibrate_bounded
+    from rtpolicy.policies.denoisers.mode import cache_policy_experts
+
+    mode, _, num = setting.partition(":")
+    ok_num = num.isdigit() or (mode == "bound" and num.replace(".", "", 1).isdigit())
+    if not (mode in ("bac", "uniform", "taylor", "bound") and ok_num or setting == "experts"):
+        raise SystemExit(f"--cache {setting!r}: expected bac:N, uniform:N, taylor:N, bound:F or experts")
+    obs = demo_windows(policy, task_cfg, n, device, per_task=source == "demos-per-task")
+    if mode == "bound":  # fit on every other window, bound measured on the rest
+        with torch.no_grad():
+            return calibrate_bounded(policy, {k: v[0::2] for k, v in obs.items()}, {k: v[1::2] for k, v in obs.items()},
+                                     cost=float(num))
     if setting == "experts":  # MoDE: fuse the routed experts per noise level of the sampler's schedule
         with torch.no_grad():
             return {"cached_levels": cache_policy_experts(policy, {k: v[:1] for k, v in obs.items()}),
@@ -84,6 +111,30 @@ def apply_cache(policy, setting: str, task_cfg, n: int, device) -> dict:
     kw = {"budget": int(num)} if mode == "bac" else {"every": int(num)}
     with torch.no_grad():
         return calibrate(policy, obs, mode, **kw)
+
+
+def seed_means(rows: list[dict]) -> list[dict]:
+    """Per setting with more than one training seed: one ``task: "mean over seeds"`` row (mean of the seeds' suite
+    means, sample std, min/max, and per-task means), carrying the seed lists."""
+    import statistics
+
+    out = []
+    means = [r for r in rows if r["task"] == "mean"]
+    for key in dict.fromkeys((r["head"], r["sampler"], r["steps"]) for r in means):
+        sel = [r for r in means if (r["head"], r["sampler"], r["steps"]) == key]
+        if len(sel) < 2:
+            continue
+        vals = [r["success"] for r in sel]
+        per_task: dict[str, list[float]] = {}
+        for r in rows:
+            if (r["head"], r["sampler"], r["steps"]) == key and r["task"] not in ("mean", "mean over seeds"):
+                per_task.setdefault(r["task"], []).append(r["success"])
+        out.append({"head": key[0], "sampler": key[1], "steps": key[2], "task": "mean over seeds",
+                    "success": statistics.fmean(vals), "std": statistics.stdev(vals), "min": min(vals), "max": max(vals),
+                    "per_seed": vals, "train_seeds": [r["train_seed"] for r in sel],
+                    "eval_seeds": sorted({r["eval_seed"] for r in sel}), "episodes_per_seed": sel[0]["episodes"],
+                    "per_task": {t: statistics.fmean(v) for t, v in per_task.items()}})
+    return out
 
 
 def main() -> None:
@@ -99,6 +150,10 @@ def main() -> None:
     ap.add_argument("--denoiser", default="unet1d", help="denoiser of every head (a registered name)")
     ap.add_argument("--cache", nargs="*", default=[], metavar="MODE:N", help="feature-cache settings for diffusion DDIM-10")
     ap.add_argument("--calib", type=int, default=64, help="calibration windows for --cache")
+    ap.add_argument("--calib-source", default="demos", choices=["demos", "demos-per-task"],
+                    help="where --cache calibration windows come from (demos-per-task: --calib split evenly over members)")
+    ap.add_argument("--train-seeds", type=int, default=1, help="train every head with train.seed 0..N-1 (mean and spread)")
+    ap.add_argument("--eval-seed", type=int, default=EvalConfig.seed, help="first evaluation episode seed")
     ap.add_argument("--settings", nargs="*", default=None, metavar="NAME",
                     help="evaluate only these settings, e.g. ddim10 ddim+bac410 (default: all of each head)")
     ap.add_argument("--tag", default="", help="suffix of the run folder (variants of one denoiser)")
@@ -116,13 +171,17 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
+    if args.train_seeds < 1:
+        raise SystemExit(f"--train-seeds must be >= 1, got {args.train_seeds}")
     rows = []
     group = args.task + ("" if args.denoiser == "unet1d" else f"-{args.denoiser}") + (f"-{args.tag}" if args.tag else "")
-    for head in args.heads:
-        run_dir = Path(args.runs) / group / head
+    cal = "" if (args.calib, args.calib_source) == (64, "demos") else f"_cal{args.calib}{args.calib_source}"
+    eval_tag = "" if args.eval_seed == EvalConfig.seed else f"_seed{args.eval_seed}"
+    for head, seed in ((h, s) for h in args.heads for s in range(args.train_seeds)):
+        run_dir = Path(args.runs) / group / (head if seed == 0 else f"{head}-seed{seed}")
         if not (run_dir / "results.json").exists():
             over = [f"task={args.task}", f"policy={head}", f"denoiser={args.denoiser}", f"train.steps={args.steps}",
-                    "eval.episodes=0", f"train.threads={args.threads}",
+                    "eval.episodes=0", f"train.threads={args.threads}", *([f"train.seed={seed}"] if seed else []),
                     *args.overrides, f"run_dir={run_dir}", f"resume={(run_dir / 'checkpoints' / 'last.safetensors').exists()}"]
             cfg = compose(over)
             train(cfg)
@@ -133,29 +192,37 @@ def main() -> None:
         for sampler, steps, inference, cache in settings:
             if args.settings is not None and f"{sampler}{steps}" not in args.settings:
                 continue
-            out = run_dir / f"eval_{sampler}{steps}.json"
+            out = run_dir / f"eval_{sampler}{steps}{cal if cache else ''}{eval_tag}.json"
             if not out.exists():
                 device = resolve_device("auto")
                 policy, meta = load_policy(ckpt, device, inference)
                 task_cfg = task_config(meta["config"]["task"])
                 if cache:
-                    report = apply_cache(policy, cache, task_cfg, args.calib, device)
+                    report = apply_cache(policy, cache, task_cfg, args.calib, device, args.calib_source)
+                    (out.parent / (out.stem + "_cache.json")).write_text(json.dumps(report, indent=2))
                     print(f"[success] cache {cache}: {report}", flush=True)
-                ecfg = EvalConfig(episodes=args.episodes, num_envs=args.num_envs, out=str(out), backend=args.eval_backend,
+                ecfg = EvalConfig(episodes=args.episodes, num_envs=args.num_envs, seed=args.eval_seed, out=str(out),
+                                  backend=args.eval_backend,
                                   ray_address=args.ray_address, ray_workers=args.ray_workers, ray_gpus=args.ray_gpus)
-                print(f"[success] {head} {sampler}-{steps}: {args.episodes} episodes per task", flush=True)
+                print(f"[success] {head} (train seed {seed}) {sampler}-{steps}: {args.episodes} episodes per task from "
+                      f"seed {args.eval_seed}", flush=True)
                 evaluate(policy, task_cfg, ecfg, device=device)
             res = json.loads(out.read_text())
             per_task = res.get("per_task") or {res["task"]: res}
+            tags = {"train_seed": seed, "eval_seed": args.eval_seed}
             for task, r in per_task.items():
                 rows.append({"head": head, "sampler": sampler, "steps": steps, "task": task, "episodes": r["episodes"],
-                             "success": r["success"], "ci95": r["ci95"]})
+                             "success": r["success"], "ci95": r["ci95"], **tags})
             rows.append({"head": head, "sampler": sampler, "steps": steps, "task": "mean", "episodes": res["episodes"],
                          "success": res["success"], "ci95": res["ci95"], "chunk_ms_p50": res["chunk_ms_p50"],
-                         "denoiser": args.denoiser})
+                         "denoiser": args.denoiser, **tags, **({"calib": args.calib, "calib_source": args.calib_source}
+                                                               if cache else {})})
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(rows, indent=2))
+            Path(args.out).write_text(json.dumps(rows + seed_means(rows), indent=2))
+    rows += seed_means(rows)
 
+    seeded = [r for r in rows if r["task"] == "mean over seeds"]
+    rows = [r for r in rows if r["task"] != "mean over seeds" and r["train_seed"] == 0]  # the table: seed 0
     settings = list(dict.fromkeys((r["head"], r["sampler"], r["steps"]) for r in rows))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     cell = {(r["head"], r["sampler"], r["steps"], r["task"]): r for r in rows}
@@ -168,6 +235,9 @@ def main() -> None:
             line += f"{'':>22s}" if r is None else f"{r['success']:6.2f} [{r['ci95'][0]:.2f},{r['ci95'][1]:.2f}]".rjust(22)
         print(line)
     print(f"({rows[-1]['episodes'] // max(1, len(tasks) - 1)} episodes per task; mean row: Wilson 95% CI of pooled episodes)")
+    for r in seeded:
+        print(f"{r['head']}/{r['sampler']}-{r['steps']}: {r['success']:.3f} +- {r['std']:.3f} (std over train seeds "
+              f"{r['train_seeds']}: {', '.join(f'{v:.3f}' for v in r['per_seed'])}; eval seeds from {r['eval_seeds']})")
     print(f"wrote {args.out}")
 
 

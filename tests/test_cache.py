@@ -7,7 +7,8 @@ from rtpolicy.policies import load_all
 
 from rtpolicy.factory import build_policy, denoiser_config, policy_config
 from rtpolicy.policies.accelerators.cache import (CachedDiT, adaptive_schedule, bubbling_union, calibrate,
-                                                 uniform_schedule)
+                                                 calibrate_bounded, cost_fraction, greedy_path, least_error_schedules,
+                                                 output_errors, uniform_schedule, unit_costs)
 from rtpolicy.policies.denoisers.base import DENOISERS
 
 SHAPES = {"state": [6], "action": [2]}
@@ -117,3 +118,40 @@ def test_caching_composes_with_streaming_ticks():
     policy.reset()
     assert all(torch.equal(policy.predict_chunk(OBS), r) for r in ref)
     assert calibrate(policy, OBS, "bac", budget=1)["steps"] == 2
+
+
+def test_least_error_schedules_and_greedy_path():
+    # reusing across the 0-3 / 4-9 boundary costs 1, within a group nothing: two updates belong at 0 and 4
+    group = torch.tensor([0] * 4 + [1] * 6)
+    err = torch.where(group[:, None] == group[None], 0.0, 1.0)
+    totals, scheds = least_error_schedules(err)
+    assert scheds[1].nonzero().flatten().tolist() == [0, 4] and totals[1] == 0 and totals[0] == 6
+    assert scheds[9].all() and [int(s.sum()) for s in scheds] == list(range(1, 11))
+    # unit 1 is smooth (no reuse error), unit 0 is not: the budget goes to unit 0 first
+    errs = torch.stack([torch.rand(10, 10) + 0.1, torch.zeros(10, 10)])
+    path = greedy_path(errs, torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert len(path) == 19 and path[-1].all() and int(path[9][0].sum()) == 10 and int(path[9][1].sum()) == 1
+    costs = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    fracs = [cost_fraction(p, costs) for p in greedy_path(errs, costs)]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0
+
+
+def test_bounded_schedule_holds_its_bound_on_unseen_windows():
+    """Calibrated on fit windows with its bound measured on held-out ones, the schedule's chunk error on fresh
+    windows from the same distribution stays under the stored bound (q = 0.9: at most ~10% of windows above)."""
+    policy = make(sampler="ddim", num_inference_steps=10)
+    g = torch.Generator().manual_seed(5)
+    fit, held, fresh = ({"state": torch.randn(n, 2, 6, generator=g)} for n in (48, 64, 160))
+    rep = calibrate_bounded(policy, fit, held, cost=0.4, q=0.9)
+    cached, bound = policy.denoiser, rep["bound"]["chunk_rms"]
+    assert isinstance(cached, CachedDiT) and rep["cost_fraction"] <= 0.4 and cached.schedule[:, 0].all()
+    assert cost_fraction(cached.schedule, unit_costs(cached.inner)) == pytest.approx(rep["cost_fraction"])
+    err = output_errors(policy, fresh)
+    assert 0 < float(err.mean()) < bound and float((err > bound).float().mean()) <= 0.2
+    assert len(rep["bound"]["units"]) == 6 and rep["bound"]["n_heldout"] == 64
+    again = CachedDiT.from_json(cached.inner, cached.schedule_json())  # the bound travels with the schedule
+    assert again.bound == cached.bound and torch.equal(again.schedule, cached.schedule)
+    # tol: the cheapest schedule on the path whose held-out bound is under it
+    tight = calibrate_bounded(policy, fit, held, tol=bound / 4, q=0.9)
+    assert tight["bound"]["chunk_rms"] <= bound / 4 and rep["cost_fraction"] < tight["cost_fraction"] < 1
+    assert float(output_errors(policy, fresh).mean()) < bound / 4

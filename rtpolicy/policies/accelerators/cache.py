@@ -13,6 +13,17 @@ its last computed output. A schedule (U, K) bool says, per unit and step, whethe
   steps that maximize the summed cosine similarity between each step's true output and the cached
   output it would reuse (dynamic programming over steps); Bubbling Union then makes every unit
   upstream of an FFN unit update wherever that FFN unit updates, so caching errors do not propagate.
+- ``bound`` (:func:`calibrate_bounded`, issue 20): an error-bounded schedule. On fit windows, the error of
+  reusing unit u's step-j output at step k is measured per window (RMS over tokens and channels: every unit
+  adds into the same residual stream, so errors are comparable across units) and summarised by a high
+  quantile over windows, not a mean; per unit, dynamic programming gives the least-error update steps for
+  every number of updates; the FLOP budget then goes greedily to the units whose next update removes the
+  most error per FLOP (a cheap unit with a smooth output gets few updates, so the budget is spent where
+  reuse costs most). The schedule's output error (RMS of the executed action chunk vs the uncached
+  denoiser with the same noise) is then measured on *held-out* windows and its conformal quantile is
+  stored with the schedule as its bound (:attr:`CachedDiT.bound`, in :meth:`CachedDiT.schedule_json`);
+  with ``tol`` the cheapest schedule along the greedy path whose held-out bound is <= tol is taken.
+  :func:`output_errors` measures any cached policy (uniform, taylor, bac, MoDE's fused experts) the same way.
 
 Besides the units, the wrapper computes once per chunk what cannot change within it (exactly, so a
 full schedule still equals the uncached denoiser bit for bit): the condition tokens' projection (while
@@ -29,6 +40,7 @@ on a steady-state call. Schedules are plain JSON (:meth:`CachedDiT.schedule_json
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
@@ -39,6 +51,7 @@ from rtpolicy.policies.denoisers.transformer import DiTDenoiser, modulate, per_t
 from rtpolicy.policies.head import denoiser_calls
 
 MODES = ("bac", "uniform", "taylor")
+inf = float("inf")
 
 
 class CachedDiT(nn.Module):
@@ -57,6 +70,7 @@ class CachedDiT(nn.Module):
         if not schedule[:, 0].all():
             raise ValueError("schedule must recompute every unit at step 0")
         self.inner, self.mode = inner, mode
+        self.bound: dict[str, Any] | None = None  # the held-out output-error bound it was calibrated for
         self.register_buffer("schedule", schedule.clone())
         self.record: list[list[torch.Tensor]] | None = None  # per step, per unit outputs while calibrating
         self.reset()
@@ -130,12 +144,15 @@ class CachedDiT(nn.Module):
         return m.out(modulate(m.norm_out(h), shift, scale))
 
     def schedule_json(self) -> str:
-        return json.dumps({"mode": self.mode, "schedule": self.schedule.int().tolist()})
+        return json.dumps({"mode": self.mode, "schedule": self.schedule.int().tolist(),
+                           **({"bound": self.bound} if self.bound is not None else {})})
 
     @classmethod
     def from_json(cls, inner: DiTDenoiser, text: str) -> CachedDiT:
         data = json.loads(text)
-        return cls(inner, torch.tensor(data["schedule"], dtype=torch.bool), data["mode"])
+        out = cls(inner, torch.tensor(data["schedule"], dtype=torch.bool), data["mode"])
+        out.bound = data.get("bound")
+        return out
 
 
 def uniform_schedule(units: int, steps: int, every: int) -> torch.Tensor:
@@ -224,3 +241,175 @@ def calibrate(policy, obs: dict[str, torch.Tensor], mode: str = "bac", budget: i
     policy.denoiser = CachedDiT(inner, schedule, mode)
     policy.reset()
     return {"mode": mode, "steps": k, "units": units, "computed_fraction": policy.denoiser.computed_fraction()}
+
+
+def unit_costs(inner: DiTDenoiser) -> torch.Tensor:
+    """(units,) multiply-accumulates per sample of each unit's recompute: attention (q, kv over [ctx; h], proj,
+    scores and values) and FFN (two linears)."""
+    t, e = inner.action_pos.shape[1:]
+    n, hidden = inner.cond_pos.shape[1], inner.blocks[0].mlp[0].out_features
+    attn = t * e * e + (n + t) * 2 * e * e + t * e * e + 2 * t * (n + t) * e
+    ffn = 2 * t * e * hidden
+    return torch.tensor([attn, ffn] * len(inner.blocks), dtype=torch.float64)
+
+
+def cost_fraction(schedule: torch.Tensor, costs: torch.Tensor) -> float:
+    """Share of the units' multiply-accumulates a schedule (units, K) recomputes."""
+    return float((schedule.double() * costs[:, None]).sum() / (costs.sum() * schedule.shape[1]))
+
+
+def _inner(policy) -> DiTDenoiser:
+    return policy.denoiser.inner if isinstance(policy.denoiser, CachedDiT) else policy.denoiser
+
+
+@torch.no_grad()
+def record_features(policy, obs: dict[str, torch.Tensor], steps: int) -> list[list[torch.Tensor]]:
+    """Every unit's output at every step of one steady-state chunk (uncached): [K][U] of (B, T, E).
+    The policy's denoiser is left as it was."""
+    keep, inner = policy.denoiser, _inner(policy)
+    probe = CachedDiT(inner, torch.ones(2 * len(inner.blocks), steps, dtype=torch.bool), "bac")
+    policy.denoiser = probe
+    try:
+        policy.reset()
+        policy.predict_chunk(obs)  # a streaming head's warm start, not recorded
+        probe.record = []
+        policy.predict_chunk(obs)
+        return probe.record
+    finally:
+        policy.denoiser = keep
+        policy.reset()
+
+
+def reuse_errors(features: list[list[torch.Tensor]]) -> torch.Tensor:
+    """[K][U] of (B, T, E) -> (U, K, K, B): err[u, j, k, b] = RMS over (T, E) of sample b's unit-u output at step
+    k minus its output at step j (the error of reusing step j's output at step k)."""
+    k, u = len(features), len(features[0])
+    out = torch.empty(u, k, k, features[0][0].shape[0])
+    for j in range(u):
+        f = torch.stack([features[s][j].flatten(1).float() for s in range(k)])  # (K, B, T*E)
+        out[j] = (f[:, None] - f[None]).pow(2).mean(-1).sqrt()
+    return out
+
+
+def least_error_schedules(err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One unit's reuse errors err (K, K) (err[j, k]: reusing step j's output at step k) -> (total (K,), schedules
+    (K, K) bool): for n = 1..K updates (row n-1), the least summed error sum_k err[last_update(k), k] with step 0
+    an update, and the update steps that reach it (dynamic programming over (updates, last update))."""
+    k = err.shape[0]
+    csum = torch.cat([torch.zeros(k, 1, dtype=torch.float64), err.double().cumsum(1)], dim=1)
+    cost = lambda i, j: float(csum[i, j] - csum[i, i + 1])  # noqa: E731  steps i+1..j-1 reuse step i
+    best = [[inf] * k for _ in range(k + 1)]
+    prev = [[-1] * k for _ in range(k + 1)]
+    best[1][0] = 0.0
+    for c in range(1, k):
+        for i in range(k):
+            if best[c][i] == inf:
+                continue
+            for j in range(i + 1, k):
+                v = best[c][i] + cost(i, j)
+                if v < best[c + 1][j]:
+                    best[c + 1][j], prev[c + 1][j] = v, i
+    totals, scheds = torch.empty(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.bool)
+    for n in range(1, k + 1):
+        last = min((i for i in range(k) if best[n][i] < inf), key=lambda i: best[n][i] + cost(i, k))
+        totals[n - 1] = best[n][last] + cost(last, k)
+        c = n
+        while last >= 0:
+            scheds[n - 1, last] = True
+            last, c = prev[c][last], c - 1
+    return totals, scheds
+
+
+def greedy_path(err: torch.Tensor, costs: torch.Tensor) -> list[torch.Tensor]:
+    """err (U, K, K) per-unit reuse errors, costs (U,) -> schedules (U, K) from one update per unit to the full
+    schedule, one update added at a time to the unit whose next update removes the most error per FLOP."""
+    u, k = err.shape[:2]
+    best = [least_error_schedules(err[i]) for i in range(u)]
+    n = [1] * u
+    path = [torch.stack([best[i][1][0] for i in range(u)])]
+    while any(m < k for m in n):
+        gain = [(float(best[i][0][n[i] - 1] - best[i][0][n[i]]) / float(costs[i]) if n[i] < k else -inf, -i)
+                for i in range(u)]
+        i = -max(gain)[1]
+        n[i] += 1
+        path.append(torch.stack([best[j][1][n[j] - 1] for j in range(u)]))
+    return path
+
+
+def conformal_quantile(errors: torch.Tensor, q: float) -> float:
+    """The split-conformal q-quantile of n held-out errors: the ceil((n+1) q)-th smallest (the largest when that
+    exceeds n), so a new window from the same distribution exceeds it with probability <= 1 - q (about)."""
+    e = errors.flatten().sort().values
+    n = e.numel()
+    return float(e[min(n, max(1, math.ceil((n + 1) * q))) - 1])
+
+
+@torch.no_grad()
+def output_errors(policy, obs: dict[str, torch.Tensor], reference=None, seed: int = 0) -> torch.Tensor:
+    """(B,) RMS over the executed chunk (Ha, Da) of policy's actions minus the ``reference`` denoiser's (default: the
+    uncached DiT under the policy's CachedDiT), same observations and noise; a steady-state chunk (after one warm
+    call, which matters for streaming heads only)."""
+    keep = policy.denoiser
+    ref = _inner(policy) if reference is None else reference
+    outs = []
+    try:
+        for den in (keep, ref):
+            policy.denoiser = den
+            policy.reset()
+            torch.manual_seed(seed)
+            policy.predict_chunk(obs)
+            outs.append(policy.predict_chunk(obs))
+    finally:
+        policy.denoiser = keep
+        policy.reset()
+    return (outs[0] - outs[1]).pow(2).flatten(1).mean(1).sqrt()
+
+
+@torch.no_grad()
+def calibrate_bounded(policy, fit: dict[str, torch.Tensor], heldout: dict[str, torch.Tensor], cost: float = 0.3,
+                      tol: float | None = None, q: float = 0.9, seed: int = 0) -> dict[str, Any]:
+    """Replace ``policy.denoiser`` by an error-bounded CachedDiT (reuse mode); returns a report.
+
+    fit / heldout: disjoint observation windows (B, To, ...). ``cost``: the largest share of the units' FLOPs to
+    recompute (tol None), or, with ``tol``, the cheapest schedule on the greedy path whose held-out bound is
+    <= tol (the full schedule if none). ``q``: the quantile over windows used for the per-unit reuse errors
+    and the stored bound. The bound: {"q", "chunk_rms" (conformal q-quantile of the held-out chunk errors),
+    "heldout_mean", "n_heldout", "units" (per unit: held-out q-quantile of its summed reuse error)}.
+    """
+    inner = _inner(policy)
+    policy.denoiser = inner
+    k = len(denoiser_calls(policy, fit, steady=True))
+    costs = unit_costs(inner)
+    err_fit = reuse_errors(record_features(policy, fit, k))
+    path = greedy_path(torch.quantile(err_fit, q, dim=-1), costs)
+    fracs = [cost_fraction(sch, costs) for sch in path]
+
+    def measure(schedule: torch.Tensor) -> torch.Tensor:
+        policy.denoiser = CachedDiT(inner, schedule, "bac")
+        return output_errors(policy, heldout, inner, seed)
+
+    if tol is None:
+        idx = max([i for i, f in enumerate(fracs) if f <= cost + 1e-9], default=0)
+        errs = measure(path[idx])
+    else:  # bisection along the path (the error falls, not strictly, as updates are added); the last one checked
+        lo, hi, found = 0, len(path) - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            e = measure(path[mid])
+            if conformal_quantile(e, q) <= tol:
+                found, hi = (mid, e), mid - 1
+            else:
+                lo = mid + 1
+        idx, errs = found if found is not None else (len(path) - 1, measure(path[-1]))
+    schedule = path[idx]
+    err_held = reuse_errors(record_features(policy, heldout, k))
+    unit_err = torch.stack([sum(err_held[u, int(schedule[u, : s + 1].nonzero().max()), s] for s in range(k))
+                            for u in range(len(costs))])  # (U, B) summed over steps
+    bound = {"q": q, "chunk_rms": conformal_quantile(errs, q), "heldout_mean": float(errs.mean()),
+             "heldout_max": float(errs.max()), "n_heldout": int(errs.numel()),
+             "units": [round(float(torch.quantile(e, q)), 6) for e in unit_err]}
+    policy.denoiser = CachedDiT(inner, schedule, "bac")
+    policy.denoiser.bound = bound
+    policy.reset()
+    return {"mode": "bound", "steps": k, "units": len(costs), "computed_fraction": policy.denoiser.computed_fraction(),
+            "cost_fraction": fracs[idx], "bound": bound, "updates_per_unit": schedule.sum(1).tolist()}
