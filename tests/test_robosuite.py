@@ -3,6 +3,7 @@ the scripted experts (solve, recover from a perturbation) and demo collection th
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -215,4 +216,47 @@ def test_collect_two_episodes_with_robomimic_keys(tmp_path):
     buf = ReplayBuffer.open(tmp_path / "lift.zarr")
     assert {"state", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object", "action"} <= set(buf.keys)
     assert buf.shape("action") == (7,) and buf.shape("object") == (OBJECT_DIMS["Lift"],) and buf.shape("state") == (19,)
-    assert buf.attrs["env"] == "robosuite" and buf.attrs["task"] == "Lift"
+    assert buf.attrs["env"] == "robosuite" and buf.attrs["task"] == "Lift" and buf.attrs["fps"] == 20.0
+
+
+def test_demos_export_to_robomimic_hdf5_whose_env_args_build_our_env(tmp_path, lift_env):
+    """collect -> rtpolicy-convert -> robomimic HDF5: robomimic's obs names and shapes, actions, 20 Hz, and
+    env_args from which robosuite builds an env with the same controller, rate and observations."""
+    h5py = pytest.importorskip("h5py")
+    from rtpolicy.datasets.collect import collect_demos
+    from rtpolicy.datasets.convert import main as convert
+    from rtpolicy.datasets.replay_buffer import ReplayBuffer
+    from rtpolicy.envs.robosuite.env import import_robosuite, numpy_global_seed
+
+    task = {"env": "robosuite", "name": "Lift", "max_episode_steps": 120}
+    collect_demos(task, tmp_path / "lift.zarr", episodes=2, seed=0, progress=False)
+    assert convert([str(tmp_path / "lift.zarr"), str(tmp_path / "lift.hdf5")]) == 0
+    buf = ReplayBuffer.open(tmp_path / "lift.zarr")
+    with h5py.File(tmp_path / "lift.hdf5", "r") as f:
+        args = json.loads(f["data"].attrs["env_args"])
+        assert args == json.loads(json.dumps(lift_env.env_args))
+        assert json.loads(f["data"].attrs["rtpolicy_attrs"])["fps"] == 20.0
+        assert sorted(f["data"]) == ["demo_0", "demo_1"] and int(f["data"].attrs["total"]) == buf.n_steps
+        demo = f["data/demo_0"]
+        L = int(demo.attrs["num_samples"])
+        assert demo["actions"].shape == (L, 7) and demo["dones"][-1] == 1
+        np.testing.assert_array_equal(demo["actions"][:], buf.get_episode(0, ["action"])["action"])
+        shapes = {k: demo["obs"][k].shape[1:] for k in demo["obs"]}
+    assert shapes == {"state": (19,), "object": (10,)} | ROBOT_SHAPES
+
+    robosuite = import_robosuite()  # what a robomimic user does with env_args (EnvRobosuite: robosuite.make)
+    with numpy_global_seed(0):
+        theirs = robosuite.make(args["env_name"], **args["env_kwargs"])
+    try:
+        raw = theirs.reset()
+        assert theirs.control_freq == 20 and theirs.robots[0].name == "Panda"
+        arm, ours = (e.robots[0].part_controllers["right"] for e in (theirs, lift_env.robosuite_env))
+        assert type(arm) is type(ours) and type(arm).__name__ == "OperationalSpaceController"
+        for attr in ("kp", "kd", "output_max", "output_min", "input_max"):
+            np.testing.assert_array_equal(getattr(arm, attr), getattr(ours, attr), err_msg=attr)
+        assert np.allclose(arm.kp, 150) and np.allclose(arm.output_max, [0.05] * 3 + [0.5] * 3)
+        for key, shape in ROBOT_SHAPES.items():
+            assert np.asarray(raw[key]).shape == shape, key
+        assert np.asarray(raw["object-state"]).shape == (10,)
+    finally:
+        theirs.close()

@@ -163,6 +163,7 @@ def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progr
             "attempts": 0,
             "successes": 0,
         }
+        attrs |= json.loads(json.dumps(getattr(env, "store_attrs", {})))  # env metadata, e.g. robosuite's fps and env_args
         buf.put_attrs(attrs)
 
     missing = episodes - buf.n_episodes

@@ -262,6 +262,12 @@ class RobosuiteEnv(gymnasium.Env):
             "camera_depths": False}}
 
     @property
+    def store_attrs(self) -> dict[str, Any]:
+        """What a demo store of this env records (``collect_demos``): the control rate ``fps`` (20) and
+        robomimic's ``env_args``, which the robomimic HDF5 writer puts in ``data.attrs["env_args"]``."""
+        return {"fps": float(CONTROL_HZ), "env_args": self.env_args}
+
+    @property
     def elapsed_steps(self) -> int:
         return self._steps
 
