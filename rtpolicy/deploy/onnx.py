@@ -58,6 +58,9 @@ class _Graph(nn.Module):
     def __init__(self, policy, keys: list[str], kind: str):
         super().__init__()
         self.policy, self.keys, self.kind = policy, keys, kind
+        # eval, like the policy: torch.onnx.export traces in eval mode and then restores the *wrapper's* mode
+        # recursively, so a wrapper left in train mode would switch the policy to train mode (random crops)
+        self.eval()
 
     def forward(self, *inputs: torch.Tensor):
         obs = dict(zip(self.keys, inputs[: len(self.keys)]))
@@ -118,6 +121,7 @@ def export_graph(policy, path: Path, kind: str = "chunk") -> dict[str, Any]:
             raise OnnxExportError(f"ONNX export of the {type(policy).__name__} {kind} graph failed: {e}") from e
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
+        assert not policy.training, "the export left the policy in train mode"
         onnx.checker.check_model(str(tmp))
     diff = check_parity(policy, path, kind, shapes)
     return {"file": path.name, "kind": kind, "opset": OPSET, "inputs": names, "outputs": outputs,

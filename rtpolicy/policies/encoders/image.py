@@ -120,7 +120,8 @@ class ImageAugment(nn.Module):
         if color_jitter > 0:
             steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
         self.random = v2.Compose(steps) if steps else None
-        self.center = v2.CenterCrop(self.crop)
+        # the centre crop as fixed slices (torchvision's CenterCrop offsets): the same pixels, and traceable for ONNX
+        self.offset = tuple(int(round((s - c) / 2.0)) for s, c in zip(self.size, self.crop))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         if frames.ndim != 4 or tuple(frames.shape[1:]) != (*self.size, 3):
@@ -130,7 +131,8 @@ class ImageAugment(nn.Module):
         if self.training and self.random is not None:
             x = torch.stack([self.random(f) for f in x])  # one draw per frame
         else:
-            x = self.center(x)
+            (top, left), (h, w) = self.offset, self.crop
+            x = x[..., top:top + h, left:left + w]
         x = x.float().div(255.0) if x.dtype == torch.uint8 else x
         return x * 2.0 - 1.0
 
