@@ -160,8 +160,8 @@ def test_policy_node_runs_an_ort_bundle_and_refuses_ort_without_graphs(tmp_path)
     from rclpy.context import Context
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.lifecycle import TransitionCallbackReturn
-
     from ros_helpers import CLI, Processes, new_domain
+
     from rtpolicy.deploy.node import PolicyNode
     from rtpolicy.deploy.sim_robot import JOINT_NAMES, SimRobotNode
 
@@ -241,3 +241,18 @@ def test_eval_centre_crop_is_torchvision_center_crop(size, fraction):
     frames = torch.randint(0, 256, (2, *size, 3), dtype=torch.uint8)
     want = v2.CenterCrop(aug.crop)(frames.permute(0, 3, 1, 2)).float() / 255.0 * 2.0 - 1.0
     assert torch.equal(aug(frames), want)
+
+
+def test_inference_worker_runs_a_bundle_on_ort(tmp_path):
+    from rtpolicy.deploy.scheduler import ActionScheduler, InferenceWorker
+
+    policy = trained_like("truncated", {"num_anchors": 4}, "unet1d")
+    out = bundle_of(policy, tmp_path)
+    sched = ActionScheduler(4)
+    with InferenceWorker.from_bundle(str(out), sched, step_fn=lambda: 0, backend="ort", warmup=0) as w:
+        assert isinstance(w.policy, OrtPolicy)
+        w.submit({"state": torch.randn(1, 2, 39)}, obs_step=0)
+        assert w.wait_idle(30)
+        assert w.errors == 0 and w.calls == 1 and sched.chunks == 1 and len(sched) == 4, w.last_error
+    with pytest.raises(BundleError, match="--onnx"):
+        InferenceWorker.from_bundle(str(bundle_of(policy, tmp_path / "b", onnx=False)), sched, lambda: 0, backend="ort")

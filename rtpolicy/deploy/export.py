@@ -311,11 +311,13 @@ def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
 BACKENDS = ("torch", "ort")
 
 
-def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu", backend: str = "torch", threads: int = 1):
+def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu", backend: str = "torch", threads: int = 1,
+                spinning: bool = False):
     """-> (policy in eval mode, bundle dict); verifies the bundle first (see :func:`read_bundle`).
 
-    ``backend="ort"``: the bundle's ONNX graphs in ONNX Runtime (``threads`` intra-op threads) behind the
-    same ``reset`` / ``predict_chunk`` interface; needs a bundle exported with ``--onnx``."""
+    ``backend="ort"``: the bundle's ONNX graphs in ONNX Runtime (``threads`` intra-op threads, worker threads
+    spinning between calls only with ``spinning``) behind the same ``reset`` / ``predict_chunk`` interface;
+    needs a bundle exported with ``--onnx``."""
     from rtpolicy.factory import policy_from_stored
 
     if backend not in BACKENDS:
@@ -326,7 +328,7 @@ def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu", back
             from rtpolicy.deploy.onnx import OrtPolicy
         except ImportError as e:
             raise BundleError(f"backend 'ort' needs onnxruntime: pip install -e '.[ort]' ({e})") from e
-        return OrtPolicy(bundle_dir, bundle, threads=threads), bundle
+        return OrtPolicy(bundle_dir, bundle, threads=threads, spinning=spinning), bundle
     weights = load_file(str(Path(bundle_dir) / "policy.safetensors"))
     policy = policy_from_stored(bundle, weights, source=str(bundle_dir), error=BundleError)
     return policy.to(device), bundle

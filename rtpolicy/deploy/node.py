@@ -119,6 +119,11 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "bundle": ("", "policy bundle folder (rtpolicy.deploy.export); its SHA-256 is verified on configure"),
     "control_rate_hz": (0.0, "control rate; 0: the bundle's"),
     "device": ("cpu", "torch device for inference, e.g. cpu or cuda"),
+    "backend": ("torch", "inference runtime: torch | ort (ort: the bundle's ONNX graphs in ONNX Runtime on the CPU; "
+                         "needs a bundle exported with --onnx and the ort extra)"),
+    "intra_op_threads": (1, "backend=ort: ONNX Runtime intra-op threads (leave a core to the control timer)"),
+    "ort_spinning": (False, "backend=ort: worker threads spin between calls (lower latency, but they take cores from "
+                            "the control timer)"),
     "blend": ("latest", f"how a new chunk meets queued actions: {' | '.join(BLENDS)}"),
     "ensemble_k": (0.01, "blend=ensemble: weight exp(-k i) of the i-th oldest prediction"),
     "rtc_overlap": (4, "blend=rtc: steps crossfaded after the committed prefix"),
@@ -250,7 +255,8 @@ class PolicyNode(LifecycleNode):
         b = self.bundle
         self.get_logger().info(
             f"configured: {b['policy']['name']} policy ({b['task'].get('name')}), action {self.kind} {self.action_names}, "
-            f"{self.rate:g} Hz, obs horizon {self.obs_horizon}, action horizon {self.action_horizon}, blend {self.p['blend']}")
+            f"{self.rate:g} Hz, obs horizon {self.obs_horizon}, action horizon {self.action_horizon}, blend {self.p['blend']}, "
+            f"backend {self.p['backend']}")
         return TransitionCallbackReturn.SUCCESS
 
     def _configure(self) -> None:
@@ -270,7 +276,11 @@ class PolicyNode(LifecycleNode):
             raise ValueError(f"max_clock_skew_s and sensor_poll_hz must be >= 0, got {p['max_clock_skew_s']}, {p['sensor_poll_hz']}")
         self.estop_latch.attach(p["estop_state_file"] or None)  # a latch in the file latches; never clears one
         self.device = p["device"]
-        policy, bundle = load_bundle(p["bundle"], self.device)
+        if p["backend"] == "ort" and (p["device"] != "cpu" or p["intra_op_threads"] < 1):
+            raise ValueError(f"backend=ort runs on the CPU with intra_op_threads >= 1; got device {p['device']!r}, "
+                             f"intra_op_threads {p['intra_op_threads']}")
+        policy, bundle = load_bundle(p["bundle"], self.device, backend=p["backend"], threads=p["intra_op_threads"],
+                                     spinning=p["ort_spinning"])
         act = bundle["action"]
         self.kind, self.action_names = act["kind"], list(act["names"])
         da = len(self.action_names)
@@ -740,7 +750,7 @@ class PolicyNode(LifecycleNode):
             worker = self.worker
             lat = worker.latency_ms() if worker is not None else []
             out: dict[str, Any] = {
-                "episode": self.episode, "step": self._step, "ticks": self.ticks,
+                "episode": self.episode, "step": self._step, "ticks": self.ticks, "backend": self.p["backend"],
                 "loop_rate_hz": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0,
                 "tick_jitter_ms_p50": _pct(self._jitter_ms, 50), "tick_jitter_ms_p99": _pct(self._jitter_ms, 99),
                 "tick_period_jitter_ms_p50": _pct(self._period_jitter_ms, 50),

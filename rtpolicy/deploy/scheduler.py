@@ -180,6 +180,19 @@ class InferenceWorker:
         self._thread = threading.Thread(target=self._run, name="rtpolicy-inference", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def from_bundle(cls, bundle_dir: str, scheduler: ActionScheduler, step_fn: Callable[[], int], backend: str = "torch",
+                    threads: int = 1, spinning: bool = False, **kwargs: Any) -> InferenceWorker:
+        """A worker running a bundle's policy (``backend``: ``torch`` or ``ort``, the bundle's ONNX graphs with
+        ``threads`` intra-op threads, ``spinning`` worker threads); obs {key: (1, To, *shape)} -> chunk (Ha, Da).
+        The policy and the bundle dict are kept as ``policy`` and ``bundle``."""
+        from rtpolicy.deploy.export import load_bundle
+
+        policy, bundle = load_bundle(bundle_dir, backend=backend, threads=threads, spinning=spinning)
+        worker = cls(lambda obs: policy.predict_chunk(obs)[0], scheduler, step_fn, **kwargs)
+        worker.policy, worker.bundle, worker.backend = policy, bundle, backend
+        return worker
+
     @property
     def thread_ident(self) -> int | None:
         return self._thread.ident

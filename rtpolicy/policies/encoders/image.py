@@ -121,7 +121,7 @@ class ImageAugment(nn.Module):
             steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
         self.random = v2.Compose(steps) if steps else None
         # the centre crop as fixed slices (torchvision's CenterCrop offsets): the same pixels, and traceable for ONNX
-        self.offset = tuple(int(round((s - c) / 2.0)) for s, c in zip(self.size, self.crop))
+        self.offset = tuple(round((s - c) / 2.0) for s, c in zip(self.size, self.crop))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         if frames.ndim != 4 or tuple(frames.shape[1:]) != (*self.size, 3):
