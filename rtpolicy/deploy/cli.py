@@ -2,6 +2,8 @@
 
     rtpolicy deploy bundle=PATH [key=value ...] [autostart=false] [--ros-args ...]   the policy node
     rtpolicy sim task=reach-v3 [key=value ...] [--ros-args ...]                      a simulated robot
+    rtpolicy record output=STORE.zarr [bag=PATH] [key=value ...] [--ros-args ...]    record demonstrations
+    rtpolicy teleop task=reach-v3 [key=value ...] [--ros-args ...]                   a scripted teleoperator
 
 ``key=value`` sets a node parameter (values are read as JSON when they parse: numbers, true/false,
 lists, objects); ``--ros-args`` and what follows go to ROS (e.g. ``--params-file rtpolicy/conf/deploy/metaworld.yaml``,
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"deploy": "rtpolicy.deploy.node", "sim": "rtpolicy.deploy.sim_robot"}
+COMMANDS = {"deploy": "rtpolicy.deploy.node", "sim": "rtpolicy.deploy.sim_robot", "record": "rtpolicy.deploy.record",
+            "teleop": "rtpolicy.deploy.teleop"}
 
 
 def _usage() -> str:

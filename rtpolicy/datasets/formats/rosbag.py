@@ -12,17 +12,25 @@ what the robot recorded and what the deployed policy reads are assembled by the 
 
 An ``array`` source takes any message holding numbers: ``*MultiArray`` (``data``), ``Float64``/``Float32``,
 ``Twist``/``TwistStamped`` (linear xyz, angular xyz), ``Pose``/``PoseStamped`` (position xyz, orientation
-xyzw), ``Vector3``/``Point`` (xyz, also stamped).
+xyzw), ``Vector3``/``Point`` (xyz, also stamped). For these fixed layouts a smaller ``size`` takes the leading
+values (a Twist source of size 3 is its linear xyz: Meta-World's hand delta); a MultiArray must match ``size``.
 
 Alignment (``rate`` Hz, ``max_age`` s): ticks run every 1/rate s from the bag's first message. At each tick a
 key holds the latest message of each of its topics received at or before the tick (previous sample, never an
 interpolation or a future message); a tick is valid when every source has a message no older than ``max_age``
 and it assembles (joints present, sizes right, values finite). Invalid ticks are gaps.
 
+``tick_on`` (a list of topics, e.g. the action's): instead of every 1/rate s, a tick comes each time every one of
+these topics has a new message since the last tick, at that message's time: one row per command of a teleoperator,
+paired with the observation it responded to, whatever the phase of the recording (``rtpolicy record
+sample_on=action`` does the same on the robot); an episode marker then also forgets the messages before it.
+``rate`` then only sets the default ``max_age`` and the fps.
+
 Episodes (``split``): ``gap`` (default for one bag): each run of valid ticks is an episode; ``bag`` (default for
 a folder of bags): each bag is one episode (leading/trailing invalid ticks trimmed, a gap inside is an error);
 ``topic``: ``episode_topic`` delimits episodes (std_msgs/Bool true starts, false ends one; any other message
-type marks a boundary), a gap inside is an error. Episodes shorter than ``min_length`` ticks are dropped.
+type marks a boundary), a gap inside is an error; an episode a Bool ``true`` opened and no ``false`` closed
+by the end of the bag was cut off (``rtpolicy record`` stopped mid-episode) and is dropped. Episodes shorter than ``min_length`` ticks are dropped.
 Time is the bag's receive (log) time, or with ``stamp: header`` the messages' header stamps; stamps that go
 back in time on a topic are an error naming the bag and topic.
 """
@@ -76,8 +84,16 @@ def _xyz(v) -> list[float]:
     return [v.x, v.y, v.z]
 
 
-def message_numbers(msg: Any, msgtype: str, where: str) -> np.ndarray:
-    """The numbers an ``array`` source reads from a message (see the module docstring)."""
+def message_numbers(msg: Any, msgtype: str, where: str, size: int | None = None) -> np.ndarray:
+    """The numbers an ``array`` source of ``size`` values reads from a message (see the module docstring)."""
+    values = _numbers(msg, msgtype, where)
+    name = msgtype.rsplit("/", 1)[-1]
+    if size is not None and size < values.size and not name.endswith("MultiArray"):
+        return values[:size]
+    return values
+
+
+def _numbers(msg: Any, msgtype: str, where: str) -> np.ndarray:
     name = msgtype.rsplit("/", 1)[-1]
     if name.endswith("MultiArray"):
         return np.asarray(msg.data, dtype=np.float64).reshape(-1)
@@ -112,7 +128,7 @@ class RosbagFormat(Format):
     def read(self, path: Path, keys: Mapping[str, Any] | None = None, sources: Mapping[str, Any] | None = None,
              rate: float = 10.0, max_age: float | None = None, split: str | None = None, episode_topic: str = "",
              stamp: str = "receive", min_length: int = 1, image_size: Mapping[str, Any] | None = None,
-             **options: Any) -> EpisodeSource:
+             tick_on: Any = None, **options: Any) -> EpisodeSource:
         from rtpolicy.deploy.observation import (
             ImageSource,
             ObservationConfigError,
@@ -122,7 +138,7 @@ class RosbagFormat(Format):
         where = str(path)
         if options:
             raise FormatError(f"{where}: unknown rosbag options {sorted(options)} (known: sources, rate, max_age, split, "
-                              f"episode_topic, stamp, min_length, image_size)")
+                              f"episode_topic, stamp, min_length, image_size, tick_on)")
         bags = find_bags(path)
         if not bags:
             raise FormatError(f"{where}: no rosbag2 bag here (a folder with metadata.yaml, a .mcap or .db3 file, or a folder of them)")
@@ -147,6 +163,9 @@ class RosbagFormat(Format):
             raise FormatError(f"{where}: split 'topic' needs episode_topic")
         if stamp not in ("receive", "header"):
             raise FormatError(f"{where}: stamp must be 'receive' or 'header', got {stamp!r}")
+        tick_on = [tick_on] if isinstance(tick_on, str) else list(tick_on or [])
+        if bad := [t for t in tick_on if t not in kinds]:
+            raise FormatError(f"{where}: tick_on topics {bad} are not among the sources' topics {sorted(kinds)}")
         shapes: dict[str, list[int]] = {}
         for key, srcs in spec.sources.items():
             if isinstance(srcs[0], ImageSource):
@@ -161,8 +180,8 @@ class RosbagFormat(Format):
                 key_shapes[ours] = (tuple(shapes[srcs[0]]), np.dtype(np.uint8 if len(shapes[srcs[0]]) == 3 else np.float32))
             else:
                 key_shapes[ours] = ((sum(math.prod(shapes[s]) for s in srcs),), np.dtype(np.float32))
-        cfg = {"spec": spec, "shapes": shapes, "kinds": kinds, "rate": rate, "max_age": max_age, "split": split,
-               "episode_topic": episode_topic, "stamp": stamp}
+        cfg = {"spec": spec, "shapes": shapes, "kinds": kinds, "sizes": array_sizes(spec), "rate": rate, "max_age": max_age, "split": split,
+               "episode_topic": episode_topic, "stamp": stamp, "tick_on": tick_on}
 
         def episodes():
             i = 0
@@ -211,7 +230,19 @@ def _first_image_size(bags: list[Path], topic: str, kind: str, where: str) -> tu
     raise FormatError(f"{where}: image topic {topic} has no messages in any bag")
 
 
-def _bag_episodes(bag: Path, spec, shapes, kinds, rate, max_age, split, episode_topic, stamp):
+def array_sizes(spec) -> dict[str, int]:
+    """Topic -> the values its ``array`` sources read (the largest, when several keys read one topic)."""
+    from rtpolicy.deploy.observation import ArraySource
+
+    out: dict[str, int] = {}
+    for srcs in spec.sources.values():
+        for s in srcs:
+            if isinstance(s, ArraySource):
+                out[s.topic] = max(out.get(s.topic, 0), s.size)
+    return out
+
+
+def _bag_episodes(bag: Path, spec, shapes, kinds, sizes, rate, max_age, split, episode_topic, stamp, tick_on):
     """Episodes {key: (L, *shape)} of one bag (see the module docstring)."""
     from rtpolicy.deploy.observation import ObservationBuilder
 
@@ -256,7 +287,8 @@ def _bag_episodes(bag: Path, spec, shapes, kinds, rate, max_age, split, episode_
             elif rows and gap is None:
                 gap = (t, s.reason if not s.valid else f"a source is {t - s.stamp:.3f} s old, max_age is {max_age} s")
 
-        t0, k, t_last = None, 0, -math.inf
+        t0, k, t_last, bool_markers = None, 0, -math.inf, False
+        fresh: set[str] = set()  # tick_on topics heard since the last tick
         for conn, log_ns, raw in reader.messages(connections=conns):
             msg = reader.deserialize(raw, conn.msgtype)
             t = log_ns * 1e-9
@@ -267,18 +299,30 @@ def _bag_episodes(bag: Path, spec, shapes, kinds, rate, max_age, split, episode_
                                   f"then {t:.6f} s)")
             last_stamp[conn.topic] = t
             t0 = t if t0 is None else t0
-            while t0 + k / rate < t - 1e-9:  # ticks before this message see the messages so far
+            while not tick_on and t0 + k / rate < t - 1e-9:  # ticks before this message see the messages so far
                 tick(t0 + k / rate)
                 k += 1
             t_last = max(t_last, t)
             if conn.topic == episode_topic:
                 end_episode()
-                active = bool(msg.data) if conn.msgtype == "std_msgs/msg/Bool" else True
+                fresh.clear()
+                if tick_on:  # a new episode pairs commands only with observations heard after its start
+                    builder = ObservationBuilder(spec, shapes, obs_horizon=1, clock=lambda: 0.0)
+                bool_markers = conn.msgtype == "std_msgs/msg/Bool"
+                active = bool(msg.data) if bool_markers else True
                 continue
-            _feed(builder, kinds[conn.topic], conn.topic, msg, conn.msgtype, t, bag)
-        while t0 is not None and t0 + k / rate <= t_last + 1e-9:
+            feed_message(builder, kinds[conn.topic], conn.topic, msg, conn.msgtype, t, f"{bag}: topic {conn.topic}",
+                         sizes.get(conn.topic))
+            if conn.topic in tick_on:
+                fresh.add(conn.topic)
+                if len(fresh) == len(tick_on):
+                    fresh.clear()
+                    tick(t)
+        while not tick_on and t0 is not None and t0 + k / rate <= t_last + 1e-9:
             tick(t0 + k / rate)
             k += 1
+        if bool_markers and active:  # opened by true, never closed: a recording cut off mid-episode
+            rows = []
         end_episode()
     finally:
         reader.close()
@@ -286,12 +330,13 @@ def _bag_episodes(bag: Path, spec, shapes, kinds, rate, max_age, split, episode_
         yield {k: np.stack([r[k] for r in ep]) for k in shapes}
 
 
-def _feed(builder, kind: str, topic: str, msg, msgtype: str, t: float, bag: Path) -> None:
+def feed_message(builder, kind: str, topic: str, msg, msgtype: str, t: float, where: str, size: int | None = None) -> None:
+    """One message (rosbags' or rclpy's: the fields are the same) -> ``builder`` as received at ``t``."""
     if kind == "joint_state":
         builder.update_joint_state(topic, list(msg.name), {"position": msg.position, "velocity": msg.velocity,
                                                            "effort": msg.effort}, stamp=t)
     elif kind == "array":
-        builder.update_array(topic, message_numbers(msg, msgtype, f"{bag}: topic {topic}"), stamp=t)
+        builder.update_array(topic, message_numbers(msg, msgtype, where, size), stamp=t)
     elif kind == "image":
         builder.update_image(topic, msg.encoding, int(msg.height), int(msg.width), int(msg.step), bytes(msg.data), stamp=t)
     else:
