@@ -33,6 +33,12 @@ its achieved rate is in the row). Both rows carry ``sensor_rate_hz`` and the fig
 ``empty_queue_share`` (empty-queue holds / ticks over the window) and ``window_inference_ms_*`` (every
 inference latency of the window, from the diagnostics' ``inference_ms_recent``; the node's own
 ``inference_ms_*`` cover its last 2000 calls, which may reach back into the other window).
+``--backend ort`` runs the bundle's ONNX graphs in ONNX Runtime in the node (``backend: ort``,
+``--ort-threads`` intra-op threads, ``--ort-spinning`` lets its worker threads spin between calls; a
+``--checkpoint`` is then exported with ``--onnx``). ``--beside-train`` starts one training process
+(``train.py task=mt10 policy=truncated train.threads=1``, 1 OMP thread, its own process group, killed
+after the run) ``--warmup`` s before the window, to show what a busy robot computer does to the loop.
+``--task-id`` picks the task of a multi-task bundle (the node's ``task_id``; e.g. 0 = reach-v3 of MT10).
 Rows (``--out``; ``--append`` adds to the file): rate_hz_target, rate_hz_achieved, cmd_rate_hz,
 jitter_ms_p50/p99, lateness_ms_p50/p99, cmd_jitter_ms_p50/p99, stamp_jitter_ms_p50/p99,
 inference_ms_p50/p95/p99, deadline_misses, dropped_actions, late_chunks, empty_pops, chunks, holds,
@@ -114,14 +120,14 @@ def flood_main(rate: float, topic: str) -> None:
     rclpy.try_shutdown()
 
 
-def export(checkpoint: str, sets: list[str] | None, out: Path) -> Path:
+def export(checkpoint: str, sets: list[str] | None, out: Path, onnx: bool = False) -> Path:
     from rtpolicy.checkpoint import read_checkpoint
     from rtpolicy.deploy.export import export_bundle
 
     head = read_checkpoint(checkpoint)[0]["config"]["policy"]["name"]
     over = FASTEST.get(head, {}) if sets is None else parse_sets(sets)
     print(f"[control_loop] exporting {checkpoint} ({head}, overrides {over}) -> {out}", flush=True)
-    return export_bundle(checkpoint, out, over)
+    return export_bundle(checkpoint, out, over, onnx=onnx)
 
 
 def num(kv: dict[str, str], key: str) -> float:
@@ -176,6 +182,8 @@ def make_row(listener, args, period, bundle_dir, head, sampler, steps, task, rcs
         "episodes": len(episodes), "successes": sum(bool(e["success"]) for e in episodes),
         "seconds": window, "commands": int(len(arrivals)),
         "threads": args.threads, "device": args.device, "blend": args.blend, "cpus": os.cpu_count(),
+        "backend": args.backend, **({"ort_threads": args.ort_threads, "ort_spinning": args.ort_spinning} if args.backend == "ort" else {}),
+        "beside": "train.py 1 thread" if args.beside_train else "none",
         "loadavg_1min": [round(load_before[0], 2), round(load_after[0], 2)], "exit_codes": rcs,
     }
 
@@ -205,6 +213,11 @@ def main() -> None:
     ap.add_argument("--log-dir", default=None, help="keep the two processes' logs here (default: temporary)")
     ap.add_argument("--out", default="benchmarks/control_loop.json")
     ap.add_argument("--append", action="store_true", help="add the row to the rows already in --out")
+    ap.add_argument("--backend", default="torch", choices=["torch", "ort"], help="the node's inference runtime")
+    ap.add_argument("--ort-threads", type=int, default=1, help="--backend ort: ONNX Runtime intra-op threads")
+    ap.add_argument("--ort-spinning", action="store_true", help="--backend ort: worker threads spin between calls")
+    ap.add_argument("--task-id", type=int, default=-1, help="task id of a multi-task bundle (-1: none)")
+    ap.add_argument("--beside-train", action="store_true", help="one 1-thread training process runs beside the loop")
     ap.add_argument("--sensor-rate", type=float, default=0.0,
                     help="> 0: a second window right after the first, with /joint_states flooded at this rate (Hz)")
     args = ap.parse_args()
@@ -213,7 +226,8 @@ def main() -> None:
 
     logs, logs_tmp = log_dir(args.log_dir)
     if args.checkpoint:
-        bundle_dir = export(args.checkpoint, args.set, Path(args.bundle_out) if args.bundle_out else logs / "bundle")
+        bundle_dir = export(args.checkpoint, args.set, Path(args.bundle_out) if args.bundle_out else logs / "bundle",
+                            onnx=args.backend == "ort")
     else:
         bundle_dir = Path(args.bundle)
     bundle = json.loads((bundle_dir / "bundle.json").read_text())
@@ -223,17 +237,22 @@ def main() -> None:
     env = child_env(domain, args.threads)
     period = 1.0 / args.rate
     load_before = os.getloadavg()
-    print(f"[control_loop] {head} {sampler}-{steps} on {task} at {args.rate:g} Hz for {args.seconds:g} s "
+    print(f"[control_loop] {head} {sampler}-{steps} ({args.backend}) on {task} at {args.rate:g} Hz for {args.seconds:g} s "
           f"(ROS_DOMAIN_ID={domain}, {args.threads} torch thread(s), load average {load_before[0]:.2f}); logs: {logs}", flush=True)
 
     listener = Listener(domain)
     procs: list[Proc] = []
+    trainer = None
     windows = []  # (sensor rate, first diagnostics, last diagnostics, flood output)
     try:
         procs.append(Proc("sim", "sim", {"task": task, "seed": args.seed, "max_episode_steps": args.max_episode_steps,
                                          "max_episodes": 0, "step_on_command": False, "control_rate_hz": args.rate}, env, logs))
-        procs.append(Proc("deploy", "deploy", {"bundle": str(bundle_dir.resolve()), "control_rate_hz": args.rate, "device": args.device,
-                                               "blend": args.blend, "diagnostics_rate_hz": args.diagnostics_rate}, env, logs))
+        deploy = {"bundle": str(bundle_dir.resolve()), "control_rate_hz": args.rate, "device": args.device,
+                  "blend": args.blend, "diagnostics_rate_hz": args.diagnostics_rate, "backend": args.backend,
+                  "intra_op_threads": args.ort_threads, "ort_spinning": args.ort_spinning}
+        if args.task_id >= 0:
+            deploy["task_id"] = args.task_id
+        procs.append(Proc("deploy", "deploy", deploy, env, logs))
 
         def running() -> bool:
             d = listener.last_diag()
@@ -250,6 +269,13 @@ def main() -> None:
                 return next((d for d in listener.diagnostics if d[0] >= t), None)
 
         start = t_ready + args.warmup
+        if args.beside_train:  # a training process on the same CPUs, through the whole window
+            trainer = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "task=mt10", "policy=truncated", "train.threads=1",
+                                        "train.steps=1000000", "eval.episodes=0", f"run_dir={logs / 'beside_train'}"],
+                                       env=child_env(domain, 1) | {"ROS_DOMAIN_ID": "0"}, cwd=ROOT, start_new_session=True,
+                                       stdout=open(logs / "beside_train.log", "w"), stderr=subprocess.STDOUT)
+            print(f"[control_loop] training process {trainer.pid} beside the loop (1 thread)", flush=True)
+            start = time.monotonic() + max(args.warmup, 20.0)  # past its start-up (imports, dataset) into steady training
         for sensor_rate in [0.0] + ([args.sensor_rate] if args.sensor_rate > 0 else []):
             flood = None
             if sensor_rate > 0:
@@ -275,7 +301,12 @@ def main() -> None:
                         flood_out = flood.communicate()[0]
             windows.append((sensor_rate, d0, d1, flood_out))
             start = time.monotonic()
+        if trainer is not None and trainer.poll() is not None:
+            raise RuntimeError(f"the training process beside the loop exited early (rc {trainer.returncode}); see {logs}/beside_train.log")
     finally:
+        if trainer is not None and trainer.poll() is None:
+            os.killpg(trainer.pid, signal.SIGKILL)
+            trainer.wait(10)
         rcs = {p.name: p.stop() for p in reversed(procs)}  # the policy first: it publishes a hold on shutdown
         listener.close()
     load_after = os.getloadavg()
@@ -291,7 +322,7 @@ def main() -> None:
           f"{'cmdj p99':>8s} {'inf p50':>7s} {'inf p95':>7s} {'inf p99':>7s} {'misses':>6s} {'dropped':>7s} {'late':>5s} "
           f"{'empty':>5s} {'empty%':>6s} {'winf p50':>8s} {'winf p99':>8s} {'holds':>5s} {'safety':>6s} {'eps':>4s} {'s':>5s}")
     for r in rows:
-        name = f"{r['head']}/{r['sampler']}-{r['steps']}"
+        name = f"{r['head']}/{r['sampler']}-{r['steps']}" + ("@ort" if r.get('backend') == 'ort' else "") + ("+train" if r.get('beside', 'none') != 'none' else "")
         print(f"{name:22s} {r.get('flood_rate_hz', float('nan')):6.0f} {r['rate_hz_target']:6.1f} {r['rate_hz_achieved']:7.2f} "
               f"{r['cmd_rate_hz']:7.2f} {r['jitter_ms_p50']:7.2f} "
               f"{r['jitter_ms_p99']:7.2f} {r['cmd_jitter_ms_p50']:8.2f} {r['cmd_jitter_ms_p99']:8.2f} {r['inference_ms_p50']:7.1f} "
