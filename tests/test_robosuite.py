@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,3 +261,22 @@ def test_demos_export_to_robomimic_hdf5_whose_env_args_build_our_env(tmp_path, l
         assert np.asarray(raw["object-state"]).shape == (10,)
     finally:
         theirs.close()
+
+
+def test_robosuite4_multitask_collects_and_trains(tmp_path):
+    """task=robosuite4 like MT10: one demo per member into one suite store (state (32,), task_id 0..3) and a
+    2-step task-conditioned training (the suite evaluation, ~15 s of worker start-ups, is left out)."""
+    from rtpolicy.datasets.replay_buffer import ReplayBuffer
+    from rtpolicy.factory import compose
+    from rtpolicy.training import train
+
+    cfg = compose(["task=robosuite4", f"task.dataset={tmp_path}/rs4.zarr", "task.collect=true", "task.demos=1",
+                   "policy=truncated", "policy.horizon=8", "policy.action_horizon=4", "policy.num_anchors=4",
+                   "denoiser.down_dims=[16,32]", "policy.cond_dim=16", "train.batch_size=8", "train.steps=2",
+                   "train.threads=1", "train.val_every=1000", "train.log_every=1", "train.ckpt_every=1000",
+                   "eval.episodes=0", f"run_dir={tmp_path}/run"])
+    res = train(cfg)
+    assert res["step"] == 2 and Path(res["checkpoint"]).exists()
+    buf = ReplayBuffer.open(tmp_path / "rs4.zarr")
+    assert buf.n_episodes == 4 and buf.shape("state") == (9 + max(OBJECT_DIMS.values()),)
+    assert sorted({int(buf.get_episode(i, ["task_id"])["task_id"][0]) for i in range(4)}) == [0, 1, 2, 3]
