@@ -187,8 +187,8 @@ class RecorderNode(Node):
         self.create_subscription(Bool, p["episode_topic"], self._on_episode, COMMAND_QOS)
         self.create_subscription(String, p["reset_topic"], self._on_reset, COMMAND_QOS)
         self.add_on_set_parameters_callback(self._on_parameters)
-        if p["sample_on"] == "timer":
-            self.create_timer(1.0 / p["control_rate_hz"], self._tick)
+        # sample_on=action: the timer only wakes the executor, so that a signal is handled while no message comes
+        self.create_timer(1.0 / p["control_rate_hz"], self._tick if p["sample_on"] == "timer" else lambda: None)
         if p["recording"]:
             self.start_episode()
         where = ", ".join(x for x in (p["output"] and f"store {p['output']}", p["bag"] and f"bag {p['bag']}") if x)
@@ -244,7 +244,7 @@ class RecorderNode(Node):
                     self.buffer.add_episode(data, attrs=attrs)  # data, attrs, then meta/episode_ends: the commit
                 self.get_logger().info(f"episode {self.written} recorded: {record}")
                 self.written += 1
-            except Exception as e:  # a full disk, a store changed under us: say so; the store keeps its last episode
+            except Exception as e:  # noqa: BLE001  a full disk, a store changed under us: said; the store keeps its last episode
                 self.get_logger().error(f"episode not recorded: {type(e).__name__}: {e}")
             finally:
                 self._writes.task_done()
