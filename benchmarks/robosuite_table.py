@@ -1,0 +1,151 @@
+"""Chi et al.-shaped success table on our robosuite tasks: rows = heads, columns = Lift / Can / Square from
+state and Lift / Can from images (agentview + eye-in-hand 84x84, no object state), 50 scripted demos each.
+
+    python benchmarks/robosuite_table.py commands [--seed 0] [--steps 2000]   # the shell commands of every cell
+    python benchmarks/robosuite_table.py table --out benchmarks/robosuite_table.json \
+        [--result state/Lift/truncated1=benchmarks/runs/robosuite/lift_truncated_v2/results.json ...]
+
+``commands`` prints, per column, one ``train.py`` per trained head (DDPM-100 and DDIM-10 share the diffusion
+training; ``train.py`` evaluates the head's default setting) and one ``eval.py`` per further inference
+setting of a trained checkpoint. Run each under the machine's CPU lock. ``table`` reads the results JSON of
+every cell that exists (default path ``<runs>/<column run name>_<head run>[_s<seed>]/results.json`` or the
+``eval.out`` of its ``eval.py``; ``--result CELL=PATH`` points a cell elsewhere), recomputes the Wilson 95%
+interval from the per-episode results, prints the markdown table (missing cells: "not run") and writes
+the rows as JSON. Every cell is one training seed unless several seeds' files are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+RUNS = Path("benchmarks/runs/robosuite")
+IMAGE_KEYS = "[robot0_eef_pos,robot0_eef_quat,robot0_gripper_qpos,rgb_agentview,rgb_robot0_eye_in_hand]"
+
+# column -> (robosuite task, task config, extra task overrides, run-name stem)
+COLUMNS = {
+    "state/Lift": ("Lift", "robosuite_lift", [], "lift"),
+    "state/Can": ("PickPlaceCan", "robosuite_can", [], "can"),
+    "state/Square": ("NutAssemblySquare", "robosuite_square", [], "square"),
+    "image/Lift": ("Lift", "robosuite_lift", [f"task.obs_keys={IMAGE_KEYS}", "task.dataset=data/robosuite/Lift_img84.zarr", "task.collect=true"], "lift_img"),
+    "image/Can": ("PickPlaceCan", "robosuite_can", [f"task.obs_keys={IMAGE_KEYS}", "task.dataset=data/robosuite/PickPlaceCan_img84.zarr", "task.collect=true"], "can_img"),
+}
+# row -> (trained policy, its run name, eval.py overrides or None when train.py's own evaluation is the cell, label)
+HEADS = {
+    "ddpm100": ("diffusion", "diffusion", ["+policy.sampler=ddpm", "+policy.num_inference_steps=100"], "DDPM-100"),
+    "ddim10": ("diffusion", "diffusion", None, "DDIM-10"),
+    "edm4": ("edm", "edm", None, "EDM, DPM-Solver++ 2M, 4 steps"),
+    "truncated1": ("truncated", "truncated", None, "truncated, 1 step"),
+    "streaming1": ("streaming", "streaming", None, "streaming, 1 step per tick"),
+}
+# Chi et al. 2023 (arXiv 2303.04137), proficient-human (ph) data, 200 demos per task: max / mean of the last 10
+# checkpoints, each averaged over 3 training seeds x 50 starts. State: Table I (IJRR: Table 1); images: Table II (Table 3).
+CHI = {
+    "DiffusionPolicy-C (Chi et al., ph)": {"state/Lift": "1.00 / 0.98", "state/Can": "1.00 / 0.96", "state/Square": "1.00 / 0.93",
+                                           "image/Lift": "1.00 / 1.00", "image/Can": "1.00 / 0.97"},
+    "DiffusionPolicy-T (Chi et al., ph)": {"state/Lift": "1.00 / 1.00", "state/Can": "1.00 / 1.00", "state/Square": "1.00 / 0.89",
+                                           "image/Lift": "1.00 / 1.00", "image/Can": "1.00 / 0.98"},
+}
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def run_dir(column: str, head: str, seed: int) -> Path:
+    return RUNS / (f"{COLUMNS[column][3]}_{HEADS[head][1]}" + (f"_s{seed}" if seed else ""))
+
+
+def cell_path(column: str, head: str, seed: int) -> Path:
+    d = run_dir(column, head, seed)
+    return d / "results.json" if HEADS[head][2] is None else d / f"eval_{head}.json"
+
+
+def commands(seed: int, steps: int, episodes: int) -> list[str]:
+    lock = "flock /tmp/cpu.lock nice -n 5 "
+    out = []
+    for column, (_, task, extra, _) in COLUMNS.items():
+        trained = set()
+        for head, (policy, _, overrides, _) in HEADS.items():
+            d = run_dir(column, head, seed)
+            if policy not in trained:
+                trained.add(policy)
+                out.append(" ".join([lock + "python train.py", f"task={task}", *extra, f"policy={policy}", "train.threads=1",
+                                     f"train.steps={steps}", f"train.seed={seed}", f"eval.episodes={episodes}",
+                                     "eval.num_envs=2", f"run_dir={d}"]))
+            if overrides is not None:
+                out.append(" ".join([lock + "python eval.py", f"checkpoint={d}/checkpoints/last.safetensors", *overrides,
+                                     f"eval.episodes={episodes}", "eval.num_envs=2", f"eval.out={cell_path(column, head, seed)}"]))
+    return out
+
+
+def table(results: dict[str, str], seed: int) -> dict[str, Any]:
+    rows = []
+    for head in HEADS:
+        for column in COLUMNS:
+            cell = f"{column}/{head}"
+            path = Path(results.get(cell, cell_path(column, head, seed)))
+            row: dict[str, Any] = {"head": head, "label": HEADS[head][3], "column": column, "task": COLUMNS[column][0], "path": str(path)}
+            if path.exists():
+                r = json.loads(path.read_text())
+                k, n = sum(bool(e["success"]) for e in r["per_episode"]), len(r["per_episode"])
+                row |= {"episodes": n, "successes": k, "success": k / n, "wilson95": list(wilson(k, n)),
+                        "eval_seeds": [r["per_episode"][0]["seed"], r["per_episode"][-1]["seed"]],
+                        "mean_length": r.get("mean_length"), "chunk_ms_p50": r.get("chunk_ms_p50"),
+                        "train_steps": r.get("step"), "train_seconds": r.get("train_seconds"), "training_seeds": 1}
+            rows.append(row)
+    return {"demos_per_task": 50, "rows": rows, "chi_et_al": CHI}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    cols = list(COLUMNS)
+    lines = ["| head | " + " | ".join(c.replace("/", ", ") for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for head in HEADS:
+        cells = []
+        for c in cols:
+            row = next(r for r in result["rows"] if r["head"] == head and r["column"] == c)
+            cells.append(f"{row['success']:.2f} [{row['wilson95'][0]:.2f}, {row['wilson95'][1]:.2f}] ({row['successes']}/{row['episodes']})"
+                         if "success" in row else "not run")
+        lines.append(f"| {HEADS[head][3]} | " + " | ".join(cells) + " |")
+    for name, ref in result["chi_et_al"].items():
+        lines.append(f"| {name} | " + " | ".join(ref[c] for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("commands")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=int, default=2000)
+    c.add_argument("--episodes", type=int, default=50)
+    t = sub.add_parser("table")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--result", action="append", default=[], metavar="COLUMN/HEAD=PATH")
+    t.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.cmd == "commands":
+        print("\n".join(commands(args.seed, args.steps, args.episodes)))
+        return
+    results = {}
+    for item in args.result:
+        cell, _, path = item.partition("=")
+        column, _, head = cell.rpartition("/")
+        if column not in COLUMNS or head not in HEADS or not path:
+            p.error(f"--result {item!r}: expected COLUMN/HEAD=PATH with COLUMN in {list(COLUMNS)} and HEAD in {list(HEADS)}")
+        results[cell] = path
+    result = table(results, args.seed)
+    print(markdown(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
