@@ -432,3 +432,62 @@ def test_robomimic_package_reads_ours(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["ok"] and res["items"] == sum(LENGTHS) and res["train_demos"] == 2
+
+
+def _bag_with(path: Path, fault: str) -> None:
+    """3 s of /joint_states (joints a, b) and /cmd (2 values) at 10 Hz; at message 20 ``fault`` ("nan": NaN in
+    /cmd, "joint": joint b missing)."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_JAZZY)
+    T = ts.types
+    header = T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=1, nanosec=0), frame_id="")
+    layout = T["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        cj = w.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=ts)
+        ca = w.add_connection("/cmd", "std_msgs/msg/Float64MultiArray", typestore=ts)
+        for i in range(30):
+            names = ["a"] if fault == "joint" and i == 20 else ["a", "b"]
+            js = T["sensor_msgs/msg/JointState"](header=header, name=names, position=np.array([i, -i], float)[: len(names)],
+                                                 velocity=np.zeros(0), effort=np.zeros(0))
+            w.write(cj, int((1.0 + i * 0.1) * 1e9), ts.serialize_cdr(js, cj.msgtype))
+            cmd = T["std_msgs/msg/Float64MultiArray"](layout=layout, data=np.array([i, np.nan if fault == "nan" and i == 20 else 0.0]))
+            w.write(ca, int((1.01 + i * 0.1) * 1e9), ts.serialize_cdr(cmd, ca.msgtype))
+
+
+def test_bad_values_are_named_in_every_format(tmp_path):
+    """NaN, a missing column and a missing joint: each error names the file, the episode and the key (robomimic's
+    NaN and disagreeing demos are in the tests above)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zarr
+
+    _store(tmp_path / "a.zarr", image=False)
+    g = zarr.open_group(tmp_path / "a.zarr", mode="r+")
+    state = g["data/state"][:]
+    state[int(g["meta/episode_ends"][0]) + 2, 1] = np.nan
+    g["data/state"][:] = state
+    with pytest.raises(FormatError, match=r"a.zarr: episode 1: key 'state' has a non-finite value \(NaN or inf\) at step 2"):
+        convert(tmp_path / "a.zarr", tmp_path / "a.hdf5")
+
+    _store(tmp_path / "b.zarr", image=False)
+    convert(tmp_path / "b.zarr", tmp_path / "lr")
+    p = tmp_path / "lr/data/chunk-000/file-000.parquet"
+    t = pq.read_table(p)
+    action = t.column("action").to_pylist()
+    action[30][0] = float("nan")
+    pq.write_table(t.set_column(t.column_names.index("action"), "action", pa.array(action, type=t.schema.field("action").type)), p)
+    with pytest.raises(FormatError, match=r"lr: episode 1: key 'action' has a non-finite value \(NaN or inf\) at step 13"):
+        convert(tmp_path / "lr", tmp_path / "lr.zarr")
+    pq.write_table(pq.read_table(p).drop(["observation.state"]), p)
+    with pytest.raises(FormatError, match=r"lr: data/chunk-000/file-000.parquet has no column\(s\) \['observation.state'\]"):
+        convert(tmp_path / "lr", tmp_path / "lr.zarr")
+    assert not (tmp_path / "lr.zarr").exists()
+
+    sources = {"state": [{"joint_state": {"topic": "/joint_states", "names": ["a", "b"]}}], "action": [{"array": {"topic": "/cmd", "size": 2}}]}
+    for fault, msg in (("nan", r"episode 0, tick at 3.100 s: observation 'action': non-finite values at indices \[1\] \(/cmd: \[1\]\)"),
+                       ("joint", r"episode 0, tick at 3.000 s: observation 'state': joints \['b'\] missing from /joint_states")):
+        _bag_with(tmp_path / f"bag_{fault}", fault)
+        with pytest.raises(FormatError, match=rf"bag_{fault}: {msg}"):
+            list(read_dataset(tmp_path / f"bag_{fault}", sources=sources, rate=10).episodes())

@@ -17,8 +17,9 @@ values (a Twist source of size 3 is its linear xyz: Meta-World's hand delta); a 
 
 Alignment (``rate`` Hz, ``max_age`` s): ticks run every 1/rate s from the bag's first message. At each tick a
 key holds the latest message of each of its topics received at or before the tick (previous sample, never an
-interpolation or a future message); a tick is valid when every source has a message no older than ``max_age``
-and it assembles (joints present, sizes right, values finite). Invalid ticks are gaps.
+interpolation or a future message); a tick without a message no older than ``max_age`` from every source is a
+gap. A message that does not assemble (a NaN/Inf value, a wrong size, a configured joint missing) inside an
+episode is an error naming the bag, the episode, the key and the topic.
 
 ``tick_on`` (a list of topics, e.g. the action's): instead of every 1/rate s, a tick comes each time every one of
 these topics has a new message since the last tick, at that message's time: one row per command of a teleoperator,
@@ -274,6 +275,8 @@ def _bag_episodes(bag: Path, spec, shapes, kinds, sizes, rate, max_age, split, e
         def tick(t: float):
             nonlocal gap
             s = builder.current()
+            if not s.valid and s.kind != "stale_obs" and active:  # bad data (NaN/Inf, wrong sizes, missing joints), not a gap
+                raise FormatError(f"{bag}: episode {len(episodes)}, tick at {t:.3f} s: {s.reason}")
             if s.valid and t - s.stamp <= max_age + 1e-9:
                 if not active:
                     return
