@@ -183,7 +183,8 @@ class EvalConfig:
     max_episode_steps: Optional[int] = None  # None: task.max_episode_steps
     video: int = 0  # number of episodes to save as mp4
     latency_reps: int = 30  # batch-1 predict_chunk timings for chunk_ms_p50/p95
-    runtime: str = "torch"  # torch (eager) | ort: the chunk as ONNX graphs in ONNX Runtime (the ort extra)
+    runtime: str = "torch"  # torch (eager) | ort: the chunk as ONNX graphs in ONNX Runtime (the ort extra); what runs the
+    # policy, while `backend` below picks where the episodes run (local | ray), so issue 19's eval.backend=ort is runtime=ort
     ort_threads: int = 1  # ONNX Runtime intra-op threads (runtime=ort)
     out: Optional[str] = None  # results JSON path
     backend: EvalBackend = EvalBackend.local  # ray: shard episodes over Ray workers, same per-episode results
