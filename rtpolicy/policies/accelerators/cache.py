@@ -13,17 +13,16 @@ its last computed output. A schedule (U, K) bool says, per unit and step, whethe
   steps that maximize the summed cosine similarity between each step's true output and the cached
   output it would reuse (dynamic programming over steps); Bubbling Union then makes every unit
   upstream of an FFN unit update wherever that FFN unit updates, so caching errors do not propagate.
-- ``bound`` (:func:`calibrate_bounded`, issue 20): an error-bounded schedule. On fit windows, the error of
-  reusing unit u's step-j output at step k is measured per window (RMS over tokens and channels: every unit
-  adds into the same residual stream, so errors are comparable across units) and summarised by a high
-  quantile over windows, not a mean; per unit, dynamic programming gives the least-error update steps for
-  every number of updates; the FLOP budget then goes greedily to the units whose next update removes the
-  most error per FLOP (a cheap unit with a smooth output gets few updates, so the budget is spent where
-  reuse costs most). The schedule's output error (RMS of the executed action chunk vs the uncached
-  denoiser with the same noise) is then measured on *held-out* windows and its conformal quantile is
-  stored with the schedule as its bound (:attr:`CachedDiT.bound`, in :meth:`CachedDiT.schedule_json`);
-  with ``tol`` the cheapest schedule along the greedy path whose held-out bound is <= tol is taken.
-  :func:`output_errors` measures any cached policy (uniform, taylor, bac, MoDE's fused experts) the same way.
+- ``bound`` (:func:`calibrate_bounded`, issue 20): an error-bounded schedule chosen by the error it causes
+  where it matters, the executed action chunk (RMS vs the uncached denoiser, same noise), not by feature
+  similarity. From the full schedule, recomputes are skipped in rounds, each round skipping those whose
+  skip adds the least measured chunk error (a high quantile over the fit windows, not a mean) per FLOP
+  saved, so the budget is spent where skipping costs most (:func:`greedy_path`). The schedule's chunk
+  error is then measured on *held-out* windows and its conformal quantile stored with the schedule as its
+  bound (:attr:`CachedDiT.bound`, in :meth:`CachedDiT.schedule_json`), with a per-unit bound (only that
+  unit cached); with ``tol`` the cheapest schedule on the path whose held-out bound is <= tol is taken.
+  Skipped units reuse (``bac``) or forecast (``taylor``). :func:`output_errors` measures any cached policy
+  (uniform, taylor, bac, MoDE's fused experts) the same way.
 
 Besides the units, the wrapper computes once per chunk what cannot change within it (exactly, so a
 full schedule still equals the uncached denoiser bit for bit): the condition tokens' projection (while
@@ -280,62 +279,6 @@ def record_features(policy, obs: dict[str, torch.Tensor], steps: int) -> list[li
         policy.reset()
 
 
-def reuse_errors(features: list[list[torch.Tensor]]) -> torch.Tensor:
-    """[K][U] of (B, T, E) -> (U, K, K, B): err[u, j, k, b] = RMS over (T, E) of sample b's unit-u output at step
-    k minus its output at step j (the error of reusing step j's output at step k)."""
-    k, u = len(features), len(features[0])
-    out = torch.empty(u, k, k, features[0][0].shape[0])
-    for j in range(u):
-        f = torch.stack([features[s][j].flatten(1).float() for s in range(k)])  # (K, B, T*E)
-        out[j] = (f[:, None] - f[None]).pow(2).mean(-1).sqrt()
-    return out
-
-
-def least_error_schedules(err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One unit's reuse errors err (K, K) (err[j, k]: reusing step j's output at step k) -> (total (K,), schedules
-    (K, K) bool): for n = 1..K updates (row n-1), the least summed error sum_k err[last_update(k), k] with step 0
-    an update, and the update steps that reach it (dynamic programming over (updates, last update))."""
-    k = err.shape[0]
-    csum = torch.cat([torch.zeros(k, 1, dtype=torch.float64), err.double().cumsum(1)], dim=1)
-    cost = lambda i, j: float(csum[i, j] - csum[i, i + 1])  # noqa: E731  steps i+1..j-1 reuse step i
-    best = [[inf] * k for _ in range(k + 1)]
-    prev = [[-1] * k for _ in range(k + 1)]
-    best[1][0] = 0.0
-    for c in range(1, k):
-        for i in range(k):
-            if best[c][i] == inf:
-                continue
-            for j in range(i + 1, k):
-                v = best[c][i] + cost(i, j)
-                if v < best[c + 1][j]:
-                    best[c + 1][j], prev[c + 1][j] = v, i
-    totals, scheds = torch.empty(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.bool)
-    for n in range(1, k + 1):
-        last = min((i for i in range(k) if best[n][i] < inf), key=lambda i: best[n][i] + cost(i, k))
-        totals[n - 1] = best[n][last] + cost(last, k)
-        c = n
-        while last >= 0:
-            scheds[n - 1, last] = True
-            last, c = prev[c][last], c - 1
-    return totals, scheds
-
-
-def greedy_path(err: torch.Tensor, costs: torch.Tensor) -> list[torch.Tensor]:
-    """err (U, K, K) per-unit reuse errors, costs (U,) -> schedules (U, K) from one update per unit to the full
-    schedule, one update added at a time to the unit whose next update removes the most error per FLOP."""
-    u, k = err.shape[:2]
-    best = [least_error_schedules(err[i]) for i in range(u)]
-    n = [1] * u
-    path = [torch.stack([best[i][1][0] for i in range(u)])]
-    while any(m < k for m in n):
-        gain = [(float(best[i][0][n[i] - 1] - best[i][0][n[i]]) / float(costs[i]) if n[i] < k else -inf, -i)
-                for i in range(u)]
-        i = -max(gain)[1]
-        n[i] += 1
-        path.append(torch.stack([best[j][1][n[j] - 1] for j in range(u)]))
-    return path
-
-
 def conformal_quantile(errors: torch.Tensor, q: float) -> float:
     """The split-conformal q-quantile of n held-out errors: the ceil((n+1) q)-th smallest (the largest when that
     exceeds n), so a new window from the same distribution exceeds it with probability <= 1 - q (about)."""
@@ -344,72 +287,180 @@ def conformal_quantile(errors: torch.Tensor, q: float) -> float:
     return float(e[min(n, max(1, math.ceil((n + 1) * q))) - 1])
 
 
+class TrialDiT(CachedDiT):
+    """S schedules tried at once: the batch is S copies of B windows, sample i follows ``schedules[i // B]``
+    (S, units, K), with the same outputs as a CachedDiT of that schedule (every unit is computed for every
+    sample, and a sample whose schedule skips the unit takes its reused / forecast output instead)."""
+
+    def __init__(self, inner: DiTDenoiser, schedules: torch.Tensor, batch: int, mode: str = "bac"):
+        super().__init__(inner, torch.ones(schedules.shape[1:], dtype=torch.bool), mode)
+        self.masks = schedules.bool().repeat_interleave(batch, 0)  # (S*B, U, K)
+
+    def _unit(self, u: int, k: int, fn) -> torch.Tensor:
+        fresh = fn()
+        if k == 0 or u not in self.cache:
+            n = fresh.shape[0]
+            self.cache[u] = [fresh, torch.zeros(n, 1, 1), fresh, torch.full((n, 1, 1), -1.0)]  # y1, k1, y0, k0
+            return fresh
+        y1, k1, y0, k0 = self.cache[u]
+        pred = y1
+        if self.mode == "taylor":
+            pred = torch.where(k0 >= 0, y1 + (y1 - y0) * ((k - k1) / (k1 - k0).clamp(min=1)), y1)
+        m = self.masks[:, u, k].view(-1, 1, 1)
+        self.cache[u] = [torch.where(m, fresh, y1), torch.where(m, float(k), k1), torch.where(m, y1, y0),
+                         torch.where(m, k1, k0)]
+        return torch.where(m, fresh, pred)
+
+
 @torch.no_grad()
-def output_errors(policy, obs: dict[str, torch.Tensor], reference=None, seed: int = 0) -> torch.Tensor:
-    """(B,) RMS over the executed chunk (Ha, Da) of policy's actions minus the ``reference`` denoiser's (default: the
-    uncached DiT under the policy's CachedDiT), same observations and noise; a steady-state chunk (after one warm
-    call, which matters for streaming heads only)."""
-    keep = policy.denoiser
-    ref = _inner(policy) if reference is None else reference
-    outs = []
+def steady_chunk(policy, denoiser, obs: dict[str, torch.Tensor], seed: int = 0, noise: list | None = None) -> torch.Tensor:
+    """The executed chunk (B, Ha, Da) of ``policy`` with ``denoiser`` swapped in, a steady-state call (after one
+    warm call: matters for streaming heads only) under noise seed ``seed``; the policy's denoiser is restored.
+    ``noise``: a list that receives the noise tensors drawn (a NoiseFeed recording)."""
+    from rtpolicy.policies.head import NoiseFeed
+
+    keep, feed = policy.denoiser, NoiseFeed()
     try:
-        for den in (keep, ref):
-            policy.denoiser = den
-            policy.reset()
-            torch.manual_seed(seed)
+        policy.denoiser = denoiser
+        policy.reset()
+        torch.manual_seed(seed)
+        with policy.noise_feed(feed):
             policy.predict_chunk(obs)
-            outs.append(policy.predict_chunk(obs))
+            out = policy.predict_chunk(obs)
+        if noise is not None:
+            noise.extend(feed.drawn)
+        return out
     finally:
         policy.denoiser = keep
         policy.reset()
-    return (outs[0] - outs[1]).pow(2).flatten(1).mean(1).sqrt()
+
+
+@torch.no_grad()
+def trial_chunks(policy, schedules: torch.Tensor, obs: dict[str, torch.Tensor], noise: list[torch.Tensor],
+                 mode: str = "bac") -> torch.Tensor:
+    """(S, B, Ha, Da): the steady chunk of every schedule (S, U, K) on windows obs (B, ...), all with the
+    ``noise`` recorded by :func:`steady_chunk` on the same windows, in one batched run."""
+    from rtpolicy.policies.head import NoiseFeed
+
+    s, b = schedules.shape[0], next(iter(obs.values())).shape[0]
+    tile = lambda x: x.repeat(s, *[1] * (x.ndim - 1))  # noqa: E731
+    keep = policy.denoiser
+    try:
+        policy.denoiser = TrialDiT(_inner(policy), schedules, b, mode)
+        policy.reset()
+        with policy.noise_feed(NoiseFeed([tile(n) for n in noise])):
+            policy.predict_chunk({k: tile(v) for k, v in obs.items()})
+            out = policy.predict_chunk({k: tile(v) for k, v in obs.items()})
+        return out.unflatten(0, (s, b))
+    finally:
+        policy.denoiser = keep
+        policy.reset()
+
+
+def chunk_rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, Ha, Da) x 2 -> (B,) RMS difference per window."""
+    return (a - b).pow(2).flatten(1).mean(1).sqrt()
+
+
+@torch.no_grad()
+def output_errors(policy, obs: dict[str, torch.Tensor], reference=None, seed: int = 0) -> torch.Tensor:
+    """(B,) RMS over the executed chunk (Ha, Da) of policy's actions minus the ``reference`` denoiser's (default: the
+    uncached DiT under the policy's CachedDiT), same observations and noise."""
+    ref = _inner(policy) if reference is None else reference
+    return chunk_rms(steady_chunk(policy, policy.denoiser, obs, seed), steady_chunk(policy, ref, obs, seed))
+
+
+@torch.no_grad()
+def greedy_path(policy, fit: dict[str, torch.Tensor], costs: torch.Tensor, mode: str = "bac", cost: float = 0.0,
+                q: float = 0.9, seed: int = 0, rounds: int = 12, batch: int = 16) -> list[tuple[float, torch.Tensor]]:
+    """Skips (unit, step) recomputes one batch at a time, each time those whose skip adds the least measured output
+    error per FLOP saved: from the full schedule down to ``cost`` (a share of the units' FLOPs).
+
+    Each round measures, for every recompute still in the schedule (step 0 excepted), the q-quantile over the fit
+    windows of the chunk error with that one recompute skipped on top of the current schedule (``mode``: the
+    skipped unit reuses / forecasts), and skips the best-scoring 1/``rounds`` of the FLOPs still to save. The
+    candidates are run ``batch`` schedules at a time (:class:`TrialDiT`), with the noise of the uncached run.
+    Returns [(cost fraction, schedule (U, K))], full first.
+    """
+    inner = _inner(policy)
+    k = len(denoiser_calls(policy, fit, steady=True))
+    noise: list[torch.Tensor] = []
+    ref = steady_chunk(policy, inner, fit, seed, noise)
+    sched = torch.ones(len(costs), k, dtype=torch.bool)
+    total = float(costs.sum()) * k
+    path = [(1.0, sched.clone())]
+    step_save = (1.0 - cost) * total / rounds
+    base = 0.0
+    while cost_fraction(sched, costs) > cost + 1e-9:
+        cands = [(u, j + 1) for u, j in sched[:, 1:].nonzero().tolist()]
+        if not cands:
+            break
+        trials = sched.expand(len(cands), -1, -1).clone()
+        for i, (u, j) in enumerate(cands):
+            trials[i, u, j] = False
+        errs = torch.cat([(trial_chunks(policy, t, fit, noise, mode) - ref).pow(2).flatten(2).mean(2).sqrt()
+                          for t in trials.split(batch)])  # (C, B)
+        scores = [((torch.quantile(e, q).item() - base) / float(costs[u]), u, j) for e, (u, j) in zip(errs, cands)]
+        saved = 0.0
+        for _score, u, j in sorted(scores):
+            if saved >= step_save or cost_fraction(sched, costs) <= cost + 1e-9:
+                break
+            sched[u, j] = False
+            saved += float(costs[u])
+        err = chunk_rms(trial_chunks(policy, sched[None], fit, noise, mode)[0], ref)
+        base = torch.quantile(err, q).item()
+        path.append((cost_fraction(sched, costs), sched.clone()))
+    return path
 
 
 @torch.no_grad()
 def calibrate_bounded(policy, fit: dict[str, torch.Tensor], heldout: dict[str, torch.Tensor], cost: float = 0.3,
-                      tol: float | None = None, q: float = 0.9, seed: int = 0) -> dict[str, Any]:
-    """Replace ``policy.denoiser`` by an error-bounded CachedDiT (reuse mode); returns a report.
+                      tol: float | None = None, q: float = 0.9, mode: str = "bac", seed: int = 0,
+                      rounds: int = 12) -> dict[str, Any]:
+    """Replace ``policy.denoiser`` by an error-bounded CachedDiT; returns a report.
 
-    fit / heldout: disjoint observation windows (B, To, ...). ``cost``: the largest share of the units' FLOPs to
-    recompute (tol None), or, with ``tol``, the cheapest schedule on the greedy path whose held-out bound is
-    <= tol (the full schedule if none). ``q``: the quantile over windows used for the per-unit reuse errors
-    and the stored bound. The bound: {"q", "chunk_rms" (conformal q-quantile of the held-out chunk errors),
-    "heldout_mean", "n_heldout", "units" (per unit: held-out q-quantile of its summed reuse error)}.
+    fit / heldout: disjoint observation windows (B, To, ...). The schedule is chosen on ``fit`` by
+    :func:`greedy_path` (measured chunk error, ``mode`` bac = reuse or taylor = forecast); ``cost``: the share of
+    the units' FLOPs to recompute, or, with ``tol``, the cheapest schedule on the path (down to ``cost``) whose
+    held-out bound is <= tol (the full schedule if none). Stored with it as ``bound``: {"q", "chunk_rms" (the
+    conformal q-quantile of the held-out windows' chunk errors), "heldout_mean", "heldout_max", "n_heldout",
+    "units" (per unit: the held-out q-quantile of the chunk error when only that unit follows the schedule)}.
     """
+    if mode not in ("bac", "taylor"):
+        raise ValueError(f"a bounded schedule reuses (bac) or forecasts (taylor), got mode {mode!r}")
     inner = _inner(policy)
     policy.denoiser = inner
-    k = len(denoiser_calls(policy, fit, steady=True))
     costs = unit_costs(inner)
-    err_fit = reuse_errors(record_features(policy, fit, k))
-    path = greedy_path(torch.quantile(err_fit, q, dim=-1), costs)
-    fracs = [cost_fraction(sch, costs) for sch in path]
+    path = greedy_path(policy, fit, costs, mode, cost, q, seed, rounds)
+    ref = steady_chunk(policy, inner, heldout, seed)
 
-    def measure(schedule: torch.Tensor) -> torch.Tensor:
-        policy.denoiser = CachedDiT(inner, schedule, "bac")
-        return output_errors(policy, heldout, inner, seed)
+    def held(schedule: torch.Tensor) -> torch.Tensor:
+        return chunk_rms(steady_chunk(policy, CachedDiT(inner, schedule, mode), heldout, seed), ref)
 
     if tol is None:
-        idx = max([i for i, f in enumerate(fracs) if f <= cost + 1e-9], default=0)
-        errs = measure(path[idx])
-    else:  # bisection along the path (the error falls, not strictly, as updates are added); the last one checked
-        lo, hi, found = 0, len(path) - 1, None
+        idx = len(path) - 1
+        errs = held(path[idx][1])
+    else:  # bisection along the path (its error rises, not strictly, as recomputes are skipped)
+        lo, hi, found = 0, len(path) - 1, (0, held(path[0][1]))
         while lo <= hi:
             mid = (lo + hi) // 2
-            e = measure(path[mid])
+            e = held(path[mid][1])
             if conformal_quantile(e, q) <= tol:
-                found, hi = (mid, e), mid - 1
+                found, lo = (mid, e), mid + 1
             else:
-                lo = mid + 1
-        idx, errs = found if found is not None else (len(path) - 1, measure(path[-1]))
-    schedule = path[idx]
-    err_held = reuse_errors(record_features(policy, heldout, k))
-    unit_err = torch.stack([sum(err_held[u, int(schedule[u, : s + 1].nonzero().max()), s] for s in range(k))
-                            for u in range(len(costs))])  # (U, B) summed over steps
+                hi = mid - 1
+        idx, errs = found
+    frac, schedule = path[idx]
+    units = []
+    for u in range(len(costs)):
+        only = torch.ones_like(schedule)
+        only[u] = schedule[u]
+        units.append(round(conformal_quantile(held(only), q), 6))
     bound = {"q": q, "chunk_rms": conformal_quantile(errs, q), "heldout_mean": float(errs.mean()),
-             "heldout_max": float(errs.max()), "n_heldout": int(errs.numel()),
-             "units": [round(float(torch.quantile(e, q)), 6) for e in unit_err]}
-    policy.denoiser = CachedDiT(inner, schedule, "bac")
+             "heldout_max": float(errs.max()), "n_heldout": int(errs.numel()), "units": units}
+    policy.denoiser = CachedDiT(inner, schedule, mode)
     policy.denoiser.bound = bound
     policy.reset()
-    return {"mode": "bound", "steps": k, "units": len(costs), "computed_fraction": policy.denoiser.computed_fraction(),
-            "cost_fraction": fracs[idx], "bound": bound, "updates_per_unit": schedule.sum(1).tolist()}
+    return {"mode": f"bound-{mode}", "steps": schedule.shape[1], "units": len(costs),
+            "computed_fraction": policy.denoiser.computed_fraction(), "cost_fraction": frac, "bound": bound,
+            "updates_per_unit": schedule.sum(1).tolist(), "path": [round(f, 4) for f, _ in path]}
