@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -45,6 +46,7 @@ def test_torchrun_trains_checkpoints_resumes(ddp_run):
     run_dir, first, resumed = ddp_run
     assert "ranks=2 x batch 4 x accum 1" in first  # the global batch 8 split over 2 ranks
     assert first.count("[rtpolicy] run_dir=") == 1 and first.count("no dataset at") == 1  # rank 0 logs and collects
+    assert first.count("trained in") == 1 and resumed.count("trained in") == 1  # the end-of-run line: rank 0's only
     assert "resumed" in resumed and "at step 4" in resumed and "ranks=2 x batch 2 x accum 2" in resumed
     ckpt = run_dir / "checkpoints" / "last.safetensors"
     meta, tensors = read_checkpoint(ckpt)
@@ -57,6 +59,66 @@ def test_torchrun_trains_checkpoints_resumes(ddp_run):
     assert all(torch.equal(v, tensors[f"ema/{k}"]) for k, v in policy.state_dict().items())
     obs = {"state": torch.zeros(1, policy.obs_horizon, *meta["shapes"]["state"])}
     assert policy.predict_chunk(obs).shape == (1, 4, meta["shapes"]["action"][0])
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the worker of local rank ``rank`` among the descendants of torchrun's ``parent`` (None yet),
+    read from /proc (each worker's environment holds its LOCAL_RANK)."""
+    ppid = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    family, grew = {parent}, True
+    while grew:
+        grew = False
+        for pid, pp in ppid.items():
+            if pp in family and pid not in family:
+                family.add(pid)
+                grew = True
+    for pid in sorted(family - {parent}):
+        with contextlib.suppress(OSError):
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"LOCAL_RANK={rank}".encode() in env and b"train.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+    return None
+
+
+def test_killed_rank_fails_the_job(ddp_run, tmp_path):
+    """kill -9 of rank 1 while both ranks train: torchrun exits non-zero within seconds naming rank 1 and its
+    signal, rank 0 does not wait on its peer (a hung job would meet the 90 s limit here)."""
+    import signal
+    import time
+
+    reach = ddp_run[0].parent / "reach.zarr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *TINY, f"task.dataset={reach}", f"run_dir={tmp_path}/run", "train.steps=100000", "train.ckpt_every=100000"]
+    env = dict(os.environ, MUJOCO_GL="osmesa", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # rank 0 prints its run line once DDP has wrapped the model: both ranks train
+            lines.append(line)
+            if "[rtpolicy] run_dir=" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        victim = _rank_pid(proc.pid, 1)
+        assert victim is not None
+        time.sleep(1.0)  # a few steps in
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        out = "".join(lines) + proc.communicate(timeout=90)[0]
+        took = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert "ChildFailedError" in out and "train.py FAILED" in out, out[-3000:]
+    root = out[out.index("Root Cause"):]
+    assert "rank      : 1 (local_rank: 1)" in root and "exitcode  : -9" in root and "SIGKILL" in root, root
+    assert took < 60, took
+    assert not (tmp_path / "run" / "checkpoints" / "last.safetensors").exists()
 
 
 def test_batch_split_and_precision_refusals():
