@@ -7,7 +7,7 @@ from rtpolicy.policies import load_all
 
 from rtpolicy.factory import build_policy, denoiser_config, policy_config
 from rtpolicy.policies.accelerators.cache import (CachedDiT, adaptive_schedule, bubbling_union, calibrate,
-                                                 calibrate_bounded, cost_fraction, greedy_path, output_errors,
+                                                 calibrate_bounded, cost_fraction, output_errors, step_search,
                                                  uniform_schedule, unit_costs)
 from rtpolicy.policies.denoisers.base import DENOISERS
 
@@ -129,16 +129,17 @@ def test_caching_composes_with_streaming_ticks():
     assert calibrate(policy, OBS, "bac", budget=1)["steps"] == 2
 
 
-def test_greedy_path_spends_the_budget_where_skipping_costs_least():
+def test_step_search_ranks_every_step_subset_by_measured_error():
     policy = make(sampler="ddim", num_inference_steps=10)
     fit = {"state": torch.randn(16, 2, 6, generator=torch.Generator().manual_seed(3))}
-    costs = unit_costs(policy.denoiser)
-    path = greedy_path(policy, fit, costs, "bac", cost=0.3, rounds=4)
-    fracs = [f for f, _ in path]
-    assert fracs[0] == 1.0 and fracs == sorted(fracs, reverse=True) and 0.25 < fracs[-1] <= 0.3
-    assert all(s[:, 0].all() for _, s in path) and all((b <= a).all() for (_, a), (_, b) in zip(path, path[1:]))
-    errs = [float(output_errors(_cached(policy, s), fit).quantile(0.9)) for _, s in path]
-    assert errs[0] == 0 and errs[-1] > 0
+    ranked = step_search(policy, fit, 3, "bac")
+    assert len(ranked) == 36 and [s for s, _ in ranked] == sorted(s for s, _ in ranked)
+    assert all(int(sch[0].sum()) == 3 and sch[:, 0].all() and (sch == sch[0]).all() for _, sch in ranked)
+    uniform = next(s for s, sch in ranked if torch.equal(sch, uniform_schedule(6, 10, 4)))
+    assert ranked[0][0] <= uniform and ranked[0][0] < ranked[-1][0]
+    # the score is that schedule's measured chunk error: with 16 windows and q = 0.9, the ceil(17 * 0.9) = 16th
+    err = output_errors(_cached(policy, ranked[0][1]), fit)
+    assert ranked[0][0] == pytest.approx(float(err.max()), rel=1e-3, abs=1e-5)
 
 
 def _cached(policy, schedule):
@@ -153,7 +154,7 @@ def test_bounded_schedule_holds_its_bound_on_unseen_windows():
     policy = make(sampler="ddim", num_inference_steps=10)
     g = torch.Generator().manual_seed(5)
     fit, held, fresh = ({"state": torch.randn(n, 2, 6, generator=g)} for n in (32, 64, 160))
-    rep = calibrate_bounded(policy, fit, held, cost=0.4, q=0.9, rounds=4)
+    rep = calibrate_bounded(policy, fit, held, cost=0.4, q=0.9)
     cached, bound = policy.denoiser, rep["bound"]["chunk_rms"]
     assert isinstance(cached, CachedDiT) and rep["cost_fraction"] <= 0.4 and cached.schedule[:, 0].all()
     assert cost_fraction(cached.schedule, unit_costs(cached.inner)) == pytest.approx(rep["cost_fraction"])
@@ -162,8 +163,8 @@ def test_bounded_schedule_holds_its_bound_on_unseen_windows():
     assert len(rep["bound"]["units"]) == 6 and rep["bound"]["n_heldout"] == 64
     again = CachedDiT.from_json(cached.inner, cached.schedule_json())  # the bound travels with the schedule
     assert again.bound == cached.bound and torch.equal(again.schedule, cached.schedule)
-    # tol: the cheapest schedule on the path whose held-out bound is under it
-    tight = calibrate_bounded(policy, fit, held, tol=bound / 4, q=0.9, rounds=4)
+    # tol: the fewest updates whose held-out bound is under it
+    tight = calibrate_bounded(policy, fit, held, tol=bound / 4, q=0.9)
     assert tight["bound"]["chunk_rms"] <= bound / 4 and rep["cost_fraction"] < tight["cost_fraction"] < 1
     assert float(output_errors(policy, fresh).mean()) < bound / 4
 

@@ -15,13 +15,15 @@ its last computed output. A schedule (U, K) bool says, per unit and step, whethe
   upstream of an FFN unit update wherever that FFN unit updates, so caching errors do not propagate.
 - ``bound`` (:func:`calibrate_bounded`, issue 20): an error-bounded schedule chosen by the error it causes
   where it matters, the executed action chunk (RMS vs the uncached denoiser, same noise), not by feature
-  similarity. From the full schedule, recomputes are skipped in rounds, each round skipping those whose
-  skip adds the least measured chunk error (a high quantile over the fit windows, not a mean) per FLOP
-  saved, so the budget is spent where skipping costs most (:func:`greedy_path`). The schedule's chunk
-  error is then measured on *held-out* windows and its conformal quantile stored with the schedule as its
-  bound (:attr:`CachedDiT.bound`, in :meth:`CachedDiT.schedule_json`), with a per-unit bound (only that
-  unit cached); with ``tol`` the cheapest schedule on the path whose held-out bound is <= tol is taken.
-  Skipped units reuse (``bac``) or forecast (``taylor``). :func:`output_errors` measures any cached policy
+  similarity: among all step subsets of the budget's size (every unit recomputes at the chosen steps), the
+  one with the least measured chunk error (a high quantile over the fit windows, not a mean) is taken
+  (:func:`step_search`; exhaustive, so it is never worse on the fit windows than uniform caching at the same
+  cost, which is one of the candidates). Its chunk error is then measured on *held-out* windows and the
+  conformal quantile stored with the schedule as its bound (:attr:`CachedDiT.bound`, in
+  :meth:`CachedDiT.schedule_json`), with a per-unit bound (only that unit cached); with ``tol`` the fewest
+  updates whose held-out bound is <= tol are taken. Skipped units reuse (``bac``) or forecast (``taylor``).
+  (A per-(unit, step) greedy by measured error and a per-unit DP on feature errors both lost to uniform
+  caching on an MT10 checkpoint: single-skip errors do not add up.) :func:`output_errors` measures any cached policy
   (uniform, taylor, bac, MoDE's fused experts) the same way.
 
 Besides the units, the wrapper computes once per chunk what cannot change within it (exactly, so a
@@ -38,6 +40,7 @@ on a steady-state call. Schedules are plain JSON (:meth:`CachedDiT.schedule_json
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from typing import Any
@@ -371,96 +374,80 @@ def output_errors(policy, obs: dict[str, torch.Tensor], reference=None, seed: in
 
 
 @torch.no_grad()
-def greedy_path(policy, fit: dict[str, torch.Tensor], costs: torch.Tensor, mode: str = "bac", cost: float = 0.0,
-                q: float = 0.9, seed: int = 0, rounds: int = 12, batch: int = 16) -> list[tuple[float, torch.Tensor]]:
-    """Skips (unit, step) recomputes one batch at a time, each time those whose skip adds the least measured output
-    error per FLOP saved: from the full schedule down to ``cost`` (a share of the units' FLOPs).
-
-    Each round measures, for every recompute still in the schedule (step 0 excepted), the q-quantile over the fit
-    windows of the chunk error with that one recompute skipped on top of the current schedule (``mode``: the
-    skipped unit reuses / forecasts), and skips the best-scoring 1/``rounds`` of the FLOPs still to save. The
-    candidates are run ``batch`` schedules at a time (:class:`TrialDiT`), with the noise of the uncached run.
-    Returns [(cost fraction, schedule (U, K))], full first.
-    """
+def step_search(policy, fit: dict[str, torch.Tensor], updates: int, mode: str = "bac", q: float = 0.9, seed: int = 0,
+                batch: int = 12) -> list[tuple[float, torch.Tensor]]:
+    """Every schedule that recomputes all units at step 0 and at ``updates - 1`` more of the K steps, scored by
+    the q-quantile over the fit windows of its measured chunk error (``mode``: skipped steps reuse or forecast);
+    -> [(score, schedule (U, K))], best first. C(K-1, updates-1) candidates (36 for K=10, 3 updates), run
+    ``batch`` at a time (:class:`TrialDiT`) with the noise of the uncached run; uniform schedules are among them."""
     inner = _inner(policy)
-    k = len(denoiser_calls(policy, fit, steady=True))
+    k, units = len(denoiser_calls(policy, fit, steady=True)), 2 * len(inner.blocks)
     noise: list[torch.Tensor] = []
     ref = steady_chunk(policy, inner, fit, seed, noise)
-    sched = torch.ones(len(costs), k, dtype=torch.bool)
-    total = float(costs.sum()) * k
-    path = [(1.0, sched.clone())]
-    step_save = (1.0 - cost) * total / rounds
-    base = 0.0
-    while cost_fraction(sched, costs) > cost + 1e-9:
-        cands = [(u, j + 1) for u, j in sched[:, 1:].nonzero().tolist()]
-        if not cands:
-            break
-        trials = sched.expand(len(cands), -1, -1).clone()
-        for i, (u, j) in enumerate(cands):
-            trials[i, u, j] = False
-        errs = torch.cat([(trial_chunks(policy, t, fit, noise, mode) - ref).pow(2).flatten(2).mean(2).sqrt()
-                          for t in trials.split(batch)])  # (C, B)
-        scores = [((torch.quantile(e, q).item() - base) / float(costs[u]), u, j) for e, (u, j) in zip(errs, cands)]
-        saved = 0.0
-        for _score, u, j in sorted(scores):
-            if saved >= step_save or cost_fraction(sched, costs) <= cost + 1e-9:
-                break
-            sched[u, j] = False
-            saved += float(costs[u])
-        err = chunk_rms(trial_chunks(policy, sched[None], fit, noise, mode)[0], ref)
-        base = torch.quantile(err, q).item()
-        path.append((cost_fraction(sched, costs), sched.clone()))
-    return path
+    cands = []
+    for rest in itertools.combinations(range(1, k), max(0, min(updates, k) - 1)):
+        sch = torch.zeros(units, k, dtype=torch.bool)
+        sch[:, [0, *rest]] = True
+        cands.append(sch)
+    scores = []
+    for group in torch.stack(cands).split(batch):
+        err = (trial_chunks(policy, group, fit, noise, mode) - ref).pow(2).flatten(2).mean(2).sqrt()  # (S, B)
+        scores += [conformal_quantile(e, q) for e in err]
+    order = sorted(range(len(cands)), key=lambda i: scores[i])
+    return [(scores[i], cands[i]) for i in order]
 
 
 @torch.no_grad()
 def calibrate_bounded(policy, fit: dict[str, torch.Tensor], heldout: dict[str, torch.Tensor], cost: float = 0.3,
-                      tol: float | None = None, q: float = 0.9, mode: str = "bac", seed: int = 0,
-                      rounds: int = 12) -> dict[str, Any]:
+                      tol: float | None = None, q: float = 0.9, mode: str = "bac", seed: int = 0) -> dict[str, Any]:
     """Replace ``policy.denoiser`` by an error-bounded CachedDiT; returns a report.
 
-    fit / heldout: disjoint observation windows (B, To, ...). The schedule is chosen on ``fit`` by
-    :func:`greedy_path` (measured chunk error, ``mode`` bac = reuse or taylor = forecast); ``cost``: the share of
-    the units' FLOPs to recompute, or, with ``tol``, the cheapest schedule on the path (down to ``cost``) whose
-    held-out bound is <= tol (the full schedule if none). Stored with it as ``bound``: {"q", "chunk_rms" (the
-    conformal q-quantile of the held-out windows' chunk errors), "heldout_mean", "heldout_max", "n_heldout",
-    "units" (per unit: the held-out q-quantile of the chunk error when only that unit follows the schedule)}.
+    fit / heldout: disjoint observation windows (B, To, ...). The recompute steps are those of the
+    :func:`step_search` winner on ``fit`` (``mode`` bac = reuse, taylor = forecast) with ``floor(cost * K)``
+    updates, or, with ``tol``, with the fewest updates (>= 1, <= floor(cost * K) unless none passes: then
+    more) whose *held-out* bound is <= tol (the full schedule if none). Stored with it as ``bound``: {"q",
+    "chunk_rms" (the conformal q-quantile of the held-out windows' chunk errors), "heldout_mean",
+    "heldout_max", "n_heldout", "fit_q" (the winner's score on fit), "units" (per unit: the held-out
+    q-quantile of the chunk error when only that unit follows the schedule)}.
     """
     if mode not in ("bac", "taylor"):
         raise ValueError(f"a bounded schedule reuses (bac) or forecasts (taylor), got mode {mode!r}")
     inner = _inner(policy)
     policy.denoiser = inner
-    costs = unit_costs(inner)
-    path = greedy_path(policy, fit, costs, mode, cost, q, seed, rounds)
+    k = len(denoiser_calls(policy, fit, steady=True))
     ref = steady_chunk(policy, inner, heldout, seed)
 
     def held(schedule: torch.Tensor) -> torch.Tensor:
         return chunk_rms(steady_chunk(policy, CachedDiT(inner, schedule, mode), heldout, seed), ref)
 
+    m = max(1, math.floor(cost * k + 1e-9))
     if tol is None:
-        idx = len(path) - 1
-        errs = held(path[idx][1])
-    else:  # bisection along the path (its error rises, not strictly, as recomputes are skipped)
-        lo, hi, found = 0, len(path) - 1, (0, held(path[0][1]))
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            e = held(path[mid][1])
-            if conformal_quantile(e, q) <= tol:
-                found, lo = (mid, e), mid + 1
-            else:
-                hi = mid - 1
-        idx, errs = found
-    frac, schedule = path[idx]
+        fit_q, schedule = step_search(policy, fit, m, mode, q, seed)[0]
+        errs = held(schedule)
+    else:  # the fewest updates whose held-out bound passes (the error falls, not strictly, with more updates)
+        found = None
+        for n in range(1, k + 1):
+            fit_q, schedule = step_search(policy, fit, n, mode, q, seed)[0]
+            errs = held(schedule)
+            if conformal_quantile(errs, q) <= tol:
+                found = (fit_q, schedule, errs)
+                break
+        if found is None:
+            schedule = torch.ones(2 * len(inner.blocks), k, dtype=torch.bool)
+            fit_q, errs = 0.0, held(schedule)
+        else:
+            fit_q, schedule, errs = found
     units = []
-    for u in range(len(costs)):
+    for u in range(schedule.shape[0]):
         only = torch.ones_like(schedule)
         only[u] = schedule[u]
         units.append(round(conformal_quantile(held(only), q), 6))
     bound = {"q": q, "chunk_rms": conformal_quantile(errs, q), "heldout_mean": float(errs.mean()),
-             "heldout_max": float(errs.max()), "n_heldout": int(errs.numel()), "units": units}
+             "heldout_max": float(errs.max()), "n_heldout": int(errs.numel()), "fit_q": fit_q, "units": units}
     policy.denoiser = CachedDiT(inner, schedule, mode)
     policy.denoiser.bound = bound
     policy.reset()
-    return {"mode": f"bound-{mode}", "steps": schedule.shape[1], "units": len(costs),
-            "computed_fraction": policy.denoiser.computed_fraction(), "cost_fraction": frac, "bound": bound,
-            "updates_per_unit": schedule.sum(1).tolist(), "path": [round(f, 4) for f, _ in path]}
+    return {"mode": f"bound-{mode}", "steps": k, "units": schedule.shape[0],
+            "computed_fraction": policy.denoiser.computed_fraction(),
+            "cost_fraction": cost_fraction(schedule, unit_costs(inner)), "bound": bound,
+            "update_steps": schedule[0].nonzero().flatten().tolist()}
