@@ -12,7 +12,8 @@ MT10 means, their sample std and range, and the per-seed figures with their seed
 setting evaluated on other seeds than the default is stored as ``eval_<setting>_seed<S>.json``.
 ``--calib-source`` picks where the --cache calibration windows come from (``demos``: drawn from the training
 demos as before; ``demos-per-task``: the same number from each suite member); ``--cache bound:F`` calibrates the
-error-bounded schedule (``calibrate_bounded``) at cost fraction F (e.g. bound:0.3), with half of the windows held out.
+error-bounded schedule (``calibrate_bounded``) recomputing at floor(F * 10) of DDIM-10's steps (e.g. bound:0.3), half
+of the windows held out for its bound; ``tbound:F`` the same with skipped units forecast (Taylor) instead of reused.
 
 ``--eval-backend ray`` plays the evaluation episodes on Ray workers (``eval.backend=ray``; a local Ray, or the
 cluster of ``--ray-address``) with the same per-episode results as the local runner.
@@ -96,14 +97,14 @@ def apply_cache(policy, setting: str, task_cfg, n: int, device, source: str = "d
     from rtpolicy.policies.denoisers.mode import cache_policy_experts
 
     mode, _, num = setting.partition(":")
-    ok_num = num.isdigit() or (mode == "bound" and num.replace(".", "", 1).isdigit())
-    if not (mode in ("bac", "uniform", "taylor", "bound") and ok_num or setting == "experts"):
-        raise SystemExit(f"--cache {setting!r}: expected bac:N, uniform:N, taylor:N, bound:F or experts")
+    ok_num = num.isdigit() or (mode in ("bound", "tbound") and num.replace(".", "", 1).isdigit())
+    if not (mode in ("bac", "uniform", "taylor", "bound", "tbound") and ok_num or setting == "experts"):
+        raise SystemExit(f"--cache {setting!r}: expected bac:N, uniform:N, taylor:N, bound:F, tbound:F or experts")
     obs = demo_windows(policy, task_cfg, n, device, per_task=source == "demos-per-task")
-    if mode == "bound":  # fit on every other window, bound measured on the rest
+    if mode in ("bound", "tbound"):  # fit on every other window, bound measured on the rest
         with torch.no_grad():
             return calibrate_bounded(policy, {k: v[0::2] for k, v in obs.items()}, {k: v[1::2] for k, v in obs.items()},
-                                     cost=float(num))
+                                     cost=float(num), mode="taylor" if mode == "tbound" else "bac")
     if setting == "experts":  # MoDE: fuse the routed experts per noise level of the sampler's schedule
         with torch.no_grad():
             return {"cached_levels": cache_policy_experts(policy, {k: v[:1] for k, v in obs.items()}),

@@ -242,7 +242,8 @@ def calibrate(policy, obs: dict[str, torch.Tensor], mode: str = "bac", budget: i
         raise ValueError(f"cache mode must be one of {list(MODES)}, got {mode!r}")
     policy.denoiser = CachedDiT(inner, schedule, mode)
     policy.reset()
-    return {"mode": mode, "steps": k, "units": units, "computed_fraction": policy.denoiser.computed_fraction()}
+    return {"mode": mode, "steps": k, "units": units, "computed_fraction": policy.denoiser.computed_fraction(),
+            "cost_fraction": cost_fraction(schedule, unit_costs(inner))}
 
 
 def unit_costs(inner: DiTDenoiser) -> torch.Tensor:
