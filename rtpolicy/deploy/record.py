@@ -13,7 +13,7 @@ An ``array`` source subscribes to std_msgs/Float64MultiArray unless ``message_ty
 source of size 3 is its linear xyz).
 
 Each control tick of an open episode appends one row {key: (*shape)}: the latest message of every source,
-when all are at most ``max_age_s`` old and assemble (joints present, sizes right, finite); other ticks are
+when all are at most ``max_age_s`` old (at the tick; with sample_on=action, when the command was sent) and assemble (joints present, sizes right, finite); other ticks are
 skipped and counted (``gaps`` in the episode's record). A new episode uses only messages received after it
 started (a reset robot's old state never opens it). Ticks (``sample_on``):
     timer    every 1/``control_rate_hz`` s on a steady timer. A recorder sampling at a fixed rate next to a
@@ -44,6 +44,7 @@ with the same sources::
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import queue
@@ -83,6 +84,7 @@ KIND_TYPES = {"joint_state": "sensor_msgs/msg/JointState", "image": "sensor_msgs
               "compressed_image": "sensor_msgs/msg/CompressedImage", "array": "std_msgs/msg/Float64MultiArray"}
 BAG_STORAGES = ("mcap", "sqlite3")
 SAMPLE_ON = ("timer", "action")
+RECENT = 32  # messages kept per topic to find the one a command answered
 
 PARAMETERS: dict[str, tuple[Any, str]] = {
     "output": ("", "zarr store the episodes are appended to (created if absent); '' = none (bag only)"),
@@ -162,7 +164,8 @@ class RecorderNode(Node):
         if p["sample_on"] not in SAMPLE_ON:
             raise ValueError(f"sample_on must be one of {list(SAMPLE_ON)}, got {p['sample_on']!r}")
         self.action_topics = {s.topic for k in act for s in self.spec.sources[k]}
-        self._fresh: set[str] = set()
+        self._fresh: dict[str, int] = {}  # sample_on=action: action topic -> publish time of its message in this set
+        self._pending: collections.deque = collections.deque()  # (command publish ns, {action topic: message}) awaiting a row
         self.buffer = None
         if p["output"]:
             from rtpolicy.datasets.replay_buffer import ReplayBuffer
@@ -171,7 +174,8 @@ class RecorderNode(Node):
             if self.buffer.n_episodes and set(self.buffer.keys) != set(self.spec.sources):
                 raise ValueError(f"{p['output']} holds keys {self.buffer.keys}; these sources record {sorted(self.spec.sources)}")
         self.bag = self._open_bag() if p["bag"] else None
-        self._latest: dict[str, tuple[bytes, float]] = {}  # topic -> (serialized message, receive time), this episode
+        self._recent: dict[str, collections.deque] = {}  # topic -> the last RECENT (publish ns, serialized message) of this episode
+        self.boundary_ns = 0
         self.builder: ObservationBuilder | None = None
         self.rows: list[dict[str, np.ndarray]] | None = None  # None: no episode open
         self.gaps = 0
@@ -183,12 +187,12 @@ class RecorderNode(Node):
         self._writer.start()
         self.started_at = 0.0
         for topic, cls in self.classes.items():
-            self.create_subscription(cls, topic, lambda raw, t=topic: self._on_message(t, raw), SOURCE_QOS, raw=True)
-        self.create_subscription(Bool, p["episode_topic"], self._on_episode, COMMAND_QOS)
-        self.create_subscription(String, p["reset_topic"], self._on_reset, COMMAND_QOS)
+            self.create_subscription(cls, topic, lambda raw, info, t=topic: self._on_message(t, raw, info), SOURCE_QOS, raw=True)
+        self.create_subscription(Bool, p["episode_topic"], lambda m, info: self._on_episode(m, info), COMMAND_QOS)
+        self.create_subscription(String, p["reset_topic"], lambda m, info: self._on_reset(m, info), COMMAND_QOS)
         self.add_on_set_parameters_callback(self._on_parameters)
-        # sample_on=action: the timer only wakes the executor, so that a signal is handled while no message comes
-        self.create_timer(1.0 / p["control_rate_hz"], self._tick if p["sample_on"] == "timer" else lambda: None)
+        # sample_on=action: the timer resolves commands left waiting (and wakes the executor, so signals are handled)
+        self.create_timer(1.0 / p["control_rate_hz"], self._tick)
         if p["recording"]:
             self.start_episode()
         where = ", ".join(x for x in (p["output"] and f"store {p['output']}", p["bag"] and f"bag {p['bag']}") if x)
@@ -196,23 +200,27 @@ class RecorderNode(Node):
                                f"{p['control_rate_hz']:g} Hz into {where}")
 
     # ---------------------------------------------------------------- episodes
-    def start_episode(self) -> None:
+    def start_episode(self, boundary_ns: int | None = None) -> None:
+        """Open an episode; only messages published at or after ``boundary_ns`` (default: now) go into it."""
         if self.rows is not None:
             return
         self.rows, self.gaps, self.started_at = [], 0, time.time()
-        self._latest.clear()
+        self.boundary_ns = time.time_ns() if boundary_ns is None else boundary_ns
+        self._recent.clear()
         self._fresh.clear()
-        self.builder = None  # built at the first tick with every image size known
-        self._mark(True)
+        self._pending.clear()
+        self._mark(True, self.boundary_ns)
+        self.builder = None  # built at the first row with every image size known
         self.get_logger().info(f"episode {self.episodes} started")
 
-    def end_episode(self, commit: bool = True) -> None:
+    def end_episode(self, commit: bool = True, at_ns: int | None = None) -> None:
         """Close the open episode; when ``commit`` and long enough, the writer thread appends it to the store."""
         if self.rows is None:
             return
+        self._resolve(flush=True)
         rows, self.rows = self.rows, None
         if commit:  # in the bag, an episode never ended is dropped on conversion
-            self._mark(False)
+            self._mark(False, time.time_ns() if at_ns is None else at_ns - 1)
         if not commit or len(rows) < self.p["min_length"]:
             self.discarded += 1
             self.get_logger().warning(f"episode discarded ({len(rows)} rows{'' if commit else ', not ended'}; "
@@ -250,25 +258,46 @@ class RecorderNode(Node):
                 self._writes.task_done()
 
     # ---------------------------------------------------------------- inputs
-    def _on_message(self, topic: str, raw: bytes) -> None:
-        t = time.monotonic()
+    def _on_message(self, topic: str, raw: bytes, info: dict | None = None) -> None:
+        """Every source message: into the bag at once; kept (with its publish time) while an episode is open."""
+        ts = _sent_ns(info)
         if self.bag is not None:
-            self.bag[0].write(self.bag[1][topic], time.time_ns(), raw)
-        if self.rows is not None:
-            self._latest[topic] = (raw, t)
-            if self.p["sample_on"] == "action" and topic in self.action_topics:
-                self._fresh.add(topic)
-                if len(self._fresh) == len(self.action_topics):
-                    self._fresh.clear()
-                    self._tick()
+            self.bag[0].write(self.bag[1][topic], ts, raw)
+        if self.rows is None or ts < self.boundary_ns:
+            return
+        self._recent.setdefault(topic, collections.deque(maxlen=RECENT)).append((ts, raw))
+        if self.p["sample_on"] != "action":
+            return
+        if topic in self.action_topics:
+            self._fresh[topic] = ts
+            if len(self._fresh) == len(self.action_topics):
+                command = {t: self._recent[t][-1] for t in self.action_topics}
+                self._pending.append((min(self._fresh.values()), command))
+                self._fresh.clear()
+        self._resolve()
 
-    def _on_episode(self, msg: Bool) -> None:
-        self.start_episode() if msg.data else self.end_episode()
+    def _resolve(self, flush: bool = False) -> None:
+        """sample_on=action: rows for the pending commands whose observation is known, oldest first. A command's
+        row waits until every observation topic has a message published after the command (topics are delivered
+        in order, so the one it answered is in by then), until max_age_s has passed, or the episode ends."""
+        now = time.time_ns()
+        obs_topics = [t for t in self.kinds if t not in self.action_topics]
+        while self._pending:
+            command_ns, command = self._pending[0]
+            heard = all(t in self._recent and self._recent[t][-1][0] > command_ns for t in obs_topics)
+            if not (heard or flush or now - command_ns > self.max_age * 1e9):
+                return
+            self._pending.popleft()
+            self._row(command_ns, command)
 
-    def _on_reset(self, msg: String) -> None:
+    def _on_episode(self, msg: Bool, info: dict | None = None) -> None:
+        self.start_episode(_sent_ns(info)) if msg.data else self.end_episode()
+
+    def _on_reset(self, msg: String, info: dict | None = None) -> None:
         if msg.data == "episode":
-            self.end_episode()
-            self.start_episode()
+            t = _sent_ns(info)
+            self.end_episode(at_ns=t)
+            self.start_episode(t)
 
     def _on_parameters(self, params) -> SetParametersResult:
         for param in params:
@@ -286,28 +315,45 @@ class RecorderNode(Node):
     def _tick(self) -> None:
         if self.rows is None:
             return
-        latest, self._latest = self._latest, {}
+        if self.p["sample_on"] == "action":
+            self._resolve()
+        else:
+            self._row()
+
+    def _row(self, command_ns: int | None = None, command: dict | None = None) -> None:
+        """One row from the latest message of every source; with ``command`` (sample_on=action: action topic ->
+        its message, sent from ``command_ns``), observation topics give their latest message published at or
+        before ``command_ns``: the observation the command answered, even when the next one came first."""
+        chosen = dict(command or {})
+        for topic, recent in self._recent.items():
+            if command_ns is None:
+                chosen[topic] = recent[-1]
+            elif topic not in chosen and (older := [m for m in recent if m[0] <= command_ns]):
+                chosen[topic] = older[-1]
         if self.builder is None:
-            if any(k not in self.shapes and t not in latest for k, t in self.image_keys.items()):
-                self._latest.update(latest)  # wait for the first frame of each camera (its size)
-                self.gaps += 1
+            if any(k not in self.shapes and t not in chosen for k, t in self.image_keys.items()):
+                self.gaps += 1  # wait for the first frame of each camera (its size)
                 return
             for key, topic in self.image_keys.items():
                 if key not in self.shapes:
-                    msg = deserialize_message(latest[topic][0], self.classes[topic])
+                    msg = deserialize_message(chosen[topic][1], self.classes[topic])
                     self.shapes[key] = list(_frame_size(msg, self.kinds[topic])) + [3]
-            self.builder = ObservationBuilder(self.spec, self.shapes, obs_horizon=1)
+            self.builder = ObservationBuilder(self.spec, self.shapes, obs_horizon=1, clock=time.time)
+            self._fed = {}
         from rtpolicy.datasets.formats.rosbag import feed_message
 
-        for topic, (raw, t) in latest.items():
-            msg = deserialize_message(raw, self.classes[topic])
-            feed_message(self.builder, self.kinds[topic], topic, msg, self.msgtypes[topic], t, f"topic {topic}", self.sizes.get(topic))
+        for topic, (ts, raw) in chosen.items():
+            if self._fed.get(topic) != ts:  # each message decoded once
+                msg = deserialize_message(raw, self.classes[topic])
+                feed_message(self.builder, self.kinds[topic], topic, msg, self.msgtypes[topic], ts * 1e-9, f"topic {topic}",
+                             self.sizes.get(topic))
+                self._fed[topic] = ts
         s = self.builder.current()
-        if not s.valid or time.monotonic() - s.stamp > self.max_age:
+        now = time.time() if command_ns is None else command_ns * 1e-9  # sample_on=action: the age when commanded
+        if not s.valid or now - s.stamp > self.max_age:
             self.gaps += 1
-            if self.rows:
-                why = s.reason if not s.valid else f"a source is older than max_age_s {self.max_age:g}"
-                self.get_logger().warning(f"tick skipped: {why}", throttle_duration_sec=2.0)
+            why = s.reason if not s.valid else f"a source is {now - s.stamp:.3f} s old, max_age_s is {self.max_age:g}"
+            self.get_logger().warning(f"row skipped: {why}", throttle_duration_sec=2.0)
             return
         self.rows.append({k: np.array(v) for k, v in s.vectors.items()})
 
@@ -332,10 +378,10 @@ class RecorderNode(Node):
         marker = {v: typestore.serialize_cdr(typestore.types["std_msgs/msg/Bool"](data=v), "std_msgs/msg/Bool") for v in (True, False)}
         return writer, conns, marker, ctx
 
-    def _mark(self, start: bool) -> None:
+    def _mark(self, start: bool, at_ns: int) -> None:
         if self.bag is not None:
             writer, conns, marker, _ = self.bag
-            writer.write(conns[self.p["episode_topic"]], time.time_ns(), marker[start])
+            writer.write(conns[self.p["episode_topic"]], at_ns, marker[start])
 
     def destroy_node(self) -> None:
         if self.rows is not None:
@@ -348,6 +394,12 @@ class RecorderNode(Node):
             writer.close()
             ctx.__exit__(None, None, None)
         super().destroy_node()
+
+
+def _sent_ns(info: dict | None) -> int:
+    """A message's publish time (the RMW's source timestamp, ns, system clock); now when the RMW gives none."""
+    ts = (info or {}).get("source_timestamp") or 0
+    return int(ts) if ts > 0 else time.time_ns()
 
 
 def _frame_size(msg, kind: str) -> tuple[int, int]:
