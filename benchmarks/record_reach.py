@@ -7,8 +7,8 @@
     flock /tmp/cpu.lock nice -n 5 python benchmarks/record_reach.py train --steps 2000
 
 Writes benchmarks/runs/record_reach/{demo.zarr, demo_mcap/, record.json, run/} and the JSON row
-benchmarks/record_reach.json. Demo layouts are sim seeds 1000.. (episode 0, the warm-up while the nodes
-discover each other, is not recorded); evaluation uses train.py's eval seeds (100000..), which no demo used.
+benchmarks/record_reach.json. Demo layouts are sim seeds 1000.. (the episodes before the recorder hears its
+first reset, while the nodes discover each other, are not recorded); evaluation uses train.py's eval seeds (100000..), which no demo used.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def record(args) -> None:
             sys.exit(f"{p} exists; remove it to record again")
     env = dict(os.environ, ROS_DOMAIN_ID=str(args.domain), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", PYTHONUNBUFFERED="1")
     logs = {n: open(OUT / f"{n}.log", "w") for n in ("record", "teleop", "sim")}  # noqa: SIM115
-    start = lambda name, argv: subprocess.Popen(argv, env=env, stdout=logs[name], stderr=subprocess.STDOUT,  # noqa: E731
+    start = lambda name, argv: subprocess.Popen(argv, env=env, stdout=logs[name], stderr=subprocess.STDOUT,
                                                 start_new_session=True)
     kv = {"observation_sources": json.dumps(OBS), "action_sources": json.dumps(ACT), "message_types": json.dumps(TYPES),
           "sample_on": "action", "control_rate_hz": float(args.rate), "output": OUT / "demo.zarr", "bag": OUT / "demo_mcap",
@@ -65,7 +65,7 @@ def record(args) -> None:
         time.sleep(args.warmup)
         t0 = time.monotonic()
         procs["sim"] = start("sim", [*CLI, "sim", "task=reach-v3", f"seed={args.seed}", "step_on_command=false",
-                                     f"control_rate_hz={float(args.rate)}", f"max_episodes={args.episodes + 1}"])
+                                     f"control_rate_hz={float(args.rate)}"])  # runs until stopped
         rc = procs["record"].wait(timeout=args.timeout)
         wall = time.monotonic() - t0
     finally:
@@ -77,21 +77,23 @@ def record(args) -> None:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-    sim_eps = [json.loads(m) for m in re.findall(r"episode (\{.*\})", (OUT / "sim.log").read_text().replace("'", '"')
-                                                 .replace("True", "true").replace("False", "false"))]
+    sim_eps = [{**json.loads(m.replace("'", '"').replace("True", "true").replace("False", "false")), "time": float(t)}
+               for t, m in re.findall(r"\[(\d+\.\d+)\] \[rtpolicy_sim\]: episode (\{.*\})", (OUT / "sim.log").read_text())]
+    import numpy as np
+
     from rtpolicy.datasets.replay_buffer import ReplayBuffer
     from rtpolicy.envs.metaworld import expert_policy
 
     buf = ReplayBuffer.open(OUT / "demo.zarr")
+    matched = [min(sim_eps, key=lambda e: abs(e["time"] - r["end_time"])) for r in buf.attrs["recorded_episodes"]]
     expert = expert_policy("reach-v3")
-    import numpy as np
-
     data = buf.load()
     paired = float(np.mean(np.abs(np.stack([expert(s) for s in data["state"]]) - data["action"]).max(1) < 1e-5))
     res = {"recorder_rc": rc, "episodes": buf.n_episodes, "steps": buf.n_steps, "rate_hz": args.rate,
-           "record_wall_s": round(wall, 1), "sim_steps_recorded_episodes": sum(e["length"] for e in sim_eps[1:args.episodes + 1]),
-           "expert_success_recorded_episodes": sum(e["success"] for e in sim_eps[1:args.episodes + 1]),
-           "rows_paired_with_the_state_they_answer": round(paired, 4), "sim_seeds": [args.seed + 1, args.seed + args.episodes]}
+           "record_wall_s": round(wall, 1), "sim_steps_of_recorded_episodes": sum(e["length"] for e in matched),
+           "expert_success_of_recorded_episodes": sum(e["success"] for e in matched),
+           "rows_paired_with_the_state_they_answer": round(paired, 4),
+           "sim_seeds": sorted(e["seed"] for e in matched), "gaps": sum(r["gaps"] for r in buf.attrs["recorded_episodes"])}
     (OUT / "record.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res))
 
@@ -119,7 +121,7 @@ def train(args) -> None:
     row = {"benchmark": "record_reach", "task": "reach-v3", "source": "rosbag2 MCAP recorded by rtpolicy record",
            "record": rec, "convert_s": round(convert_s, 2), "bag_rows_equal_store_rows": bool(same),
            "train_steps": args.steps, "train_and_eval_wall_s": round(train_s, 1), "seeds": "one training run",
-           "eval": {k: result[k] for k in result if k in ("success_rate", "success_ci95", "episodes", "eval_seed", "success")} or result,
+           "eval": {k: result[k] for k in result if k in ("success", "ci95", "episodes", "seed")} or result,
            "command": " ".join(cmd[1:])}
     (REPO / "benchmarks" / "record_reach.json").write_text(json.dumps(row, indent=1))
     print(json.dumps(row))
@@ -131,7 +133,7 @@ def main() -> None:
     r = sub.add_parser("record")
     r.add_argument("--episodes", type=int, default=50)
     r.add_argument("--rate", type=float, default=40.0)
-    r.add_argument("--seed", type=int, default=1000, help="sim seed of the warm-up episode; recorded: seed+1 ..")
+    r.add_argument("--seed", type=int, default=1000, help="sim seed of its first episode; episode i: seed + i")
     r.add_argument("--domain", type=int, default=171)
     r.add_argument("--warmup", type=float, default=5.0, help="seconds for the recorder and teleop to start")
     r.add_argument("--timeout", type=float, default=1200.0)

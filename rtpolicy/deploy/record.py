@@ -19,10 +19,13 @@ started (a reset robot's old state never opens it). Ticks (``sample_on``):
     timer    every 1/``control_rate_hz`` s on a steady timer. A recorder sampling at a fixed rate next to a
              robot and a teleoperator running at the same rate pairs each observation with the command
              answering it or with the one before, depending on the three clocks' phases.
-    action   each time every action topic has a new message: the command paired with the latest observation,
-             i.e. the one it answered (a teleoperator publishing one command per observation at the control
-             rate gives one row per control step, whatever the phases). ``rtpolicy-convert`` reads a bag
-             the same way with ``--option tick_on=[<action topics>]``.
+    action   one row per message on the first action topic (a command), by publish time (the RMW's source
+             timestamps): the other action topics' messages sent with it (closest in time), and each
+             observation topic's last message sent before it, i.e. the observation it answered. A teleoperator
+             publishing one command per observation at the control rate gives one row per control step,
+             whatever the phases and the order the messages are handled in. A command's row is made once every
+             topic has moved past it (or after max_age_s). ``rtpolicy-convert`` reads a bag (logged at publish
+             time) alike with ``--options '{..., "tick_on": [<action topics>]}'``.
 
 Episodes (std_msgs/Bool true on ``episode_topic`` starts one, false ends it; std_msgs/String ``episode`` on
 ``reset_topic`` ends the open one and starts the next, which is what ``rtpolicy sim`` publishes at each
@@ -164,8 +167,8 @@ class RecorderNode(Node):
         if p["sample_on"] not in SAMPLE_ON:
             raise ValueError(f"sample_on must be one of {list(SAMPLE_ON)}, got {p['sample_on']!r}")
         self.action_topics = {s.topic for k in act for s in self.spec.sources[k]}
-        self._fresh: dict[str, int] = {}  # sample_on=action: action topic -> publish time of its message in this set
-        self._pending: collections.deque = collections.deque()  # (command publish ns, {action topic: message}) awaiting a row
+        self.trigger = self.spec.sources[next(iter(act))][0].topic  # sample_on=action: a message here is a command
+        self._pending: collections.deque = collections.deque()  # publish ns of the commands awaiting their row
         self.buffer = None
         if p["output"]:
             from rtpolicy.datasets.replay_buffer import ReplayBuffer
@@ -207,7 +210,6 @@ class RecorderNode(Node):
         self.rows, self.gaps, self.started_at = [], 0, time.time()
         self.boundary_ns = time.time_ns() if boundary_ns is None else boundary_ns
         self._recent.clear()
-        self._fresh.clear()
         self._pending.clear()
         self._mark(True, self.boundary_ns)
         self.builder = None  # built at the first row with every image size known
@@ -268,27 +270,30 @@ class RecorderNode(Node):
         self._recent.setdefault(topic, collections.deque(maxlen=RECENT)).append((ts, raw))
         if self.p["sample_on"] != "action":
             return
-        if topic in self.action_topics:
-            self._fresh[topic] = ts
-            if len(self._fresh) == len(self.action_topics):
-                command = {t: self._recent[t][-1] for t in self.action_topics}
-                self._pending.append((min(self._fresh.values()), command))
-                self._fresh.clear()
+        if topic == self.trigger:
+            self._pending.append(ts)
         self._resolve()
 
     def _resolve(self, flush: bool = False) -> None:
-        """sample_on=action: rows for the pending commands whose observation is known, oldest first. A command's
-        row waits until every observation topic has a message published after the command (topics are delivered
-        in order, so the one it answered is in by then), until max_age_s has passed, or the episode ends."""
+        """sample_on=action: rows for the pending commands (messages of the first action topic) whose messages are
+        known, oldest first. A command waits until every other topic has a message published after it (topics are
+        delivered in order, so the ones it needs are in by then), until max_age_s has passed, or the episode ends.
+        Its row: the command; the other action topics' messages published closest to it (sent together with it);
+        every observation topic's latest message published before it (the observation it answered)."""
         now = time.time_ns()
-        obs_topics = [t for t in self.kinds if t not in self.action_topics]
         while self._pending:
-            command_ns, command = self._pending[0]
-            heard = all(t in self._recent and self._recent[t][-1][0] > command_ns for t in obs_topics)
+            command_ns = self._pending[0]
+            heard = all(t in self._recent and self._recent[t][-1][0] > command_ns for t in self.kinds if t != self.trigger)
             if not (heard or flush or now - command_ns > self.max_age * 1e9):
                 return
             self._pending.popleft()
-            self._row(command_ns, command)
+            chosen = {}
+            for topic, recent in self._recent.items():
+                if topic in self.action_topics:
+                    chosen[topic] = min(recent, key=lambda m: abs(m[0] - command_ns))
+                elif older := [m for m in recent if m[0] <= command_ns]:
+                    chosen[topic] = older[-1]
+            self._row(chosen, command_ns)
 
     def _on_episode(self, msg: Bool, info: dict | None = None) -> None:
         self.start_episode(_sent_ns(info)) if msg.data else self.end_episode()
@@ -320,16 +325,10 @@ class RecorderNode(Node):
         else:
             self._row()
 
-    def _row(self, command_ns: int | None = None, command: dict | None = None) -> None:
-        """One row from the latest message of every source; with ``command`` (sample_on=action: action topic ->
-        its message, sent from ``command_ns``), observation topics give their latest message published at or
-        before ``command_ns``: the observation the command answered, even when the next one came first."""
-        chosen = dict(command or {})
-        for topic, recent in self._recent.items():
-            if command_ns is None:
-                chosen[topic] = recent[-1]
-            elif topic not in chosen and (older := [m for m in recent if m[0] <= command_ns]):
-                chosen[topic] = older[-1]
+    def _row(self, chosen: dict | None = None, command_ns: int | None = None) -> None:
+        """One row from ``chosen`` (topic -> (publish ns, message); default: the latest message of every topic)."""
+        if chosen is None:
+            chosen = {topic: recent[-1] for topic, recent in self._recent.items()}
         if self.builder is None:
             if any(k not in self.shapes and t not in chosen for k, t in self.image_keys.items()):
                 self.gaps += 1  # wait for the first frame of each camera (its size)
