@@ -164,7 +164,8 @@ def test_recorder_refuses_bad_parameters(tmp_path):
              ({"message_types": json.dumps({"/rtpolicy/cmd_twist": "geometry_msgs/msg/Nope"})}, "Nope.*not importable"),
              ({"sample_on": "tick"}, "sample_on must be one of"),
              ({"bag": str(tmp_path / "b"), "bag_storage": "zip"}, "bag_storage must be one of"),
-             ({"action_sources": "{"}, "action_sources: not valid JSON")]
+             ({"action_sources": "{"}, "action_sources: not valid JSON"),
+             ({"bag": str(tmp_path)}, "already exists")]
     try:
         for bad, msg in cases:
             with pytest.raises(ValueError, match=msg):

@@ -96,7 +96,7 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "message_types": ("", 'JSON {topic: "pkg/msg/Type"} for array topics that are not std_msgs/msg/Float64MultiArray'),
     "image_size": ("", 'JSON {image key: [H, W]}; a key not named keeps the size of its first frame'),
     "control_rate_hz": (20.0, "sample_on=timer: rows per second of an open episode; the store's fps"),
-    "sample_on": ("timer", "timer: a row every control period | action: a row per complete command (see the docstring)"),
+    "sample_on": ("timer", "timer: a row every control period | action: a row per command (message of the first action topic)"),
     "max_age_s": (0.0, "a tick whose oldest source is older than this is skipped; 0: two control periods"),
     "recording": (False, "true: an episode is open (set it to start/end one; true at launch starts the first at once)"),
     "episode_topic": ("/rtpolicy/record/episode", "std_msgs/Bool in: true starts an episode, false ends it"),
@@ -367,8 +367,10 @@ class RecorderNode(Node):
         if storage not in BAG_STORAGES:
             raise ValueError(f"bag_storage must be one of {list(BAG_STORAGES)}, got {storage!r}")
         dst = Path(self.p["bag"])
+        if dst.exists():
+            raise ValueError(f"bag {dst} already exists; give a new path")
         ctx = atomic_path(dst)
-        tmp = ctx.__enter__()  # renamed onto dst in _close_bag
+        tmp = ctx.__enter__()  # renamed onto dst when the node is destroyed
         typestore = get_typestore(Stores.ROS2_JAZZY)
         writer = Writer(tmp, version=9, storage_plugin={"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}[storage])
         writer.open()
