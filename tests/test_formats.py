@@ -457,7 +457,7 @@ def _bag_with(path: Path, fault: str) -> None:
 
 
 def test_bad_values_are_named_in_every_format(tmp_path):
-    """NaN, a missing column and a missing joint: each error names the file, the episode and the key (robomimic's
+    """NaN, timestamps that go back, a missing column and a missing joint: each error names the file, the episode and the key (robomimic's
     NaN and disagreeing demos are in the tests above)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -479,6 +479,13 @@ def test_bad_values_are_named_in_every_format(tmp_path):
     action[30][0] = float("nan")
     pq.write_table(t.set_column(t.column_names.index("action"), "action", pa.array(action, type=t.schema.field("action").type)), p)
     with pytest.raises(FormatError, match=r"lr: episode 1: key 'action' has a non-finite value \(NaN or inf\) at step 13"):
+        convert(tmp_path / "lr", tmp_path / "lr.zarr")
+    t = pq.read_table(p)
+    stamps = t.column("timestamp").to_pylist()
+    stamps[25], stamps[26], action[30][0] = stamps[26], stamps[25], 0.0
+    pq.write_table(t.set_column(t.column_names.index("timestamp"), "timestamp", pa.array(stamps, type=t.schema.field("timestamp").type))
+                   .set_column(t.column_names.index("action"), "action", pa.array(action, type=t.schema.field("action").type)), p)
+    with pytest.raises(FormatError, match=r"lr: episode 1: data/chunk-000/file-000.parquet timestamps are not increasing at frame 9"):
         convert(tmp_path / "lr", tmp_path / "lr.zarr")
     pq.write_table(pq.read_table(p).drop(["observation.state"]), p)
     with pytest.raises(FormatError, match=r"lr: data/chunk-000/file-000.parquet has no column\(s\) \['observation.state'\]"):
