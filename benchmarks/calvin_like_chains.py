@@ -47,7 +47,12 @@ STORES = {  # name -> (experts, task demos, chains, noise)
     "chains": ("new", 50, 300, 0.2),
     "chains_obj": ("new", 50, 300, 0.2),  # the same store (same seeds) with the objects_rel key too
     "chains_tgt": ("new", 50, 300, 0.2),  # ... and target_rel
+    # issue 13, second session: the rotate expert lets go as soon as the block has turned far enough (no
+    # lowering first); place / stack / unstack aim at goals.block_goal; the store has the goal_rel key too
+    "chains_goal": ("new", 50, 300, 0.2),
 }
+STORE_KEYS = {"chains_obj": ["objects_rel"], "chains_tgt": ["objects_rel", "target_rel"],
+              "chains_goal": ["objects_rel", "target_rel", "goal_rel"]}
 SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "baseline": ("old", "state", False, []),
     "+normalizer": ("old", "state", True, []),
@@ -64,6 +69,11 @@ SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "+chains, 1 obs step, no command offsets": ("chains_obj", "objects_rel", True, ["policy.obs_horizon=1"]),
     # ... plus the current task's block in its own slot (target_rel)
     "+chains, 1 obs step, no command offsets, task block slot": ("chains_tgt", "objects_rel,target_rel", True, ["policy.obs_horizon=1"]),
+    # ... with the rotate expert that lets go without lowering and place/stack experts aiming at goals.block_goal
+    "+ rotate expert lets go at once": ("chains_goal", "objects_rel,target_rel", True, ["policy.obs_horizon=1"]),
+    # ... plus the observable goal of the block (goal_rel: place/stack destination, rotate yaw still to turn)
+    "+ rotate expert lets go at once, block goal (goal_rel)": ("chains_goal", "objects_rel,target_rel,goal_rel", True,
+                                                              ["policy.obs_horizon=1"]),
 }
 
 
@@ -89,7 +99,7 @@ def cmd_collect(a) -> None:
             if not a.old_experts:
                 raise SystemExit("the 'old' store needs --old-experts (the previous experts.py)")
             _use_old_experts(a.old_experts)
-        keys = ["state", "state_rel"] + ["objects_rel"] * name.endswith(("_obj", "_tgt")) + ["target_rel"] * name.endswith("_tgt")
+        keys = ["state", "state_rel", *STORE_KEYS.get(name, [])]
         info = collect(Path(a.dir) / f"{name}.zarr", keys, demos, chains, noise, seed=0,
                        workers=1 if experts == "old" else a.workers)
         print(f"{name}: {info['episodes']} episodes, {info['steps']} steps in {time.perf_counter() - t0:.0f} s", flush=True)

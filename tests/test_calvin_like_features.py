@@ -167,3 +167,59 @@ def test_chain_demos_are_cut_per_subtask(tmp_path):
     assert info["episodes"] >= 2 and info["obs_keys"] == ["state_rel", "task_id"] and info["action_noise"] == 0.1
     with pytest.raises(ValueError, match="obs-keys"):
         collect(tmp_path / "e.zarr", ["rgb_static"], task_demos=1)
+
+
+def _run(env, expert, obs, until, steps=150):
+    """Step the expert until ``until(env, obs)`` holds after a step or the episode ends; returns (obs, held, ended)."""
+    for _ in range(steps):
+        obs, _, terminated, truncated, _ = env.step(expert(obs))
+        if until(env, obs) or terminated or truncated:
+            return obs, until(env, obs), terminated or truncated
+    return obs, False, False
+
+
+@pytest.mark.parametrize("task", ["place_in_drawer", "stack_block"])
+def test_goal_rel_points_the_held_block_at_its_destination(task):
+    from rtpolicy.envs.calvin_like import GOAL_REL_DIM
+    from rtpolicy.envs.calvin_like.tasks import grasped
+
+    env = make(task, keys=("target_rel", "goal_rel"))
+    obs, _ = env.reset(seed=2)
+    assert obs["goal_rel"].shape == (GOAL_REL_DIM,) and obs["goal_rel"][4] == 1.0
+    c = env.task_block_now()
+    assert np.linalg.norm(obs["goal_rel"][:2]) > 0.05  # the block starts away from where it must go
+    expert = env.expert()
+    # the expert lets go where goal_rel says: at release its xy offset is under 1.5 cm
+    assert env._grip_closed and grasped(env.snapshot(), c)
+    obs, opened, _ = _run(env, expert, obs, lambda e, o: not e._grip_closed)  # the first step with the fingers opening
+    assert opened
+    assert np.linalg.norm(obs["goal_rel"][:2]) < 0.015 and abs(obs["goal_rel"][2]) < 0.02
+    assert not make("open_drawer", keys=("goal_rel",)).reset(seed=0)[0]["goal_rel"].any()  # fixture tasks: zeros
+
+
+def test_rotate_goal_is_the_yaw_still_to_turn_and_the_expert_lets_go_there():
+    from rtpolicy.envs.calvin_like.experts import ROTATE_DONE
+    from rtpolicy.envs.calvin_like.goals import ROTATE_BY
+
+    for task, sign in (("rotate_pink_block_left", 1.0), ("rotate_pink_block_right", -1.0)):
+        env = make(task, keys=("target_rel", "goal_rel"))
+        obs, _ = env.reset(seed=5)
+        assert obs["goal_rel"][3] == pytest.approx(sign * ROTATE_BY, abs=1e-4) and not obs["goal_rel"][:3].any()
+        expert = env.expert()
+        was_closed = False
+
+        def opens(e, o):
+            nonlocal was_closed
+            if e._grip_closed:
+                was_closed = True
+            return was_closed and not e._grip_closed
+
+        obs, opened, _ = _run(env, expert, obs, opens)
+        assert opened
+        # it lets go once the remaining yaw is within ROTATE_BY - ROTATE_DONE, with the block still lifted
+        assert sign * obs["goal_rel"][3] <= ROTATE_BY - ROTATE_DONE + 0.02
+        s = env.snapshot()
+        assert s.pos["pink"][2] > 0.018 + 0.004  # not put down first
+        if not env._terminated:
+            obs, _, ended = _run(env, expert, obs, lambda e, o: False)
+        assert env._terminated  # and the task succeeds

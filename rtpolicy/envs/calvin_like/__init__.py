@@ -15,7 +15,7 @@ from typing import Any
 
 import gymnasium
 
-from rtpolicy.envs.calvin_like.env import ACTION_DIM, OBJECTS_REL_DIM, OBJECTS_REL_NAMES, REL_DIM, REL_NAMES, STATE_DIM, STATE_NAMES, CalvinLikeEnv
+from rtpolicy.envs.calvin_like.env import ACTION_DIM, GOAL_REL_DIM, GOAL_REL_NAMES, OBJECTS_REL_DIM, OBJECTS_REL_NAMES, REL_DIM, REL_NAMES, STATE_DIM, STATE_NAMES, CalvinLikeEnv
 from rtpolicy.envs.calvin_like.scene import LAYOUTS
 from rtpolicy.envs.calvin_like.tasks import ALL_INSTRUCTIONS, INSTRUCTIONS, TASKS
 
@@ -34,4 +34,4 @@ for _id, _entry in (("rtpolicy/CalvinLike-v0", make_single), ("rtpolicy/CalvinLi
     if _id not in gymnasium.registry:
         gymnasium.register(_id, entry_point=f"{__name__}:{_entry.__name__}")
 
-__all__ = ["CalvinLikeEnv", "TASKS", "INSTRUCTIONS", "ALL_INSTRUCTIONS", "STATE_NAMES", "STATE_DIM", "REL_NAMES", "REL_DIM", "OBJECTS_REL_NAMES", "OBJECTS_REL_DIM", "ACTION_DIM", "LAYOUTS", "make_single", "make_chain"]
+__all__ = ["CalvinLikeEnv", "TASKS", "INSTRUCTIONS", "ALL_INSTRUCTIONS", "STATE_NAMES", "STATE_DIM", "REL_NAMES", "REL_DIM", "OBJECTS_REL_NAMES", "OBJECTS_REL_DIM", "GOAL_REL_NAMES", "GOAL_REL_DIM", "ACTION_DIM", "LAYOUTS", "make_single", "make_chain"]

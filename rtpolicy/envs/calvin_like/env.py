@@ -40,6 +40,12 @@ Observation dict:
   for the block the current (sub)task is about: the named block of push / lift / rotate, the top block of
   unstack, the block held at the (sub)task's start for place / stack; zeros for fixture tasks. A function
   of the observation and the task id, so a policy need not learn to pick the block out of all three.
+* ``"goal_rel"``: (5,) float32, names in :data:`GOAL_REL_NAMES`, when ``task_cfg.obs_keys`` lists it: where the
+  current (sub)task wants its block (the ``"target_rel"`` block), from :func:`goals.block_goal`: goal centre -
+  block centre now (world xyz; push: the start position + 11 cm along x, lift: + 10 cm up, place: the drawer /
+  box floor spot, stack: on the target block, unstack: a free table spot), the yaw still to turn (rad, rotate:
+  75 deg from the start yaw, + counterclockwise) and 1; zeros for fixture tasks. The place / stack destination
+  and the rotate target are not otherwise observable relative to the block the policy moves.
 * ``"task_id"``: np.int64 index into :data:`TASKS` of the current (sub)task (when
   ``task_cfg.num_tasks > 0`` or in chain mode).
 * ``"instruction_id"``: np.int64 index into :data:`ALL_INSTRUCTIONS` of the current (sub)task's
@@ -74,6 +80,7 @@ from rtpolicy.envs.calvin_like.chains import (
     sample_chain,
     init_symbolic,
 )
+from rtpolicy.envs.calvin_like.goals import block_goal, goal_block
 from rtpolicy.envs.calvin_like.tasks import (
     ALL_INSTRUCTIONS,
     CHAIN_RE,
@@ -87,7 +94,6 @@ from rtpolicy.envs.calvin_like.tasks import (
     grasped,
     quat_up,
     quat_yaw,
-    stacks,
     success,
     symbolic_state,
     task_block,
@@ -121,6 +127,8 @@ REL_DIM = len(REL_NAMES)
 _CMD = slice(7, 11)  # the target - TCP offsets in REL_NAMES
 OBJECTS_REL_NAMES: list[str] = REL_NAMES[:_CMD.start] + REL_NAMES[_CMD.stop:]
 OBJECTS_REL_DIM = len(OBJECTS_REL_NAMES)
+GOAL_REL_NAMES: list[str] = ["goal_dx", "goal_dy", "goal_dz", "goal_dyaw", "goal_active"]
+GOAL_REL_DIM = len(GOAL_REL_NAMES)
 
 
 def _get(task_cfg: Any, key: str, default=None):
@@ -181,7 +189,7 @@ class CalvinLikeEnv(gymnasium.Env):
         "twist_axes": ["linear.x", "linear.y", "linear.z", "angular.z"],  # the yaw delta is a rotation about z
         "control_rate_hz": 1.0 / CONTROL_DT,
         "obs_names": {"state": ", ".join(STATE_NAMES), "state_rel": ", ".join(REL_NAMES),
-                      "objects_rel": ", ".join(OBJECTS_REL_NAMES)},
+                      "objects_rel": ", ".join(OBJECTS_REL_NAMES), "goal_rel": ", ".join(GOAL_REL_NAMES)},
     }
 
     def __init__(
@@ -272,6 +280,9 @@ class CalvinLikeEnv(gymnasium.Env):
         self._target_rel = "target_rel" in obs_keys
         if self._target_rel:
             obs_spaces["target_rel"] = spaces.Box(-np.inf, np.inf, (len(REL_BLOCK_NAMES),), np.float32)
+        self._goal_rel = "goal_rel" in obs_keys
+        if self._goal_rel:
+            obs_spaces["goal_rel"] = spaces.Box(-np.inf, np.inf, (GOAL_REL_DIM,), np.float32)
         if self._objects_rel:
             obs_spaces["objects_rel"] = spaces.Box(-np.inf, np.inf, (OBJECTS_REL_DIM,), np.float32)
         if self.num_tasks > 0 or self.chain_length:
@@ -578,14 +589,20 @@ class CalvinLikeEnv(gymnasium.Env):
     def task_block_now(self) -> str | None:
         """The block the current (sub)task is about (see ``"target_rel"``), or None."""
         task, start = self.current_task, self._start_snap
-        c = task_block(task)
-        if c is not None or start is None:
-            return c
-        if task == "unstack_block":
-            pairs = stacks(start)
-            return pairs[0][0] if pairs else None
-        held = [b for b in S.BLOCKS if grasped(start, b)]
-        return held[0] if held else None
+        if start is None:
+            return task_block(task)
+        return goal_block(task, start)
+
+    def goal_vector(self) -> np.ndarray:
+        """(GOAL_REL_DIM,) float32 ``"goal_rel"`` of the current (sub)task (see the module docstring)."""
+        if self._snap is None or self._start_snap is None:
+            raise RuntimeError("call reset() first")
+        g = block_goal(self.current_task, self._start_snap, self._snap, self.layout)
+        out = np.zeros(GOAL_REL_DIM, dtype=np.float32)
+        if g is not None:
+            c, xyz, dyaw = g
+            out[:] = (*(xyz - self._snap.pos[c]), dyaw, 1.0)
+        return out
 
     def _make_obs(self) -> dict[str, Any]:
         assert self._snap is not None
@@ -602,6 +619,8 @@ class CalvinLikeEnv(gymnasium.Env):
                 obs["state_rel"] = rel
             if self._objects_rel:
                 obs["objects_rel"] = np.concatenate([rel[: _CMD.start], rel[_CMD.stop :]])
+        if self._goal_rel:
+            obs["goal_rel"] = self.goal_vector()
         if self.num_tasks > 0 or self.chain_length:
             obs["task_id"] = np.int64(TASK_INDEX[self._chain[k]])
         obs["instruction_id"] = np.int64(self._instr[k])

@@ -22,15 +22,15 @@ import numpy as np
 
 from rtpolicy.envs.calvin_like import scene as S
 from rtpolicy.envs.calvin_like.chains import grasp_offset, grasp_yaw
+from rtpolicy.envs.calvin_like.goals import PUSH_BY, ROTATE_BY, block_goal, drawer_spot, free_blocks, free_spot, slider_spot
 from rtpolicy.envs.calvin_like.tasks import (
     Snapshot,
     block_period,
     success,
     wrap,
     grasped,
-    on_table,
+    released,
     quat_yaw,
-    stacked_on,
     stacks,
     task_block,
 )
@@ -42,10 +42,8 @@ SAFE_Z = 0.2
 OPEN, CLOSE = -1.0, 1.0
 SLOW_DIST = 0.05  # m: within this distance of its goal a move slows down ...
 SLOW_MIN = 0.3  # ... to at most this fraction of full speed at the goal
-ROTATE_BY = np.deg2rad(75.0)  # the rotate expert turns a block this far from its subtask-start yaw ...
 ROTATE_DONE = np.deg2rad(62.0)  # ... and releases it once it has turned this far (success needs 50 deg)
 FAR = 0.05  # m: a block this far away in xy is approached over the safe height
-PUSH_BY = 0.11  # the push expert pushes a block this far in x from its subtask-start position (success: 8 cm)
 Script = Iterator[np.ndarray]
 MAX_RESTARTS = 3  # re-plans of a fixture script per subtask
 
@@ -330,17 +328,18 @@ def lift_block(ctx: _Ctx, c: str) -> Script:
 
 
 def rotate_block(ctx: _Ctx, c: str, sign: float) -> Script:
-    """Reactive: grasp, lift 1.5 cm, turn until the block is ``ROTATE_BY`` from its subtask-start yaw,
-    put it down, release and rise (sign +1: left / counterclockwise)."""
+    """Reactive: grasp, lift 1.5 cm, turn until the block is ``ROTATE_BY`` from its subtask-start yaw, open
+    where it is (the block drops 1.5 cm back onto the table) and rise once it is free (sign +1: left /
+    counterclockwise). Letting go at once, rather than lowering first, ties the release to one observable
+    threshold (``goal_rel``'s remaining yaw) instead of a 5 mm height window a policy does not learn to hit."""
     lifted = False
     while True:
         s, start = ctx.s, ctx.env._start_snap
         turned = sign * wrap(quat_yaw(s.quat[c]) - quat_yaw(start.quat[c]))
         rest_z = S.BLOCK_HALF[c][2] + grasp_offset(c)
         if turned >= ROTATE_DONE:
-            if grasped(s, c) and ctx.env._grip_closed:  # put it down, then open
-                lower = abs(s.ee[2] - rest_z) > 0.005
-                yield _act(ctx, [s.ee[0], s.ee[1], rest_z], None, CLOSE if lower else OPEN, 0.5)
+            if grasped(s, c) or not released(s, c):  # let go where it is (1.5 cm up): open and hold still until free
+                yield _act(ctx, ctx.target[:3], None, OPEN, 1.0)
             else:
                 yield _act(ctx, [s.ee[0], s.ee[1], rest_z + 0.1], None, OPEN, 1.0)
             continue
@@ -359,52 +358,28 @@ def rotate_block(ctx: _Ctx, c: str, sign: float) -> Script:
 
 def place_in_drawer(ctx: _Ctx) -> Script:
     s = ctx.s
-    x0, y0 = s.drawer_xy
-    front_edge = ctx.env.layout.drawer_xy[1] - S.HOUSING_HALF[1]
-    y = (y0 - S.DRAWER_HALF[1] + front_edge) / 2
-    yield from _place(ctx, (x0, y), S.DRAWER_FLOOR + 0.012, _side_yaw(s))
+    yield from _place(ctx, drawer_spot(s, ctx.env.layout), S.DRAWER_FLOOR + 0.012, _side_yaw(s))
 
 
 def place_in_slider(ctx: _Ctx) -> Script:
     s = ctx.s
-    bx, by = ctx.env.layout.box_xy
-    lid = _knob_x(ctx, s.slider)
-    left_gap = (lid - S.LID_HALF_X) - (bx - S.BOX_HALF[0])
-    right_gap = (bx + S.BOX_HALF[0]) - (lid + S.LID_HALF_X)
-    if right_gap >= left_gap:
-        x = (lid + S.LID_HALF_X + bx + S.BOX_HALF[0]) / 2
-    else:
-        x = (bx - S.BOX_HALF[0] + lid - S.LID_HALF_X) / 2
-    yield from _place(ctx, (x, by), 0.012, _side_yaw(s))
-
-
-def free_blocks(s: Snapshot, exclude: str | None, layout) -> list[str]:
-    """Blocks resting on the table with nothing on top, in BLOCKS order."""
-    return [c for c in S.BLOCKS if c != exclude and on_table(s, c, layout) and not any(stacked_on(s, o, c) for o in S.BLOCKS if o != c)]
+    yield from _place(ctx, slider_spot(s, ctx.env.layout), 0.012, _side_yaw(s))
 
 
 def stack_block(ctx: _Ctx) -> Script:
+    """Put the held block on the first free table block (in BLOCKS order) of the subtask's start (goals.block_goal)."""
     s = ctx.s
     c = held_block(s)
-    targets = free_blocks(s, c, ctx.env.layout)
-    if c is None or not targets:
+    g = block_goal("stack_block", ctx.env._start_snap, s, ctx.env.layout)
+    if c is None or g is None:
+        targets = free_blocks(s, c, ctx.env.layout)
+        if c is None or not targets:
+            return
+        p = s.pos[targets[0]]
+        yield from _place(ctx, p[:2], p[2] + S.BLOCK_HALF[targets[0]][2] + 0.008, None)
         return
-    t = targets[0]
-    p = s.pos[t]
-    yield from _place(ctx, p[:2], p[2] + S.BLOCK_HALF[t][2] + 0.008, None)
-
-
-def free_spot(ctx: _Ctx, c: str) -> np.ndarray:
-    """A table spot in the block region as far as possible from the other blocks (deterministic)."""
-    s = ctx.s
-    lo, hi = ctx.env.layout.block_region
-    xs, ys = np.meshgrid(np.linspace(lo[0], hi[0], 9), np.linspace(lo[1], hi[1], 7))
-    cand = np.stack([xs.ravel(), ys.ravel()], axis=1)
-    others = np.array([s.pos[o][:2] for o in S.BLOCKS if o != c])
-    dist = np.linalg.norm(cand[:, None] - others[None], axis=-1).min(axis=1)
-    dist -= 0.1 * np.linalg.norm(cand - s.pos[c][:2], axis=1)  # prefer nearby among the free spots
-    dist[np.linalg.norm(cand[:, None] - others[None], axis=-1).min(axis=1) < 0.13] -= 10.0
-    return cand[int(np.argmax(dist))]
+    _, xyz, _ = g
+    yield from _place(ctx, xyz[:2], xyz[2] - S.BLOCK_HALF[g[0]][2], None)
 
 
 def unstack_block(ctx: _Ctx) -> Script:
@@ -414,7 +389,8 @@ def unstack_block(ctx: _Ctx) -> Script:
     top, _ = pairs[0]
     yield from _grasp(ctx, top)
     yield from move(ctx, ctx.s.ee + [0, 0, 0.06], None, CLOSE, tol=0.008, speed=0.6)
-    spot = free_spot(ctx, top)
+    g = block_goal("unstack_block", ctx.env._start_snap, ctx.s, ctx.env.layout)
+    spot = g[1][:2] if g is not None else free_spot(ctx.s, top, ctx.env.layout)
     yield from _place(ctx, spot, 0.006, None)
 
 
