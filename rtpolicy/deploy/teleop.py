@@ -69,6 +69,8 @@ class TeleopNode(Node):
                 self.create_subscription(Float64MultiArray, topic, lambda m, t=topic: self._on_array(t, m), SOURCE_QOS)
             else:
                 raise ValueError(f"teleop reads joint_state and array sources only; {topic} is {kind}")
+        # wakes the executor, so that SIGINT/SIGTERM are handled while no message comes
+        self.create_timer(0.2, lambda: None)
         self.get_logger().info(f"{p['task']} expert on {sorted(self.builder.kinds)} -> {p['twist_topic']}, {p['gripper_topic']}")
 
     def _on_joints(self, topic: str, msg: JointState) -> None:
