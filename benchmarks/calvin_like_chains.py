@@ -50,9 +50,11 @@ STORES = {  # name -> (experts, task demos, chains, noise)
     # issue 13, second session: the rotate expert lets go as soon as the block has turned far enough (no
     # lowering first); place / stack / unstack aim at goals.block_goal; the store has the goal_rel key too
     "chains_goal": ("new", 50, 300, 0.2),
+    "chains_goal_lang": ("new", 50, 300, 0.2),  # the same store (same seeds) with the MiniLM lang_emb key too
 }
 STORE_KEYS = {"chains_obj": ["objects_rel"], "chains_tgt": ["objects_rel", "target_rel"],
-              "chains_goal": ["objects_rel", "target_rel", "goal_rel"]}
+              "chains_goal": ["objects_rel", "target_rel", "goal_rel"],
+              "chains_goal_lang": ["objects_rel", "target_rel", "goal_rel", "lang_emb"]}
 SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "baseline": ("old", "state", False, []),
     "+normalizer": ("old", "state", True, []),
@@ -74,6 +76,14 @@ SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     # ... plus the observable goal of the block (goal_rel: place/stack destination, rotate yaw still to turn)
     "+ rotate expert lets go at once, block goal (goal_rel)": ("chains_goal", "objects_rel,target_rel,goal_rel", True,
                                                               ["policy.obs_horizon=1"]),
+    # language-conditioned (MiniLM lang_emb, no task id). target_rel and goal_rel are computed by the env from the
+    # current subtask, so this row is conditioned on the task through them as well as through the instruction
+    "+ rotate expert lets go at once, block goal, language instead of task id": (
+        "chains_goal_lang", "objects_rel,target_rel,goal_rel,lang_emb", True,
+        ["policy.obs_horizon=1", "task.condition_on_task_id=false"]),
+    # ... and from the instruction alone: no slot or goal that the env picks by the subtask
+    "language only (objects_rel + lang_emb, no task-derived slots)": (
+        "chains_goal_lang", "objects_rel,lang_emb", True, ["policy.obs_horizon=1", "task.condition_on_task_id=false"]),
 }
 
 
