@@ -73,7 +73,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("--out", default="benchmarks/success_cache_calibration.json")
-    ap.add_argument("--rollout-episodes", type=int, default=2, help="uncached rollouts per member for the rollout set (>= 2)")
+    ap.add_argument("--rollout-episodes", type=int, default=2,
+                    help="uncached rollouts per member for the rollout set (>= 2; 0: no rollout set)")
     ap.add_argument("--per-task", type=int, default=24, help="windows per member in demo_task and rollout")
     ap.add_argument("--q", type=float, default=0.9)
     args = ap.parse_args()
@@ -86,13 +87,17 @@ def main() -> None:
     costs = unit_costs(inner)
     sets = {"demo64": demo_windows(policy, task_cfg, 64, "cpu"),
             "demo_task": demo_windows(policy, task_cfg, args.per_task * len(names), "cpu", per_task=True, seed=1),
-            "rollout": rollout_windows(policy, task_cfg, args.rollout_episodes, args.per_task, 200_000)}
+            **({"rollout": rollout_windows(policy, task_cfg, args.rollout_episodes, args.per_task, 200_000)}
+               if args.rollout_episodes else {})}
     policy.denoiser = inner
     rows: list[dict] = []
     # calibrations: (label, how) -> the schedule; each is then judged on every window set, per member task
-    cal_sets = {"demo64": sets["demo64"], "demo_task": sets["demo_task"], "rollout": split(sets["rollout"])[0]}
-    settings = [("bac3", "demo64"), ("bac4", "demo64"), ("bac3", "demo_task"), ("bac3", "rollout"),
+    cal_sets = {"demo64": sets["demo64"], "demo_task": sets["demo_task"]}
+    settings = [("bac3", "demo64"), ("bac4", "demo64"), ("bac3", "demo_task"),
                 ("uniform2", None), ("uniform3", None), ("uniform4", None), ("taylor3", None), ("taylor4", None)]
+    if "rollout" in sets:
+        cal_sets["rollout"] = split(sets["rollout"])[0]
+        settings.insert(3, ("bac3", "rollout"))
     schedules: dict[str, CachedDiT] = {}
     for name, src in settings:
         mode, num = name.rstrip("0123456789"), int(name[-1])
@@ -101,6 +106,8 @@ def main() -> None:
         schedules[f"{name}@{src}" if src else name] = policy.denoiser
     for src, mode, cost in [("demo_task", "bac", 0.3), ("demo_task", "taylor", 0.3), ("rollout", "bac", 0.3),
                             ("demo64", "bac", 0.3), ("demo_task", "bac", 0.4), ("demo_task", "taylor", 0.4)]:
+        if src not in sets:
+            continue
         # bounded schedules: fit / held-out halves of the source (rollout: of its calibration half)
         fit, held = split(sets[src]) if src != "rollout" else split(split(sets["rollout"])[0])
         rep = calibrate_bounded(policy, fit, held, cost=cost, q=args.q, mode=mode)
@@ -126,13 +133,14 @@ def main() -> None:
                   + " ".join(f"{k[:6]}={v:.3f}" for k, v in per.items()), flush=True)
     # per-step feature similarity on demo64 vs rollout windows, per unit
     policy.denoiser = inner
-    sims = {w: similarity(record_features(policy, sets[w], 10)) for w in ("demo64", "rollout")}
+    other = "rollout" if "rollout" in sets else "demo_task"
+    sims = {w: similarity(record_features(policy, sets[w], 10)) for w in ("demo64", other)}
     rows.append({"kind": "similarity", "windows": list(sims), "adjacent_demo64": sims["demo64"].diagonal(1, 1, 2).tolist(),
-                 "adjacent_rollout": sims["rollout"].diagonal(1, 1, 2).tolist(),
-                 "mean_abs_diff_per_unit": (sims["demo64"] - sims["rollout"]).abs().mean((1, 2)).tolist()})
+                 f"adjacent_{other}": sims[other].diagonal(1, 1, 2).tolist(),
+                 "mean_abs_diff_per_unit": (sims["demo64"] - sims[other]).abs().mean((1, 2)).tolist()})
     # which units' reuse hurts: only unit u follows BAC-3's schedule, every other unit recomputes
     bac = schedules["bac3@demo64"].schedule
-    rol = split(sets["rollout"])[1]
+    rol = split(sets[other])[1]
     for u in range(bac.shape[0]):
         sch = torch.ones_like(bac)
         sch[u] = bac[u]
