@@ -51,10 +51,13 @@ STORES = {  # name -> (experts, task demos, chains, noise)
     # lowering first); place / stack / unstack aim at goals.block_goal; the store has the goal_rel key too
     "chains_goal": ("new", 50, 300, 0.2),
     "chains_goal_lang": ("new", 50, 300, 0.2),  # the same store (same seeds) with the MiniLM lang_emb key too
+    "chains_goal_post": ("new", 50, 300, 0.2),  # chains_goal with 10 expert steps kept after each single-task success
 }
+STORE_POST = {"chains_goal_post": 10}  # store -> post-success steps of its single-task demos
 STORE_KEYS = {"chains_obj": ["objects_rel"], "chains_tgt": ["objects_rel", "target_rel"],
               "chains_goal": ["objects_rel", "target_rel", "goal_rel"],
-              "chains_goal_lang": ["objects_rel", "target_rel", "goal_rel", "lang_emb"]}
+              "chains_goal_lang": ["objects_rel", "target_rel", "goal_rel", "lang_emb"],
+              "chains_goal_post": ["objects_rel", "target_rel", "goal_rel"]}
 SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "baseline": ("old", "state", False, []),
     "+normalizer": ("old", "state", True, []),
@@ -76,6 +79,9 @@ SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     # ... plus the observable goal of the block (goal_rel: place/stack destination, rotate yaw still to turn)
     "+ rotate expert lets go at once, block goal (goal_rel)": ("chains_goal", "objects_rel,target_rel,goal_rel", True,
                                                               ["policy.obs_horizon=1"]),
+    # ... plus 10 post-success steps per single-task demo (the release state becomes a training input)
+    "+ rotate expert lets go at once, block goal, 10 post-success steps": ("chains_goal_post", "objects_rel,target_rel,goal_rel",
+                                                                          True, ["policy.obs_horizon=1"]),
     # language-conditioned (MiniLM lang_emb, no task id). target_rel and goal_rel are computed by the env from the
     # current subtask, so this row is conditioned on the task through them as well as through the instruction
     "+ rotate expert lets go at once, block goal, language instead of task id": (
@@ -111,7 +117,7 @@ def cmd_collect(a) -> None:
             _use_old_experts(a.old_experts)
         keys = ["state", "state_rel", *STORE_KEYS.get(name, [])]
         info = collect(Path(a.dir) / f"{name}.zarr", keys, demos, chains, noise, seed=0,
-                       workers=1 if experts == "old" else a.workers)
+                       workers=1 if experts == "old" else a.workers, post_success_steps=STORE_POST.get(name, 0))
         print(f"{name}: {info['episodes']} episodes, {info['steps']} steps in {time.perf_counter() - t0:.0f} s", flush=True)
 
 

@@ -223,3 +223,20 @@ def test_rotate_goal_is_the_yaw_still_to_turn_and_the_expert_lets_go_there():
         if not env._terminated:
             obs, _, ended = _run(env, expert, obs, lambda e, o: False)
         assert env._terminated  # and the task succeeds
+
+
+def test_post_success_steps_keep_the_release_as_a_training_input(tmp_path):
+    """A solved rotate demo goes on for the requested expert steps: the same labels up to the success, then the
+    release (gripper open) and the rise, so the state where the expert lets go is no longer an episode's last."""
+    env = make("rotate_red_block_left", keys=("objects_rel", "goal_rel"))
+    plain, ok = run_expert_episode(env, env.expert(), 3, 0.2)
+    more, ok_more = run_expert_episode(env, env.expert(), 3, 0.2, post_success_steps=6)
+    n = len(plain["action"])
+    assert ok and ok_more and len(more["action"]) == n + 6
+    np.testing.assert_array_equal(more["action"][:n], plain["action"])
+    assert (more["action"][n - 1 :, 4] <= 0).all()  # open from the release on
+    assert env._terminated  # still solved at the end
+    with pytest.raises(RuntimeError, match="single-task"):
+        make("chain2", keys=("state",)).resume_after_success()
+    info = collect(tmp_path / "p.zarr", ["objects_rel"], task_demos=1, chains=0, post_success_steps=4)
+    assert info["post_success_steps"] == 4

@@ -37,18 +37,37 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
-def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0) -> tuple[dict[str, np.ndarray], bool]:
+def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0,
+                       post_success_steps: int = 0) -> tuple[dict[str, np.ndarray], bool]:
     """One expert episode on the layout of ``seed`` -> ({"state": (T, Ds), "action": (T, Da), ...}, success).
 
     With ``action_noise`` the env executes the expert's action plus Gaussian noise while the stored
     ``action`` is the expert's clean action from the observation it saw (DART: the demos then hold the
-    expert's corrections from the states the noise led to, not the noise)."""
+    expert's corrections from the states the noise led to, not the noise).
+
+    ``post_success_steps`` > 0 (envs with ``resume_after_success``, e.g. calvin_like): a solved episode goes on
+    for up to that many more expert steps. A window sampler never conditions on an episode's last
+    ``action_horizon`` steps, so without them the state in which the expert lets go of a block (the last step
+    or two of a rotate or place demo) is never a training input."""
     rng = np.random.default_rng(seed)
     obs, _ = env.reset(seed=seed)
     steps: dict[str, list[np.ndarray]] = {key: [] for key in obs}
     steps["action"] = []
     terminated = truncated = False
-    while not (terminated or truncated):
+    solved, extra = False, int(post_success_steps)
+    if extra and not hasattr(env, "resume_after_success"):
+        raise ValueError(f"post_success_steps={extra}: {type(env).__name__} cannot go on after a success (no resume_after_success)")
+    while True:
+        if terminated and extra > 0 and not truncated:
+            solved = True  # keep going (the post-success steps are counted from the first success on)
+            env.resume_after_success()
+            terminated = False
+        if solved:
+            if extra == 0:
+                break
+            extra -= 1
+        if terminated or truncated:
+            break
         label = np.clip(expert(obs), -1.0, 1.0).astype(np.float32)
         action = label
         if action_noise > 0:
@@ -58,7 +77,7 @@ def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0) -> tup
         steps["action"].append(label)
         obs, _, terminated, truncated, _ = env.step(action)
     episode = {key: np.stack(values) for key, values in steps.items()}
-    return episode, bool(terminated)
+    return episode, bool(terminated or solved)
 
 
 def collect_demos(

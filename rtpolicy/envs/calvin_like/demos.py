@@ -55,7 +55,7 @@ def _job(args: tuple) -> list[dict[str, np.ndarray]]:
     """(kind, name, seeds, needed, obs_keys, noise, scene) -> successful (sub)task episodes, in seed order."""
     from rtpolicy.datasets.collect import run_expert_episode
 
-    kind, name, seeds, needed, obs_keys, noise, scene = args
+    kind, name, seeds, needed, obs_keys, noise, scene, post = args
     env, expert = _env(name, obs_keys, scene, "new")
     keep = [*obs_keys, "task_id", "instruction_id", "action"]
     out: list[dict[str, np.ndarray]] = []
@@ -63,7 +63,7 @@ def _job(args: tuple) -> list[dict[str, np.ndarray]]:
         for seed in seeds:
             if needed is not None and len(out) >= needed:
                 break
-            episode, success = run_expert_episode(env, expert, int(seed), noise)
+            episode, success = run_expert_episode(env, expert, int(seed), noise, post if kind == "task" else 0)
             episode = {k: episode[k] for k in keep}
             if kind == "task":
                 if success:
@@ -76,8 +76,11 @@ def _job(args: tuple) -> list[dict[str, np.ndarray]]:
 
 
 def collect(path: str | Path, obs_keys: list[str], task_demos: int = 50, chains: int = 0, noise: float = 0.0,
-            seed: int = 0, scene: str = "A", workers: int = 1, chain_length: int = 5) -> dict[str, Any]:
-    """Write the store at ``path`` (replaced if present); returns its attrs plus episodes and steps."""
+            seed: int = 0, scene: str = "A", workers: int = 1, chain_length: int = 5,
+            post_success_steps: int = 0) -> dict[str, Any]:
+    """Write the store at ``path`` (replaced if present); returns its attrs plus episodes and steps.
+    ``post_success_steps``: each single-task demo goes on for that many expert steps after its success
+    (:func:`rtpolicy.datasets.collect.run_expert_episode`); chain subtasks end at their success."""
     from rtpolicy.datasets.replay_buffer import ReplayBuffer
 
     obs_keys = list(dict.fromkeys(obs_keys))
@@ -85,15 +88,18 @@ def collect(path: str | Path, obs_keys: list[str], task_demos: int = 50, chains:
         raise ValueError(f"--obs-keys must be vector keys of the env (state, state_rel), got {obs_keys}")
     if task_demos < 0 or chains < 0 or task_demos + chains == 0:
         raise ValueError(f"need task_demos >= 0, chains >= 0 and one of them > 0, got {task_demos}, {chains}")
+    if isinstance(post_success_steps, bool) or not isinstance(post_success_steps, int) or post_success_steps < 0:
+        raise ValueError(f"post_success_steps must be an int >= 0, got {post_success_steps!r}")
     if not (np.isfinite(noise) and noise >= 0):
         raise ValueError(f"noise must be a finite float >= 0, got {noise!r}")
     jobs = []
     for t in TASKS if task_demos else []:
-        jobs.append(("task", t, list(range(seed, seed + MAX_ATTEMPTS_FACTOR * task_demos)), task_demos, obs_keys, noise, scene))
+        jobs.append(("task", t, list(range(seed, seed + MAX_ATTEMPTS_FACTOR * task_demos)), task_demos, obs_keys, noise, scene,
+                     post_success_steps))
     per_job = 25
     for a in range(0, chains, per_job):
         seeds = list(range(seed + CHAIN_SEED_OFFSET + a, seed + CHAIN_SEED_OFFSET + min(chains, a + per_job)))
-        jobs.append(("chain", f"chain{chain_length}", seeds, None, obs_keys, noise, scene))
+        jobs.append(("chain", f"chain{chain_length}", seeds, None, obs_keys, noise, scene, 0))
     if workers > 1:
         with multiprocessing.get_context("forkserver").Pool(workers) as pool:
             results = pool.map(_job, jobs, chunksize=1)
@@ -114,7 +120,7 @@ def collect(path: str | Path, obs_keys: list[str], task_demos: int = 50, chains:
     attrs = {"collector": "rtpolicy.calvin_like.demos", "env": "calvin_like", "task": "calvin_like", "tasks": list(TASKS),
              "num_tasks": len(TASKS), "obs_keys": [*obs_keys, "task_id"], "action_key": "action",
              "task_demos": task_demos, "chains": chains, "chain_length": chain_length, "action_noise": float(noise),
-             "labels": "clean expert actions (DART)", "seed": seed, "scene": scene,
+             "labels": "clean expert actions (DART)", "seed": seed, "scene": scene, "post_success_steps": post_success_steps,
              "episodes_per_task": {t: {"single": a, "chain": b} for t, (a, b) in counts.items()}}
     buf.put_attrs(attrs)
     shutil.rmtree(path, ignore_errors=True)
@@ -134,9 +140,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scene", default="A")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--post-success", type=int, default=0, help="expert steps kept after each single-task demo's success")
     a = p.parse_args(argv)
     try:
-        info = collect(a.out, a.obs_keys, a.task_demos, a.chains, a.noise, a.seed, a.scene, a.workers, a.chain_length)
+        info = collect(a.out, a.obs_keys, a.task_demos, a.chains, a.noise, a.seed, a.scene, a.workers, a.chain_length,
+                       a.post_success)
     except (ValueError, RuntimeError) as e:
         p.exit(2, f"error: {e}\n")
     print(f"{info['episodes']} episodes ({info['steps']} steps) in {info['path']}")

@@ -446,6 +446,17 @@ class CalvinLikeEnv(gymnasium.Env):
 
         return ScriptedExpert(self, noise=noise, seed=seed)
 
+    def resume_after_success(self) -> None:
+        """Single-task mode: undo the termination of a solved episode so the scene keeps stepping with the same
+        task and start state (a collector records a few post-success steps, e.g. the release of a rotated or
+        placed block and the rise after it, as training inputs). The next ``step()`` reports success again."""
+        if self.chain_length:
+            raise RuntimeError("resume_after_success is for single-task episodes, not chains")
+        if not self._terminated:
+            raise RuntimeError("resume_after_success needs a solved (terminated) episode")
+        self._terminated = False
+        self._sub = len(self._chain) - 1
+
     def pop_frames(self) -> list[np.ndarray]:
         frames, self._frames = self._frames, []
         return frames
