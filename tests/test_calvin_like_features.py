@@ -221,7 +221,7 @@ def test_rotate_goal_is_the_yaw_still_to_turn_and_the_expert_lets_go_there():
         s = env.snapshot()
         assert s.pos["pink"][2] > 0.018 + 0.004  # not put down first
         if not env._terminated:
-            obs, _, ended = _run(env, expert, obs, lambda e, o: False)
+            _run(env, expert, obs, lambda e, o: False)
         assert env._terminated  # and the task succeeds
 
 
