@@ -244,7 +244,10 @@ def main() -> None:
             timers[key] = (lambda p=policy, o=vobs: p.predict_chunk(o))
     with torch.inference_mode():
         for key, fn in timers.items():
-            meta[key]["gflops"] = count_flops(fn) / 1e9
+            if meta[key].get("backend") != "ort":  # ORT runs outside torch's FLOP counter: the same graph's torch count
+                meta[key]["gflops"] = count_flops(fn) / 1e9
+        for key in [k for k in timers if meta[k].get("backend") == "ort"]:
+            meta[key]["gflops"] = meta[(key[0], key[1][:-4], *key[2:])]["gflops"]
     peer = Peer(args.lerobot_python) if args.lerobot_python else None
     times: dict[tuple, list[float]] = {k: [] for k in timers}
     peer_times: list[float] = []
