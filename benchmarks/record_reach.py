@@ -110,7 +110,7 @@ def train(args) -> None:
     convert_s = time.perf_counter() - t
     a, b = ReplayBuffer.open(conv), ReplayBuffer.open(OUT / "demo.zarr")
     same = a.n_steps == b.n_steps and all((a.load()[k] == b.load()[k]).all() for k in ("action",))
-    run_dir = OUT / "run"
+    run_dir = OUT / f"run{args.tag}"
     cmd = [sys.executable, "train.py", "task=reach", f"task.dataset={OUT / 'demo_mcap'}",
            f"task.dataset_options={hydra_value(opts)}", f"task.dataset_cache={OUT / 'cache'}", f"train.steps={args.steps}",
            "train.threads=1", f"eval.episodes={args.eval_episodes}", f"run_dir={run_dir}", *args.overrides]
@@ -123,7 +123,7 @@ def train(args) -> None:
            "train_steps": args.steps, "train_and_eval_wall_s": round(train_s, 1), "seeds": "one training run",
            "eval": {k: result[k] for k in result if k in ("success", "ci95", "episodes", "seed")} or result,
            "command": " ".join(cmd[1:])}
-    (REPO / "benchmarks" / "record_reach.json").write_text(json.dumps(row, indent=1))
+    (REPO / "benchmarks" / f"record_reach{args.tag}.json").write_text(json.dumps(row, indent=1))
     print(json.dumps(row))
 
 
@@ -140,6 +140,7 @@ def main() -> None:
     t = sub.add_parser("train")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--eval-episodes", type=int, default=50)
+    t.add_argument("--tag", default="", help="suffix of the run folder and the JSON row (record_reach<tag>.json)")
     t.add_argument("overrides", nargs="*", help="more train.py overrides")
     args = ap.parse_args()
     {"record": record, "train": train}[args.stage](args)
