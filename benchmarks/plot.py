@@ -99,7 +99,8 @@ def main() -> None:
         marker = "*" if p["backend"] == "ort" else MARKERS.get(p["denoiser"], "o")
         ax.errorbar(p["ms"], p["success"], yerr=[[p["success"] - lo], [hi - p["success"]]], fmt=marker, color=color,
                     mfc=face, ms=14 if p["backend"] == "ort" else 8, capsize=2, lw=1, alpha=0.9)
-        ax.annotate(p["label"], (p["ms"], p["success"]), textcoords="offset points", xytext=(6, 4), fontsize=6.5, color=color)
+        offset = (6, -12) if p["backend"] == "ort" else (6, 4)
+        ax.annotate(p["label"], (p["ms"], p["success"]), textcoords="offset points", xytext=offset, fontsize=6.5, color=color)
     peer = next((r for r in load("latency.json") if r["head"] == "lerobot_diffusion"), None)
     if peer is not None:
         ax.axvline(peer["ms_median"], color="black", ls="--", lw=1)
@@ -107,7 +108,7 @@ def main() -> None:
                 "latency only: MT10 success not measured)", ha="right", va="bottom", fontsize=7.5, transform=ax.get_xaxis_transform())
     ax.set_xscale("log")
     ax.set_xlabel("per-chunk latency, ms (log; batch 1, 2-core CPU; streaming: per tick)")
-    ax.set_ylabel("Meta-World MT10 success (500 episodes, Wilson 95% CI)")
+    ax.set_ylabel("Meta-World MT10 success (Wilson 95% CI; 500 episodes,\n200 for the 2000-step checkpoint)")
     ax.set_title("MT10 success vs inference latency: every head, sampler, denoiser and backend")
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=h) for h, c in COLORS.items()]
     handles += [plt.Line2D([], [], marker=m, ls="", color="gray", label=f"{d} denoiser") for d, m in MARKERS.items()]
