@@ -50,10 +50,10 @@ STORES = {  # name -> (experts, task demos, chains, noise)
     # issue 13, second session: the rotate expert lets go as soon as the block has turned far enough (no
     # lowering first); place / stack / unstack aim at goals.block_goal; the store has the goal_rel key too
     "chains_goal": ("new", 50, 300, 0.2),
-    "chains_goal_lang": ("new", 50, 300, 0.2),  # the same store (same seeds) with the MiniLM lang_emb key too
+    "chains_goal_lang": ("new", 50, 300, 0.2),  # chains_goal_post (same seeds, 10 post-success steps) with MiniLM lang_emb too
     "chains_goal_post": ("new", 50, 300, 0.2),  # chains_goal with 10 expert steps kept after each single-task success
 }
-STORE_POST = {"chains_goal_post": 10}  # store -> post-success steps of its single-task demos
+STORE_POST = {"chains_goal_post": 10, "chains_goal_lang": 10}  # store -> post-success steps of its single-task demos
 STORE_KEYS = {"chains_obj": ["objects_rel"], "chains_tgt": ["objects_rel", "target_rel"],
               "chains_goal": ["objects_rel", "target_rel", "goal_rel"],
               "chains_goal_lang": ["objects_rel", "target_rel", "goal_rel", "lang_emb"],
