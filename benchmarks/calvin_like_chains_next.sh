@@ -22,7 +22,8 @@ run() {  # name setting seed
   [ -f "benchmarks/calvin_like_chains_rows/$1.json" ] && return 0
   $L $B run --setting "$2" --seed "$3" --steps 3000 --episodes 200 --dir $D --run-dir "runs/calvin_abl/$1" --device cpu \
     --out "benchmarks/calvin_like_chains_rows/$1.json" --single-tasks 10
-  $B table benchmarks/calvin_like_chains_rows/*.json --json benchmarks/calvin_like_chains.json
+  $B table benchmarks/calvin_like_chains_rows/*.json --json benchmarks/calvin_like_chains.json \
+    --extra benchmarks/calvin_like_chains_experts.json
 }
 for job in "${@:-post goal expert lang lang_only seeds}"; do
   for j in $job; do
