@@ -72,12 +72,12 @@ def test_wheel_installs_and_its_console_scripts_run_outside_the_checkout(tmp_pat
                 ["rtpolicy", "sim", "--help"], ["rtpolicy-convert", "--help"], ["rtpolicy-export", "--help"]):
         rc, out = _run(cmd, cwd=work, env=env)
         assert rc == 0, f"{' '.join(cmd)}:\n{out[-3000:]}"
-    rc, out = _run(["rtpolicy", "deploy", "--help"], cwd=work, env=env)
-    assert "bundle" in out
+        if cmd[1:] == ["deploy", "--help"]:
+            assert "bundle" in out, out
 
     rc, out = _run(["rtpolicy-train", "task=reach", "task.collect=true", "task.demos=2", "train.steps=2",
                     "eval.episodes=0", "denoiser.down_dims=[16,32]", "policy.cond_dim=16", "train.batch_size=8",
                     "run_dir=run"], cwd=work, env=env, timeout=600)
     assert rc == 0, out[-4000:]
     assert "checkpoint:" in out and (work / "data" / "metaworld" / "reach-v3.zarr").is_dir()
-    assert (work / "run" / "config.yaml").is_file() or any((work / "run").rglob("*.yaml")), sorted((work / "run").rglob("*"))
+    assert (work / "run" / "config.yaml").is_file(), sorted((work / "run").rglob("*"))  # every run saves its resolved config
