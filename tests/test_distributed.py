@@ -219,8 +219,9 @@ def test_two_ranks_equal_one_process(tmp_path):
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    # forked from this process (torch and rtpolicy already imported) rather than by torchrun: the same env, faster
-    ranks = [multiprocessing.get_context("fork").Process(target=_equivalence_rank, args=(r, 2, port, tmp_path))
+    # spawned, not forked: a fork of a process whose earlier tests left threads running (OpenMP pools, DDS) can
+    # segfault in the child (CI saw both ranks die with SIGSEGV)
+    ranks = [multiprocessing.get_context("spawn").Process(target=_equivalence_rank, args=(r, 2, port, tmp_path))
              for r in range(2)]
     for p in ranks:
         p.start()
