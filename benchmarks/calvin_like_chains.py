@@ -52,12 +52,15 @@ STORES = {  # name -> (experts, task demos, chains, noise)
     "chains_goal": ("new", 50, 300, 0.2),
     "chains_goal_lang": ("new", 50, 300, 0.2),  # chains_goal_post (same seeds, 10 post-success steps) with MiniLM lang_emb too
     "chains_goal_post": ("new", 50, 300, 0.2),  # chains_goal with 10 expert steps kept after each single-task success
+    # issue 13, third session: twice the data (100 demos per task, 600 chains), lang_emb stored too
+    "chains_goal_post_x2": ("new", 100, 600, 0.2),
 }
-STORE_POST = {"chains_goal_post": 10, "chains_goal_lang": 10}  # store -> post-success steps of its single-task demos
+STORE_POST = {"chains_goal_post": 10, "chains_goal_lang": 10, "chains_goal_post_x2": 10}  # store -> post-success steps of its single-task demos
 STORE_KEYS = {"chains_obj": ["objects_rel"], "chains_tgt": ["objects_rel", "target_rel"],
               "chains_goal": ["objects_rel", "target_rel", "goal_rel"],
               "chains_goal_lang": ["objects_rel", "target_rel", "goal_rel", "lang_emb"],
-              "chains_goal_post": ["objects_rel", "target_rel", "goal_rel"]}
+              "chains_goal_post": ["objects_rel", "target_rel", "goal_rel"],
+              "chains_goal_post_x2": ["objects_rel", "target_rel", "goal_rel", "lang_emb"]}
 SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "baseline": ("old", "state", False, []),
     "+normalizer": ("old", "state", True, []),
