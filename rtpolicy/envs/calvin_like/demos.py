@@ -13,7 +13,8 @@ One store for the 27-task policy (``task_id`` = index in :data:`TASKS`):
 
 Every episode is run by :func:`rtpolicy.datasets.collect.run_expert_episode`: with ``--noise`` the env
 executes the expert's action plus Gaussian noise and the store holds the expert's clean action (DART).
-Per step the store holds every ``--obs-keys`` key, ``task_id``, ``instruction_id`` and ``action`` (T, 5);
+Per step the store holds every ``--obs-keys`` key (``rgb_static`` / ``rgb_gripper`` frames of ``--image-size``
+included), ``task_id``, ``instruction_id`` and ``action`` (T, 5);
 ``attrs`` hold the settings and per-task episode counts. Workers split the seeds; the store is written in
 job order, so the same arguments give the same store.
 """
@@ -34,10 +35,10 @@ CHAIN_SEED_OFFSET = 1_000_000
 MAX_ATTEMPTS_FACTOR = 3
 
 
-def _env(name: str, obs_keys: list[str], scene: str, expert: str):
+def _env(name: str, obs_keys: list[str], scene: str, image_size: int = 84):
     from rtpolicy.envs.calvin_like.env import CalvinLikeEnv
 
-    cfg = {"name": name, "obs_keys": obs_keys, "num_tasks": len(TASKS),
+    cfg = {"name": name, "obs_keys": obs_keys, "num_tasks": len(TASKS), "image_size": image_size,
            "task_id": TASKS.index(name) if name in TASKS else 0}
     env = CalvinLikeEnv(cfg, seed=0, scene=scene, max_episode_steps=None if name.startswith("chain") else 150)
     return env, env.expert()
@@ -55,8 +56,8 @@ def _job(args: tuple) -> list[dict[str, np.ndarray]]:
     """(kind, name, seeds, needed, obs_keys, noise, scene) -> successful (sub)task episodes, in seed order."""
     from rtpolicy.datasets.collect import run_expert_episode
 
-    kind, name, seeds, needed, obs_keys, noise, scene, post = args
-    env, expert = _env(name, obs_keys, scene, "new")
+    kind, name, seeds, needed, obs_keys, noise, scene, post, image_size = args
+    env, expert = _env(name, obs_keys, scene, image_size)
     keep = [*obs_keys, "task_id", "instruction_id", "action"]
     out: list[dict[str, np.ndarray]] = []
     try:
@@ -77,15 +78,15 @@ def _job(args: tuple) -> list[dict[str, np.ndarray]]:
 
 def collect(path: str | Path, obs_keys: list[str], task_demos: int = 50, chains: int = 0, noise: float = 0.0,
             seed: int = 0, scene: str = "A", workers: int = 1, chain_length: int = 5,
-            post_success_steps: int = 0) -> dict[str, Any]:
+            post_success_steps: int = 0, image_size: int = 84) -> dict[str, Any]:
     """Write the store at ``path`` (replaced if present); returns its attrs plus episodes and steps.
     ``post_success_steps``: each single-task demo goes on for that many expert steps after its success
     (:func:`rtpolicy.datasets.collect.run_expert_episode`); chain subtasks end at their success."""
     from rtpolicy.datasets.replay_buffer import ReplayBuffer
 
     obs_keys = list(dict.fromkeys(obs_keys))
-    if not obs_keys or any(k.startswith("rgb_") or k in ("task_id", "instruction_id") for k in obs_keys):
-        raise ValueError(f"--obs-keys must be vector keys of the env (state, state_rel), got {obs_keys}")
+    if not obs_keys or any(k in ("task_id", "instruction_id") for k in obs_keys):
+        raise ValueError(f"--obs-keys must be observation keys of the env (state, state_rel, rgb_static, ...), got {obs_keys}")
     if task_demos < 0 or chains < 0 or task_demos + chains == 0:
         raise ValueError(f"need task_demos >= 0, chains >= 0 and one of them > 0, got {task_demos}, {chains}")
     if isinstance(post_success_steps, bool) or not isinstance(post_success_steps, int) or post_success_steps < 0:
@@ -95,11 +96,11 @@ def collect(path: str | Path, obs_keys: list[str], task_demos: int = 50, chains:
     jobs = []
     for t in TASKS if task_demos else []:
         jobs.append(("task", t, list(range(seed, seed + MAX_ATTEMPTS_FACTOR * task_demos)), task_demos, obs_keys, noise, scene,
-                     post_success_steps))
+                     post_success_steps, image_size))
     per_job = 25
     for a in range(0, chains, per_job):
         seeds = list(range(seed + CHAIN_SEED_OFFSET + a, seed + CHAIN_SEED_OFFSET + min(chains, a + per_job)))
-        jobs.append(("chain", f"chain{chain_length}", seeds, None, obs_keys, noise, scene, 0))
+        jobs.append(("chain", f"chain{chain_length}", seeds, None, obs_keys, noise, scene, 0, image_size))
     if workers > 1:
         with multiprocessing.get_context("forkserver").Pool(workers) as pool:
             results = pool.map(_job, jobs, chunksize=1)
@@ -121,6 +122,7 @@ def collect(path: str | Path, obs_keys: list[str], task_demos: int = 50, chains:
              "num_tasks": len(TASKS), "obs_keys": [*obs_keys, "task_id"], "action_key": "action",
              "task_demos": task_demos, "chains": chains, "chain_length": chain_length, "action_noise": float(noise),
              "labels": "clean expert actions (DART)", "seed": seed, "scene": scene, "post_success_steps": post_success_steps,
+             "image_size": image_size,
              "episodes_per_task": {t: {"single": a, "chain": b} for t, (a, b) in counts.items()}}
     buf.put_attrs(attrs)
     shutil.rmtree(path, ignore_errors=True)
@@ -141,10 +143,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--scene", default="A")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--post-success", type=int, default=0, help="expert steps kept after each single-task demo's success")
+    p.add_argument("--image-size", type=int, default=84, help="side of the rgb_* frames, when --obs-keys names cameras")
     a = p.parse_args(argv)
     try:
         info = collect(a.out, a.obs_keys, a.task_demos, a.chains, a.noise, a.seed, a.scene, a.workers, a.chain_length,
-                       a.post_success)
+                       a.post_success, a.image_size)
     except (ValueError, RuntimeError) as e:
         p.exit(2, f"error: {e}\n")
     print(f"{info['episodes']} episodes ({info['steps']} steps) in {info['path']}")

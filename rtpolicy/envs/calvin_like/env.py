@@ -36,6 +36,9 @@ Observation dict:
 * ``"objects_rel"``: (58,) float32, names in :data:`OBJECTS_REL_NAMES`: ``"state_rel"`` without the
   controller target - TCP offsets (``[7:11]``), which reveal the previous action (a policy can copy it
   instead of reading the scene), when ``task_cfg.obs_keys`` lists it.
+* ``"proprio"``: (7,) float32, names in :data:`PROPRIO_NAMES`: the robot's own state only (the first 7 of
+  ``"state_rel"``: TCP xyz, sin/cos hand yaw, finger opening, gripper command), for camera policies that
+  see the scene only through ``rgb_*``, when ``task_cfg.obs_keys`` lists it.
 * ``"target_rel"``: (15,) float32, the 15 block features of ``"state_rel"`` (same names without the colour)
   for the block the current (sub)task is about: the named block of push / lift / rotate, the top block of
   unstack, the block held at the (sub)task's start for place / stack; zeros for fixture tasks. A function
@@ -127,6 +130,7 @@ REL_DIM = len(REL_NAMES)
 _CMD = slice(7, 11)  # the target - TCP offsets in REL_NAMES
 OBJECTS_REL_NAMES: list[str] = REL_NAMES[:_CMD.start] + REL_NAMES[_CMD.stop:]
 OBJECTS_REL_DIM = len(OBJECTS_REL_NAMES)
+PROPRIO_NAMES: list[str] = REL_NAMES[:7]
 GOAL_REL_NAMES: list[str] = ["goal_dx", "goal_dy", "goal_dz", "goal_dyaw", "goal_active"]
 GOAL_REL_DIM = len(GOAL_REL_NAMES)
 
@@ -189,7 +193,7 @@ class CalvinLikeEnv(gymnasium.Env):
         "twist_axes": ["linear.x", "linear.y", "linear.z", "angular.z"],  # the yaw delta is a rotation about z
         "control_rate_hz": 1.0 / CONTROL_DT,
         "obs_names": {"state": ", ".join(STATE_NAMES), "state_rel": ", ".join(REL_NAMES),
-                      "objects_rel": ", ".join(OBJECTS_REL_NAMES), "goal_rel": ", ".join(GOAL_REL_NAMES)},
+                      "objects_rel": ", ".join(OBJECTS_REL_NAMES), "proprio": ", ".join(PROPRIO_NAMES), "goal_rel": ", ".join(GOAL_REL_NAMES)},
     }
 
     def __init__(
@@ -278,6 +282,9 @@ class CalvinLikeEnv(gymnasium.Env):
             obs_spaces["state_rel"] = spaces.Box(-np.inf, np.inf, (REL_DIM,), np.float32)
         self._objects_rel = "objects_rel" in obs_keys
         self._target_rel = "target_rel" in obs_keys
+        self._proprio = "proprio" in obs_keys
+        if self._proprio:
+            obs_spaces["proprio"] = spaces.Box(-np.inf, np.inf, (len(PROPRIO_NAMES),), np.float32)
         if self._target_rel:
             obs_spaces["target_rel"] = spaces.Box(-np.inf, np.inf, (len(REL_BLOCK_NAMES),), np.float32)
         self._goal_rel = "goal_rel" in obs_keys
@@ -619,8 +626,10 @@ class CalvinLikeEnv(gymnasium.Env):
         assert self._snap is not None
         k = min(self._sub, len(self._chain) - 1)
         obs: dict[str, Any] = {"state": self._state_vector(self._snap)}
-        if self._rel or self._objects_rel or self._target_rel:
+        if self._rel or self._objects_rel or self._target_rel or self._proprio:
             rel = self.rel_vector()
+            if self._proprio:
+                obs["proprio"] = rel[: len(PROPRIO_NAMES)].copy()
             if self._target_rel:
                 c = self.task_block_now()
                 i = S.BLOCKS.index(c) if c is not None else None
