@@ -50,17 +50,17 @@ STORES = {  # name -> (experts, task demos, chains, noise)
     # issue 13, second session: the rotate expert lets go as soon as the block has turned far enough (no
     # lowering first); place / stack / unstack aim at goals.block_goal; the store has the goal_rel key too
     "chains_goal": ("new", 50, 300, 0.2),
-    "chains_goal_lang": ("new", 50, 300, 0.2),  # chains_goal_post (same seeds, 10 post-success steps) with MiniLM lang_emb too
+    "chains_goal_lang": ("new", 50, 300, 0.2),  # chains_goal_post (same seeds, 10 post-success steps); lang_emb from instruction_id
     "chains_goal_post": ("new", 50, 300, 0.2),  # chains_goal with 10 expert steps kept after each single-task success
-    # issue 13, third session: twice the data (100 demos per task, 600 chains), lang_emb stored too
+    # issue 13, third session: twice the data (100 demos per task, 600 chains); lang_emb comes from instruction_id
     "chains_goal_post_x2": ("new", 100, 600, 0.2),
 }
 STORE_POST = {"chains_goal_post": 10, "chains_goal_lang": 10, "chains_goal_post_x2": 10}  # store -> post-success steps of its single-task demos
 STORE_KEYS = {"chains_obj": ["objects_rel"], "chains_tgt": ["objects_rel", "target_rel"],
               "chains_goal": ["objects_rel", "target_rel", "goal_rel"],
-              "chains_goal_lang": ["objects_rel", "target_rel", "goal_rel", "lang_emb"],
+              "chains_goal_lang": ["objects_rel", "target_rel", "goal_rel"],
               "chains_goal_post": ["objects_rel", "target_rel", "goal_rel"],
-              "chains_goal_post_x2": ["objects_rel", "target_rel", "goal_rel", "lang_emb"]}
+              "chains_goal_post_x2": ["objects_rel", "target_rel", "goal_rel"]}
 SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "baseline": ("old", "state", False, []),
     "+normalizer": ("old", "state", True, []),
@@ -93,6 +93,10 @@ SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     # ... and from the instruction alone: no slot or goal that the env picks by the subtask
     "language only (objects_rel + lang_emb, no task-derived slots)": (
         "chains_goal_lang", "objects_rel,lang_emb", True, ["policy.obs_horizon=1", "task.condition_on_task_id=false"]),
+    # issue 13, third session: the post-success row with twice the data (100 demos per task, 600 chains)
+    "+ twice the data": ("chains_goal_post_x2", "objects_rel,target_rel,goal_rel", True, ["policy.obs_horizon=1"]),
+    "+ twice the data, language instead of task id": ("chains_goal_post_x2", "objects_rel,target_rel,goal_rel,lang_emb", True,
+                                                      ["policy.obs_horizon=1", "task.condition_on_task_id=false"]),
 }
 
 

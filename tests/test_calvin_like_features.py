@@ -165,8 +165,10 @@ def test_chain_demos_are_cut_per_subtask(tmp_path):
     assert all((p["task_id"] == p["task_id"][0]).all() for p in parts)
     info = collect(tmp_path / "d.zarr", ["state_rel"], task_demos=0, chains=2, noise=0.1, chain_length=2)
     assert info["episodes"] >= 2 and info["obs_keys"] == ["state_rel", "task_id"] and info["action_noise"] == 0.1
+    with pytest.raises(ValueError, match="obs-keys 'lang_emb' is made by a language policy's processor"):
+        collect(tmp_path / "e.zarr", ["state", "lang_emb"], task_demos=1)
     with pytest.raises(ValueError, match="obs-keys"):
-        collect(tmp_path / "e.zarr", ["rgb_static"], task_demos=1)
+        collect(tmp_path / "e.zarr", ["task_id"], task_demos=1)
 
 
 def _run(env, expert, obs, until, steps=150):

@@ -65,14 +65,17 @@ def wait_for(pred, timeout=WAIT, period=0.01):
 
 
 # ---------------------------------------------------------------------------------------------- bundles
-def make_bundle(out_dir, pol_cfg, tasks=(), shapes=SHAPES):
-    """A tiny random-weight policy (Meta-World shapes, ee_delta actions) exported as a bundle; ``tasks``: a suite."""
+def make_bundle(out_dir, pol_cfg, tasks=(), shapes=SHAPES, processor=None):
+    """A tiny random-weight policy (Meta-World shapes, ee_delta actions) exported as a bundle; ``tasks``: a suite;
+    ``processor``: its ObservationProcessor (default: none)."""
 
     load_all()
     torch.manual_seed(0)
     pol = policy_config(pol_cfg)
     den = denoiser_config("unet1d", {"down_dims": [16, 32]})
     policy = build_policy(pol, den, shapes, len(tasks))
+    if processor is not None:
+        policy.processor = processor
     policy.normalizer.fit({"state": torch.randn(50, 39), "action": torch.rand(50, 4) * 2 - 1})
     cfg = {"policy": OmegaConf.to_container(pol), "denoiser": OmegaConf.to_container(den),
            "task": {"env": "metaworld", "name": "suite" if tasks else "reach-v3", "tasks": list(tasks)}}
@@ -595,11 +598,14 @@ def test_language_bundle_is_conditioned_on_instruction_text(rig, tmp_path):
     pytest.importorskip("transformers")
     from rtpolicy.policies.diffusion import DiffusionConfig
     from rtpolicy.policies.encoders.language import InstructionCache
+    from rtpolicy.processors import ObservationProcessor
 
     cfg = DiffusionConfig(horizon=8, obs_horizon=2, action_horizon=4, cond_dim=16, num_inference_steps=2)
-    lang = make_bundle(tmp_path, cfg, shapes=SHAPES | {"lang_emb": [384]})
-    assert json.loads((lang / "bundle.json").read_text())["language"] == {
-        "key": "lang_emb", "kind": "sentence_embedding", "model": "minilm"}
+    spec = {"key": "lang_emb", "kind": "sentence_embedding", "model": "minilm"}
+    lang = make_bundle(tmp_path, cfg, shapes=SHAPES | {"lang_emb": [384]},
+                       processor=ObservationProcessor(spec, ["open the drawer", "close the drawer"]))
+    assert json.loads((lang / "bundle.json").read_text())["processor"] == {
+        "language": spec, "instructions": ["open the drawer", "close the drawer"]}
     # sources for the state only: the instruction comes as text
     seen = held_until_instructed(rig, lang, "no instruction", "open the drawer", "lang_emb")
     want = InstructionCache()(["open the drawer"])[0].float()

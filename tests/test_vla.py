@@ -190,7 +190,8 @@ def test_config_errors_are_clear(minilm):
 
 
 def test_vla_trains_and_evaluates_end_to_end_on_instruction_tokens(tmp_path):
-    """train.py on CALVIN-like demos whose stored obs carry lang_tokens, then chain evaluation of the VLA."""
+    """train.py on CALVIN-like demos (the store holds instruction ids; the policy's processor turns them into
+    lang_tokens), then chain evaluation of the VLA, and the checkpoint carries that processor."""
     import json
     import os
     import subprocess
@@ -209,9 +210,13 @@ def test_vla_trains_and_evaluates_end_to_end_on_instruction_tokens(tmp_path):
     proc = subprocess.run([sys.executable, str(root / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    from rtpolicy.checkpoint import read_checkpoint
+
     buf = ReplayBuffer.open(tmp_path / "d.zarr")
-    assert buf["lang_tokens"].dtype.kind == "i" and buf.shape("lang_tokens") == (16,)
-    ids = {tuple(r) for r in buf.load(["lang_tokens"])["lang_tokens"]}
-    assert len(ids) > 1, "each task's demos carry their own instruction's tokens"
+    assert "lang_tokens" not in buf.keys, "the store holds raw observations only"
+    assert len(set(buf.load(["instruction_id"])["instruction_id"].tolist())) > 1, "each task's demos carry their own instruction"
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["episodes"] == 1 and "avg_chain_length" in res and res["chunk_ms_p50"] > 0
+    meta, _ = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert meta["processor"]["language"] == {"key": "lang_tokens", "kind": "token_ids", "model": "minilm", "length": 16}
+    assert meta["shapes"]["lang_tokens"] == [16] and len(meta["processor"]["instructions"]) > 27

@@ -115,7 +115,7 @@ def export_bundle(
         "joint_names": list(joint_names or []),
         "control_rate_hz": rate,
         "horizons": {"obs": policy.obs_horizon, "action": policy.action_horizon, "chunk": policy.horizon},
-        "language": _language_spec(policy, cfg),  # None: the policy takes no instruction
+        "processor": policy.processor.config(),  # raw observation -> network input; its language step turns instruction text into the policy's language key
         "normalizer": {k[len("normalizer.stats."):]: v.tolist() for k, v in policy.state_dict().items()
                        if k.startswith("normalizer.stats.")},
         "source": {"checkpoint": str(checkpoint), "step": meta.get("step"), "schema_version": meta.get("schema_version")},
@@ -144,19 +144,6 @@ def export_bundle(
     with atomic_path(out / "bundle.json") as tmp:
         tmp.write_text(json.dumps(bundle, indent=2))
     return out
-
-
-def _language_spec(policy, cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """How the deployed node turns instruction text into the policy's language key (see
-    ``rtpolicy.policies.encoders.language.instruction_encoder``); None for a policy without one."""
-    key = getattr(policy, "lang_key", None)
-    if key is None:
-        return None
-    if key == "lang_tokens":
-        enc = cfg.get("policy", {}).get("encoder", {}) or {}
-        return {"key": key, "kind": "token_ids", "model": enc.get("vla_backbone") or "minilm",
-                "length": int(policy.obs_shapes[key][0])}
-    return {"key": key, "kind": "sentence_embedding", "model": "minilm"}
 
 
 def _denoiser_inputs(policy) -> tuple[torch.Tensor, ...]:

@@ -59,7 +59,7 @@ is also kept on disk, so a restarted process starts latched. std_msgs/String on 
 ``reset_estop`` clears the e-stop (and the file) and drops the queued actions;
 ``episode`` starts a new episode (policy.reset(), observation history, queue, in-flight inference).
 std_msgs/String on instruction_topic: a task name of a multi-task bundle selects its task id; for a
-language-conditioned bundle (its ``language`` spec) the text is encoded once on arrival (MiniLM sentence
+language-conditioned bundle (the language step of its ``processor``, rtpolicy.processors) the text is encoded once on arrival (MiniLM sentence
 embedding or backbone token ids, memoized per string) and conditions every following chunk; until the
 first instruction (or the ``instruction`` parameter) the node holds.
 diagnostic_msgs/DiagnosticArray on diagnostics_topic at ``diagnostics_rate_hz``: see ``stats()``.
@@ -293,12 +293,11 @@ class PolicyNode(LifecycleNode):
         shapes = {k: v["shape"] for k, v in bundle["observation"].items()}
         num_tasks = int(bundle.get("num_tasks") or 0)
         self.task_names = list((bundle.get("task") or {}).get("tasks") or [])
-        language = bundle.get("language")  # instruction text -> the policy's language input, encoded on arrival
-        self.encode_instruction = None
-        if language:
-            from rtpolicy.policies.encoders.language import instruction_encoder
+        from rtpolicy.processors import ObservationProcessor
 
-            self.encode_instruction = instruction_encoder(language)
+        processor = ObservationProcessor.from_config(bundle.get("processor"))  # the policy's own, from training
+        language = processor.language  # instruction text -> the policy's language input, encoded on arrival
+        self.encode_instruction = processor.instruction if language else None
         vector_shapes = {k: v for k, v in shapes.items() if not language or k != language["key"]}
         ranges = (ranges_from_normalizer(bundle.get("normalizer") or {}, vector_shapes, p["obs_range_margin"])
                   if p["obs_range_margin"] >= 0 else None)

@@ -203,6 +203,9 @@ class OrtPolicy(NoiseDraws):
         self.obs_shapes = {k: list(v) for k, v in bundle["shapes"].items() if k != "action"}
         self.action_dim = int(bundle["shapes"]["action"][0])
         self.num_tasks = int(bundle.get("num_tasks") or 0)
+        from rtpolicy.processors import ObservationProcessor
+
+        self.processor = ObservationProcessor.from_config(bundle.get("processor"))  # raw obs -> graph inputs
         self.buffer: list[np.ndarray | None] | None = None
 
     @classmethod
@@ -215,7 +218,8 @@ class OrtPolicy(NoiseDraws):
         graphs = export_onnx(policy, folder)
         bundle = {"onnx": {k: g | {"sha256": _sha256(folder / g["file"])} for k, g in graphs.items()},
                   "horizons": {"obs": policy.obs_horizon, "action": policy.action_horizon, "chunk": policy.horizon},
-                  "shapes": policy.obs_shapes | {"action": [policy.action_dim]}, "num_tasks": policy.num_tasks}
+                  "shapes": policy.obs_shapes | {"action": [policy.action_dim]}, "num_tasks": policy.num_tasks,
+                  "processor": policy.processor.config()}
         return cls(folder, bundle, threads=threads)
 
     def reset(self) -> None:

@@ -101,6 +101,12 @@ def check_env_kwargs(family: str, env_kwargs: Mapping[str, Any]) -> None:
         raise UserError(f"task.env_kwargs: unknown key {unknown[0]!r} for env family {family!r} (it takes: {', '.join(known)})")
 
 
+def env_instructions(family: str) -> list[str]:
+    """The instruction texts ``obs["instruction_id"]`` indexes in a family's envs ([] for a family without
+    language); a language-conditioned policy's processor featurizes them (:mod:`rtpolicy.processors`)."""
+    return list(getattr(ENVS.get(family).cls, "INSTRUCTIONS", ()))
+
+
 def env_factory(fields: dict[str, Any], seed: int | None, render: bool, kwargs: dict[str, Any]) -> gymnasium.Env:
     """Top-level (picklable by reference) builder for worker processes; use with ``functools.partial``."""
     return make_env(fields, seed=seed, render=render, **kwargs)

@@ -181,7 +181,7 @@ def evaluate_ray(policy, task_cfg: Any, eval_cfg: Any, video_dir: str | Path | N
 
     t0 = time.perf_counter()
     weights = ray.put(_weights(policy))
-    spec = json.dumps(policy.spec)
+    spec = json.dumps(policy.spec | {"processor": policy.processor.config()})
     actor = ray.remote(PolicyWorker).options(num_cpus=cpus, num_gpus=gpus)
     actors = [actor.remote(spec, weights, "cuda" if gpus > 0 else "cpu") for _ in range(workers)]
     try:

@@ -95,12 +95,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _to_torch(hist: dict[str, np.ndarray], task_id: np.ndarray | None, device: torch.device, rows=slice(None)) -> dict[str, torch.Tensor]:
-    """Histories {key: (B, To, *shape)} (+ task ids (B,)) -> the policy's obs dict, rows selected, on ``device``."""
+def _to_torch(policy, hist: dict[str, np.ndarray], task_id: np.ndarray | None, device: torch.device,
+              rows=slice(None)) -> dict[str, torch.Tensor]:
+    """Histories {key: (B, To, *shape)} (+ task ids (B,)) -> the policy's obs dict (through its processor, e.g.
+    instruction_id -> lang_emb), rows selected, on ``device``."""
     obs = {k: torch.from_numpy(np.ascontiguousarray(v[rows])).to(device) for k, v in hist.items()}
     if task_id is not None:
         obs["task_id"] = torch.from_numpy(np.ascontiguousarray(task_id[rows])).long().to(device)
-    return obs
+    processor = getattr(policy, "processor", None)
+    return processor(obs) if processor is not None else obs
 
 
 def _predict(policy, obs: dict[str, torch.Tensor], batch: int, action_dim: int) -> np.ndarray:
@@ -330,12 +333,12 @@ def _run(policy, fields, n, episodes, base_seed, max_steps, To, Ha, reps, n_vide
             while not done.all():
                 if chunk is None or pos == Ha:
                     pos = 0
-                    batch_obs = _to_torch(hist, task_id, device)
+                    batch_obs = _to_torch(policy, hist, task_id, device)
                     tic = time.perf_counter()
                     chunk = _predict(policy, batch_obs, n, action_dim)
                     rollout_ms.append((time.perf_counter() - tic) * 1e3)
                     if not done[0] and len(latency_obs) < reps + LATENCY_WARMUP:
-                        latency_obs.append(_to_torch(hist, task_id, device, slice(0, 1)))
+                        latency_obs.append(_to_torch(policy, hist, task_id, device, slice(0, 1)))
                 action = chunk[:, pos]
                 pos += 1
                 obs, reward, terminated, truncated, info = envs.step(action)

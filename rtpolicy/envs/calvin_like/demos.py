@@ -87,6 +87,9 @@ def collect(path: str | Path, obs_keys: list[str], task_demos: int = 50, chains:
     obs_keys = list(dict.fromkeys(obs_keys))
     if not obs_keys or any(k in ("task_id", "instruction_id") for k in obs_keys):
         raise ValueError(f"--obs-keys must be observation keys of the env (state, state_rel, rgb_static, ...), got {obs_keys}")
+    if made := [k for k in obs_keys if k in ("lang_emb", "lang_tokens")]:
+        raise ValueError(f"--obs-keys {made[0]!r} is made by a language policy's processor from instruction_id, which every "
+                         "store holds; leave it out")
     if task_demos < 0 or chains < 0 or task_demos + chains == 0:
         raise ValueError(f"need task_demos >= 0, chains >= 0 and one of them > 0, got {task_demos}, {chains}")
     if isinstance(post_success_steps, bool) or not isinstance(post_success_steps, int) or post_success_steps < 0:

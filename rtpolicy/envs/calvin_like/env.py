@@ -53,18 +53,15 @@ Observation dict:
   ``task_cfg.num_tasks > 0`` or in chain mode).
 * ``"instruction_id"``: np.int64 index into :data:`ALL_INSTRUCTIONS` of the current (sub)task's
   instruction (drawn per (sub)task from the reset seed); ``env.instruction`` is its text.
-* ``"lang_emb"``: (384,) float32 MiniLM embedding of that instruction, when ``task_cfg.obs_keys``
-  lists ``lang_emb`` (language-conditioned policies; needs the ``lang`` extra).
-* ``"lang_tokens"``: (L,) int64 token ids of that instruction for a VLA policy (0 = pad; the tokenizer
-  of ``lang_backbone``, L = ``lang_tokens_len``; the defaults match ``policy.encoder.vla_backbone=minilm``),
-  when ``task_cfg.obs_keys`` lists ``lang_tokens``.
+  Language-conditioned policies read features of that instruction (``lang_emb``, ``lang_tokens``) that
+  their processor makes from this id (:mod:`rtpolicy.processors`, with :attr:`CalvinLikeEnv.INSTRUCTIONS`);
+  the env emits the raw id only.
 * ``"rgb_static"`` / ``"rgb_gripper"``: (S, S, 3) uint8 frames, S = ``image_size``, for the cameras
   named by ``cameras`` or, without it, by the ``rgb_<camera>`` keys of ``task_cfg.obs_keys``.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -147,22 +144,6 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return int(value)
 
 
-@functools.lru_cache(maxsize=4)
-def instruction_tokens(backbone: str = "minilm", max_len: int = 16) -> np.ndarray:
-    """(len(ALL_INSTRUCTIONS), max_len) int64 token ids of every instruction (0 = pad), computed once per process."""
-    from rtpolicy.policies.encoders.vla import tokenize_instructions
-
-    return tokenize_instructions(list(ALL_INSTRUCTIONS), backbone, max_len).numpy()
-
-
-@functools.lru_cache(maxsize=1)
-def instruction_embeddings() -> np.ndarray:
-    """(len(ALL_INSTRUCTIONS), 384) float32 MiniLM embeddings of every instruction, computed once per process."""
-    from rtpolicy.policies.encoders.language import InstructionCache
-
-    return InstructionCache()(list(ALL_INSTRUCTIONS)).float().numpy()
-
-
 @ENVS.register("calvin_like")
 class CalvinLikeEnv(gymnasium.Env):
     """The CALVIN-like tabletop; see the module docstring for spaces and episode semantics.
@@ -179,11 +160,11 @@ class CalvinLikeEnv(gymnasium.Env):
         cameras: cameras rendered into the observation ("static", "gripper"); None: the ``rgb_<camera>``
             keys of ``task_cfg.obs_keys``.
         image_size: side of the observed frames; None: ``task_cfg.image_size`` (default 84).
-        lang_backbone, lang_tokens_len: tokenizer (name or local HF folder) and length of ``lang_tokens``.
         subtask_steps: chain mode step budget per subtask (default 150).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": int(round(1.0 / CONTROL_DT))}
+    INSTRUCTIONS = ALL_INSTRUCTIONS  # the texts obs["instruction_id"] indexes (a policy's processor featurizes them)
     DEPLOY_SPEC = {
         "action_kind": "ee_delta",
         "action_names": ["dx", "dy", "dz", "dyaw", "gripper"],
@@ -208,8 +189,6 @@ class CalvinLikeEnv(gymnasium.Env):
         cameras: tuple[str, ...] | list[str] | None = None,
         subtask_steps: int | None = None,
         image_size: int | None = None,
-        lang_backbone: str = "minilm",
-        lang_tokens_len: int = 16,
         **_: Any,
     ):
         super().__init__()
@@ -295,15 +274,6 @@ class CalvinLikeEnv(gymnasium.Env):
         if self.num_tasks > 0 or self.chain_length:
             obs_spaces["task_id"] = spaces.Discrete(len(TASKS))
         obs_spaces["instruction_id"] = spaces.Discrete(len(ALL_INSTRUCTIONS))
-        # "lang_emb" in task_cfg.obs_keys: the current instruction's MiniLM sentence embedding (the lang extra)
-        self._lang = instruction_embeddings() if "lang_emb" in obs_keys else None
-        if self._lang is not None:
-            obs_spaces["lang_emb"] = spaces.Box(-1.0, 1.0, (self._lang.shape[1],), np.float32)
-        # "lang_tokens": the instruction's token ids, the input of a VLA policy's backbone
-        self._tokens = None
-        if "lang_tokens" in obs_keys:
-            self._tokens = instruction_tokens(str(lang_backbone), _check_int("lang_tokens_len", lang_tokens_len, 2))
-            obs_spaces["lang_tokens"] = spaces.Box(0, np.iinfo(np.int64).max, (self._tokens.shape[1],), np.int64)
         for c in cams:
             obs_spaces[f"rgb_{c}"] = spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
         self.observation_space = spaces.Dict(obs_spaces)
@@ -644,10 +614,6 @@ class CalvinLikeEnv(gymnasium.Env):
         if self.num_tasks > 0 or self.chain_length:
             obs["task_id"] = np.int64(TASK_INDEX[self._chain[k]])
         obs["instruction_id"] = np.int64(self._instr[k])
-        if self._lang is not None:
-            obs["lang_emb"] = self._lang[self._instr[k]].copy()
-        if self._tokens is not None:
-            obs["lang_tokens"] = self._tokens[self._instr[k]].copy()
         for c in self.cameras:
             obs[f"rgb_{c}"] = self._render_camera(c, (self.image_size, self.image_size))
         return obs

@@ -12,14 +12,14 @@ keeps them per string in memory and optionally on disk (safetensors + a JSON ind
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import os
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -196,20 +196,7 @@ class LanguageToken(nn.Module):
         return torch.where(drop, self.null.to(tokens.dtype), tokens)
 
 
-def instruction_encoder(spec: dict[str, Any]) -> Callable[[str], np.ndarray]:
-    """An instruction string -> the policy's language input, as a bundle's ``language`` spec says.
-
-    spec: {"key": "lang_emb", "kind": "sentence_embedding"} -> (384,) float32 MiniLM embedding, or
-          {"key": "lang_tokens", "kind": "token_ids", "model": <backbone>, "length": L} -> (L,) int64 ids
-    Both are memoized per string.
-    """
-    kind = spec.get("kind")
-    if kind == "sentence_embedding":
-        cache = InstructionCache()
-        return lambda text: cache([text])[0].float().numpy()
-    if kind == "token_ids":
-        from rtpolicy.policies.encoders.vla import tokenize_instructions
-
-        model, length = str(spec["model"]), int(spec["length"])
-        return lambda text: tokenize_instructions([text], model, length)[0].numpy().astype(np.int64)
-    raise ValueError(f"unknown language input kind {kind!r} in {spec}; expected sentence_embedding or token_ids")
+@functools.lru_cache(maxsize=1)
+def instruction_cache() -> InstructionCache:
+    """The process's shared MiniLM :class:`InstructionCache` (rtpolicy.processors featurizes through it)."""
+    return InstructionCache()
