@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from rtpolicy.checkpoint import load_policy  # noqa: E402
 from rtpolicy.config import EvalConfig, register_configs  # noqa: E402
-from rtpolicy.envs.runner import evaluate  # noqa: E402
+from rtpolicy.evaluation import evaluate  # noqa: E402
 from rtpolicy.factory import task_config  # noqa: E402
 from rtpolicy.policies.accelerators.cache import (CachedDiT, calibrate, calibrate_bounded, conformal_quantile,  # noqa: E402
                                                  cost_fraction, output_errors, record_features, similarity,

@@ -197,17 +197,15 @@ def subtask_kinds(per_episode: list[dict]) -> dict[str, str]:
 
 def single_task_success(checkpoint: str, cfg, episodes: int, device: str) -> dict[str, float]:
     """{block task: success over ``episodes`` single-task episodes (seeds 100000+, 150 steps)}."""
-    from types import SimpleNamespace
-
     from rtpolicy.checkpoint import load_policy
     from rtpolicy.envs.calvin_like.tasks import TASKS, task_block
-    from rtpolicy.envs.runner import evaluate
+    from rtpolicy.evaluation import EvalSpec, evaluate
     from rtpolicy.training import resolve_device
 
     dev = resolve_device(device)
     policy, _ = load_policy(checkpoint, dev)
     policy.eval()
-    eval_cfg = SimpleNamespace(episodes=episodes, num_envs=2, seed=100_000, max_episode_steps=None, video=0, latency_reps=1, out=None)
+    eval_cfg = EvalSpec(episodes=episodes, num_envs=2, seed=100_000, latency_reps=1)
     out = {}
     for i, t in enumerate(TASKS):
         if task_block(t) is None:

@@ -99,7 +99,7 @@ def eval_rows(args, ckpt: Path) -> list[dict]:
     import torch
 
     from rtpolicy.checkpoint import load_policy
-    from rtpolicy.envs.runner import evaluate
+    from rtpolicy.evaluation import evaluate
     from rtpolicy.factory import task_config
 
     torch.set_num_threads(1)

@@ -8,7 +8,7 @@ The Done criterion "closed-loop through ROS 2 (two processes, real RMW), a train
 same success on a Meta-World task as the direct simulator runner (within the confidence interval),
 over >= 20 episodes". With the checkpoint's policy (inference overrides ``--set``, applied to both):
 
-    direct  ``rtpolicy.envs.runner.evaluate`` on seeds S .. S+N-1 (``--num-envs`` simulator processes)
+    direct  ``rtpolicy.evaluation.evaluate`` on seeds S .. S+N-1 (``--num-envs`` simulator processes)
     ros     the policy exported as a bundle; ``rtpolicy sim`` in lock-step (``step_on_command=true``: one
             physics step per command, so wall-clock speed does not change the episode) with the same task,
             ``seed=S`` (episode i uses S + i, as the runner) and ``max_episodes=N``, started first, then
@@ -54,7 +54,7 @@ from rtpolicy.checkpoint import load_policy  # noqa: E402
 from rtpolicy.config import EvalConfig  # noqa: E402
 from rtpolicy.factory import task_config  # noqa: E402
 from rtpolicy.envs import suite_members, task_fields  # noqa: E402
-from rtpolicy.envs.runner import evaluate, wilson_interval  # noqa: E402
+from rtpolicy.evaluation import evaluate, wilson_interval  # noqa: E402
 
 NODE_STATS = ("ticks", "chunks", "dropped_actions", "late_chunks", "empty_pops", "holds", "safety_stale_obs",
               "safety_empty_queue", "deadline_misses", "invalid_observations", "inference_ms_p50", "inference_ms_p99",

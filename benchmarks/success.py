@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from rtpolicy.checkpoint import load_policy  # noqa: E402
 from rtpolicy.config import EvalConfig, register_configs  # noqa: E402
 from rtpolicy.factory import compose, task_config  # noqa: E402
-from rtpolicy.envs.runner import evaluate  # noqa: E402
+from rtpolicy.evaluation import evaluate  # noqa: E402
 from rtpolicy.training import resolve_device, train  # noqa: E402
 
 # trained head -> the inference settings evaluated on its checkpoint: (sampler label, steps, overrides)

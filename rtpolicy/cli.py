@@ -60,7 +60,7 @@ def _evaluate(cfg) -> None:
     from omegaconf import OmegaConf
 
     from rtpolicy.checkpoint import load_policy
-    from rtpolicy.envs.runner import evaluate
+    from rtpolicy.evaluation import evaluate
     from rtpolicy.training import resolve_device
 
     device = resolve_device(cfg.device)

@@ -153,7 +153,7 @@ class Precision(Choice):
 
 class EvalBackend(Choice):
     local = "local"  # simulator subprocesses of this process (gymnasium AsyncVectorEnv)
-    ray = "ray"  # episodes, suite members and chains sharded over Ray workers (rtpolicy.envs.ray_runner; extra `dist`)
+    ray = "ray"  # episodes, suite members and chains sharded over Ray workers (rtpolicy.evaluation.ray; extra `dist`)
 
 
 @dataclass

@@ -297,7 +297,7 @@ def _train(cfg, dist: distributed.Dist, device: torch.device) -> dict[str, Any]:
 
 
 def _evaluate(policy, cfg, device, out_dir: Path) -> dict[str, Any]:
-    from rtpolicy.envs.runner import evaluate
+    from rtpolicy.evaluation import evaluate
 
     policy.eval()
     eval_cfg = OmegaConf.merge(cfg.eval, {"out": str(out_dir / "results.json")})

@@ -248,18 +248,17 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 
 def test_shards_cover_rounds():
-    from types import SimpleNamespace
-
-    from rtpolicy.envs.ray_runner import _shards
+    from rtpolicy.evaluation import RolloutPlan
+    from rtpolicy.evaluation.ray import _shards
 
     jobs = [{"name": name, "fields": {"name": name}, "video_dir": None,
-             "s": SimpleNamespace(episodes=eps, n=n, base_seed=100, max_steps=10, reps=5, n_video=video)}
+             "s": RolloutPlan(episodes=eps, n=n, base_seed=100, max_steps=10, reps=5, n_video=video, To=1, Ha=1)}
             for name, eps, n, video in [("a", 10, 4, 6), ("b", 3, 4, 0)]]
     shards = _shards(jobs, workers=4)
     for name, eps, n in [("a", 10, 4), ("b", 3, 4)]:
         mine = [s for s in shards if s["job"] == name]
         assert [s["first"] for s in mine] == sorted(s["first"] for s in mine) and mine[0]["first"] == 0
-        assert sum(s["episodes"] for s in mine) == eps and all(s["first"] % n == 0 and s["n"] == n for s in mine)
+        assert sum(s["episodes"] for s in mine) == eps and all(s["first"] % n == 0 and s["plan"]["n"] == n for s in mine)
         assert all(a["first"] + a["episodes"] == b["first"] for a, b in itertools.pairwise(mine))  # contiguous
         assert [s["reps"] for s in mine] == [5] + [1] * (len(mine) - 1)  # latency measured on the first shard
     a = [s for s in shards if s["job"] == "a"]
@@ -277,7 +276,7 @@ def test_ray_eval_equals_local_runner(ddp_run, tmp_path):
     from types import SimpleNamespace
 
     from rtpolicy.checkpoint import load_policy
-    from rtpolicy.envs.runner import evaluate
+    from rtpolicy.evaluation import evaluate
     from rtpolicy.factory import task_config
 
     run_dir, _, _ = ddp_run

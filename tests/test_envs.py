@@ -13,7 +13,7 @@ from rtpolicy.datasets.collect import collect_demos
 from rtpolicy.datasets.replay_buffer import ReplayBuffer
 from rtpolicy.envs import ENVS, make_env
 from rtpolicy.envs.metaworld import MetaWorldEnv, expert_policy
-from rtpolicy.envs.runner import evaluate, wilson_interval
+from rtpolicy.evaluation import evaluate, wilson_interval
 from rtpolicy.policies.base import Policy
 
 TASK = "pick-place-v3"

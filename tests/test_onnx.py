@@ -106,7 +106,7 @@ def test_ort_policy_runs_in_the_simulator_runner(tmp_path):
     from omegaconf import OmegaConf
 
     from rtpolicy.config import EvalConfig
-    from rtpolicy.envs.runner import evaluate
+    from rtpolicy.evaluation import evaluate
     from rtpolicy.factory import compose
 
     policy = trained_like("truncated", {"num_anchors": 4}, "unet1d")

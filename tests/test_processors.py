@@ -68,7 +68,7 @@ def test_one_processor_gives_bit_identical_inputs_in_training_evaluation_and_the
     from rtpolicy.datasets.replay_buffer import ReplayBuffer
     from rtpolicy.datasets.sampler import SequenceDataset
     from rtpolicy.deploy.observation import ObservationBuilder
-    from rtpolicy.envs.runner import _to_torch
+    from rtpolicy.evaluation.rollout import _to_torch
     from rtpolicy.factory import compose
     from rtpolicy.training import prepared, train
 

@@ -11,7 +11,7 @@ from rtpolicy.datasets.collect import collect_suite
 from rtpolicy.datasets.replay_buffer import ReplayBuffer
 from rtpolicy.envs import make_env, suite_members
 from rtpolicy.envs.metaworld import expert_policy
-from rtpolicy.envs.runner import evaluate
+from rtpolicy.evaluation import evaluate
 from rtpolicy.policies.base import Policy
 
 TASKS = ["reach-v3", "button-press-topdown-v3"]

@@ -118,9 +118,9 @@ class SequenceDataset(Dataset):
     per-step ``task_id`` key, "task_id": long scalar taken at the window's current step (index To - 1).
     Image keys (feature shape (H, W, 3)) stay uint8 (To, H, W, 3) and are read from the store per item
     (only the chunks holding the window's frames are decoded); every other key is loaded into memory.
-    Obs steps are t-To+1 .. t and action steps t-To+1 .. t-To+H, as in ``rtpolicy.policies.head``.
+    Obs steps are t-To+1 .. t and action steps t-To+1 .. t-To+H, the window every policy head reads.
     ``arrays``: in-memory per-step arrays (n_steps, ...) served in place of stored obs keys, e.g. the
-    cached keypoints of a frozen image encoder (rtpolicy.policies.encoders.image.cache_keypoints).
+    cached keypoints of a frozen image encoder (computed by the training loop).
     """
 
     def __init__(

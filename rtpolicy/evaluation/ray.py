@@ -2,13 +2,13 @@
 
     driver (evaluate_ray)                               Ray actors (eval.ray_workers of them)
       policy.spec (JSON) + state dict (safetensors) --> PolicyWorker: policy_from_stored(...) once, eval mode
-      shards: (task, first episode, episodes)       --> PolicyWorker.run(shard): runner._run on those rounds
+      shards: (task, first episode, episodes)       --> PolicyWorker.run(shard): rollout.play on those rounds
       per-shard results in episode order            <-- {per_episode, videos, latency, ...}
       merged per task, then as the local runner merges suites (MT10) and CALVIN-style chains
 
 The local runner plays a task's episodes in rounds of n = min(num_envs, episodes) envs, episode i on layout
 seed ``eval.seed + i``, and seeds the sampling noise with ``eval.seed + s`` at the round starting at s. A
-shard is a block of whole rounds, played by the same ``_run`` with the same n, seeds and noise, so every
+shard is a block of whole rounds, played by the same ``play`` with the same n, seeds and noise, so every
 episode's outcome equals the local runner's (on the same kind of device: actors infer on the CPU, or on
 CUDA with ``eval.ray_gpus > 0``). Suites shard over members and rounds, chains over rounds.
 
@@ -22,6 +22,7 @@ processes) and ``eval.ray_gpus`` GPUs. Latency figures (``chunk_ms_*``) come fro
 from __future__ import annotations
 
 import json
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -31,16 +32,10 @@ import numpy as np
 import torch
 
 from rtpolicy.envs import suite_members, task_fields
-from rtpolicy.envs.runner import (
-    _write_results,
-    chain_length,
-    chain_results,
-    chain_setup,
-    settings,
-    suite_member_cfg,
-    suite_results,
-    wilson_interval,
-)
+from rtpolicy.evaluation.chains import chain_length, chain_results, chain_setup
+from rtpolicy.evaluation.spec import EvalSpec, RolloutPlan
+from rtpolicy.evaluation.stats import wilson_interval
+from rtpolicy.evaluation.suite import member_spec, suite_results
 from rtpolicy.errors import UserError
 
 READY_TIMEOUT_S = 600  # for every actor to start and build its policy
@@ -48,7 +43,7 @@ READY_TIMEOUT_S = 600  # for every actor to start and build its policy
 
 class PolicyWorker:
     """A Ray actor: builds the evaluated policy once (from its spec and safetensors weights, never a pickled
-    module) and plays shards of rounds with the local runner's ``_run``."""
+    module) and plays shards of rounds with the local rollout (:func:`rtpolicy.evaluation.rollout.play`)."""
 
     def __init__(self, spec_json: str, weights: bytes, device: str):
         from safetensors.torch import load
@@ -63,20 +58,19 @@ class PolicyWorker:
         return True
 
     def run(self, shard: dict[str, Any]) -> dict[str, Any]:
-        """One shard: {fields, n, first, episodes, base_seed, max_steps, reps, n_video, video_dir} -> ``_run``'s
-        results with per-episode entries and video names indexed from the task's first episode."""
-        from rtpolicy.envs.runner import _run
+        """One shard: {fields, plan (a RolloutPlan's fields, the task's), first, episodes, n_video, reps, video_dir}
+        -> ``play``'s results with per-episode entries and video names indexed from the task's first episode."""
+        from rtpolicy.evaluation.rollout import play
 
         s = dict(shard)
-        video_dir = s["video_dir"]
+        plan = RolloutPlan(**s["plan"]).replace(episodes=s["episodes"], base_seed=s["plan"]["base_seed"] + s["first"],
+                                                reps=s["reps"], n_video=s["n_video"])
         with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
-            res = _run(self.policy, s["fields"], s["n"], s["episodes"], s["base_seed"] + s["first"], s["max_steps"],
-                       int(self.policy.obs_horizon), int(self.policy.action_horizon), s["reps"], s["n_video"],
-                       video_dir, self.device, False, None)
+            res = play(self.policy, s["fields"], plan, self.device, s["video_dir"], False, None)
         videos = []
         for path in map(Path, res["videos"]):  # episode_<index in shard>_seed_<seed>.mp4 -> index in the task
             seed = int(path.stem.rsplit("_", 1)[1])
-            final = path.with_name(f"episode_{seed - s['base_seed']:03d}_seed_{seed}.mp4")
+            final = path.with_name(f"episode_{seed - s['plan']['base_seed']:03d}_seed_{seed}.mp4")
             path.replace(final)
             videos.append(str(final))
         res["videos"] = videos
@@ -123,14 +117,14 @@ def _shards(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
         blocks = min(r, max(1, math.ceil(workers * r / total)))
         for b in range(blocks):
             lo, hi = b * r // blocks * s.n, min(s.episodes, (b + 1) * r // blocks * s.n)
-            shards.append({"job": job["name"], "fields": job["fields"], "n": s.n, "first": lo, "episodes": hi - lo,
-                           "base_seed": s.base_seed, "max_steps": s.max_steps, "reps": s.reps if b == 0 else 1,
+            shards.append({"job": job["name"], "fields": job["fields"], "plan": dataclasses.asdict(s), "first": lo,
+                           "episodes": hi - lo, "reps": s.reps if b == 0 else 1,
                            "n_video": max(0, min(s.n_video - lo, hi - lo)), "video_dir": job["video_dir"]})
     return shards
 
 
 def _merge(parts: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
-    """One task's shard results (in episode order) -> the result dict of the local runner's ``_run``."""
+    """One task's shard results (in episode order) -> the result dict of the local rollout's ``play``."""
     first = parts[0]
     per_episode = [e for p in parts for e in p["per_episode"]]
     episodes, successes = len(per_episode), sum(e["success"] for e in per_episode)
@@ -146,7 +140,7 @@ def _merge(parts: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
 
 def evaluate_ray(policy, task_cfg: Any, eval_cfg: Any, video_dir: str | Path | None = None, progress: bool = True,
                  context: str | None = None) -> dict[str, Any]:
-    """As :func:`rtpolicy.envs.runner.evaluate`, on Ray workers; the same keys plus ``backend`` and ``shards``.
+    """As :func:`rtpolicy.evaluation.evaluate`, on Ray workers; the same keys plus ``backend`` and ``shards``.
 
     ``policy`` must come from :func:`rtpolicy.factory.build_policy` (``policy.spec``), as every trained, loaded
     or exported policy does; its state dict travels as safetensors bytes. ``context`` is unused (the
@@ -155,18 +149,19 @@ def evaluate_ray(policy, task_cfg: Any, eval_cfg: Any, video_dir: str | Path | N
     if getattr(policy, "spec", None) is None:
         raise UserError(f"eval.backend=ray needs a torch policy built by rtpolicy.factory (e.g. by load_policy, with "
                         f"eval.runtime=torch); got a {type(policy).__name__} without a spec, which Ray workers cannot rebuild")
+    spec = EvalSpec.from_cfg(eval_cfg)
     members, chain = suite_members(task_cfg), chain_length(task_cfg)
     if members and chain > 0:
-        fields, cfg = chain_setup(task_cfg, chain, eval_cfg)
+        fields, cfg = chain_setup(task_cfg, chain, spec)
         jobs = [{"name": fields["name"], "fields": fields, "cfg": cfg, "video_dir": video_dir}]
     elif members:
-        cfg = suite_member_cfg(eval_cfg)
+        cfg = member_spec(spec)
         jobs = [{"name": f["name"], "fields": f, "cfg": cfg, "video_dir": None if video_dir is None else Path(video_dir) / f["name"]}
                 for f in members]
     else:
-        jobs = [{"name": task_fields(task_cfg)["name"], "fields": task_fields(task_cfg), "cfg": eval_cfg, "video_dir": video_dir}]
+        jobs = [{"name": task_fields(task_cfg)["name"], "fields": task_fields(task_cfg), "cfg": spec, "video_dir": video_dir}]
     for job in jobs:
-        job["s"] = settings(policy, job["fields"], job["cfg"], job["video_dir"])
+        job["s"] = RolloutPlan.make(policy, job["fields"], job["cfg"], job["video_dir"])
         job["video_dir"] = None if job["video_dir"] is None else str(Path(job["video_dir"]).resolve())
     gpus = float(getattr(eval_cfg, "ray_gpus", 0.0) or 0.0)
     if gpus < 0:
@@ -181,9 +176,9 @@ def evaluate_ray(policy, task_cfg: Any, eval_cfg: Any, video_dir: str | Path | N
 
     t0 = time.perf_counter()
     weights = ray.put(_weights(policy))
-    spec = json.dumps(policy.spec | {"processor": policy.processor.config()})
+    spec_json = json.dumps(policy.spec | {"processor": policy.processor.config()})
     actor = ray.remote(PolicyWorker).options(num_cpus=cpus, num_gpus=gpus)
-    actors = [actor.remote(spec, weights, "cuda" if gpus > 0 else "cpu") for _ in range(workers)]
+    actors = [actor.remote(spec_json, weights, "cuda" if gpus > 0 else "cpu") for _ in range(workers)]
     try:
         try:
             ray.get([a.ready.remote() for a in actors], timeout=READY_TIMEOUT_S)
@@ -215,5 +210,7 @@ def evaluate_ray(policy, task_cfg: Any, eval_cfg: Any, video_dir: str | Path | N
         results = suite_results(task_cfg, per_task, parts[0]["device"]) | {"backend": "ray", "shards": len(shards)}
     else:
         results = per_task[jobs[0]["name"]]
-    _write_results(eval_cfg, results)
+    from rtpolicy.evaluation import write_results
+
+    write_results(spec.out, results)
     return results
