@@ -54,13 +54,17 @@ STORES = {  # name -> (experts, task demos, chains, noise)
     "chains_goal_post": ("new", 50, 300, 0.2),  # chains_goal with 10 expert steps kept after each single-task success
     # issue 13, third session: twice the data (100 demos per task, 600 chains); lang_emb comes from instruction_id
     "chains_goal_post_x2": ("new", 100, 600, 0.2),
+    # a camera store: static + gripper frames (64 px), proprio; the object state is stored but not read
+    "chains_cam": ("new", 30, 150, 0.2),
 }
-STORE_POST = {"chains_goal_post": 10, "chains_goal_lang": 10, "chains_goal_post_x2": 10}  # store -> post-success steps of its single-task demos
+STORE_IMAGE = {"chains_cam": 64}  # store -> side of its rgb_* frames
+STORE_POST = {"chains_goal_post": 10, "chains_goal_lang": 10, "chains_goal_post_x2": 10, "chains_cam": 10}  # store -> post-success steps of its single-task demos
 STORE_KEYS = {"chains_obj": ["objects_rel"], "chains_tgt": ["objects_rel", "target_rel"],
               "chains_goal": ["objects_rel", "target_rel", "goal_rel"],
               "chains_goal_lang": ["objects_rel", "target_rel", "goal_rel"],
               "chains_goal_post": ["objects_rel", "target_rel", "goal_rel"],
-              "chains_goal_post_x2": ["objects_rel", "target_rel", "goal_rel"]}
+              "chains_goal_post_x2": ["objects_rel", "target_rel", "goal_rel"],
+              "chains_cam": ["proprio", "rgb_static", "rgb_gripper"]}
 SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "baseline": ("old", "state", False, []),
     "+normalizer": ("old", "state", True, []),
@@ -97,6 +101,10 @@ SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "+ twice the data": ("chains_goal_post_x2", "objects_rel,target_rel,goal_rel", True, ["policy.obs_horizon=1"]),
     "+ twice the data, language instead of task id": ("chains_goal_post_x2", "objects_rel,target_rel,goal_rel,lang_emb", True,
                                                       ["policy.obs_horizon=1", "task.condition_on_task_id=false"]),
+    # the camera policy: static + gripper cameras, proprio and the instruction; no object state, no task id
+    "camera (static + gripper 64 px, proprio, language; no object state)": (
+        "chains_cam", "rgb_static,rgb_gripper,proprio,lang_emb", True,
+        ["policy.obs_horizon=1", "task.condition_on_task_id=false", "task.image_size=64", "policy.encoder.image_backbone=small_cnn"]),
 }
 
 
@@ -124,7 +132,8 @@ def cmd_collect(a) -> None:
             _use_old_experts(a.old_experts)
         keys = ["state", "state_rel", *STORE_KEYS.get(name, [])]
         info = collect(Path(a.dir) / f"{name}.zarr", keys, demos, chains, noise, seed=0,
-                       workers=1 if experts == "old" else a.workers, post_success_steps=STORE_POST.get(name, 0))
+                       workers=1 if experts == "old" else a.workers, post_success_steps=STORE_POST.get(name, 0),
+                       image_size=STORE_IMAGE.get(name, 84))
         print(f"{name}: {info['episodes']} episodes, {info['steps']} steps in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
