@@ -101,10 +101,13 @@ SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "+ twice the data": ("chains_goal_post_x2", "objects_rel,target_rel,goal_rel", True, ["policy.obs_horizon=1"]),
     "+ twice the data, language instead of task id": ("chains_goal_post_x2", "objects_rel,target_rel,goal_rel,lang_emb", True,
                                                       ["policy.obs_horizon=1", "task.condition_on_task_id=false"]),
+    "language only, twice the data (objects_rel + lang_emb, no task-derived slots)": (
+        "chains_goal_post_x2", "objects_rel,lang_emb", True, ["policy.obs_horizon=1", "task.condition_on_task_id=false"]),
     # the camera policy: static + gripper cameras, proprio and the instruction; no object state, no task id
     "camera (static + gripper 64 px, proprio, language; no object state)": (
         "chains_cam", "rgb_static,rgb_gripper,proprio,lang_emb", True,
-        ["policy.obs_horizon=1", "task.condition_on_task_id=false", "task.image_size=64", "policy.encoder.image_backbone=small_cnn"]),
+        ["policy.obs_horizon=1", "task.condition_on_task_id=false", "task.image_size=64", "policy.encoder.image_backbone=small_cnn",
+         "train.batch_size=64"]),
 }
 
 
