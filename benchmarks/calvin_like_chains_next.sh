@@ -1,40 +1,38 @@
 #!/bin/bash
-# Issue 13, second session: the rows still to measure on the shared 2-core CPU machine, one locked job each
-# (collect ~2 min; each run ~10 min training at 3000 steps + ~10 min evaluating 200 chains and 15 block tasks x 10).
-# Usage: bash benchmarks/calvin_like_chains_next.sh [JOB ...]   (default: post goal expert lang lang_only seeds)
-#   post      - + rotate expert lets go at once, block goal, 10 post-success steps (store chains_goal_post)
-#   goal      - the same without the post-success steps                        (store chains_goal)
-#   expert    - the same store without goal_rel (the expert change alone)
-#   lang      - language instead of the task id (lang_emb; target_rel / goal_rel still from the subtask)
-#   lang_only - objects_rel + lang_emb only
-#   seeds     - training seeds 1 and 2 of "post"
+# Issue 13: the runs behind benchmarks/RESULTS.md's CALVIN-style table (third session), one job per name.
 # Each run writes benchmarks/calvin_like_chains_rows/<name>.json; the table is rebuilt after each.
+# Usage: bash benchmarks/calvin_like_chains_next.sh [JOB ...]   (default: every job, in this order)
+#   post6000  - the best state recipe, training seeds 0 1 2, 6000 steps (store chains_goal_post)
+#   x2        - the same recipe at 3000 steps on twice the data (store chains_goal_post_x2)
+#   lang      - language instead of the task id on the x2 store (target_rel / goal_rel still from the subtask)
+#   lang_only - objects_rel + lang_emb only, x2 store
+#   camera    - static + gripper cameras (64 px), proprio, language; no object state (store chains_cam)
+#   mt10      - MT10 with the same normalizer, 3 training seeds, unseen evaluation seeds (benchmarks/success.py)
+# A 6000-step run takes ~20 min of one core; the whole list is ~4 hours of one core.
 set -eu
 cd "$(dirname "$0")/.."
 export MUJOCO_GL=${MUJOCO_GL:-osmesa} HF_HUB_OFFLINE=1
 D=data/calvin_like/ablation
-B=".venv/bin/python benchmarks/calvin_like_chains.py"
-L="flock /tmp/cpu.lock nice -n 5"
-G="+ rotate expert lets go at once, block goal (goal_rel)"
+B="python benchmarks/calvin_like_chains.py"
 P="+ rotate expert lets go at once, block goal, 10 post-success steps"
-store() { [ -d "$D/$1.zarr" ] || $L $B collect --dir $D --stores "$1" --workers 2; }
-run() {  # name setting seed
+store() { [ -d "$D/$1.zarr" ] || $B collect --dir $D --stores "$1" --workers 2; }
+run() {  # name setting seed steps [single-task episodes]
   [ -f "benchmarks/calvin_like_chains_rows/$1.json" ] && return 0
-  $L $B run --setting "$2" --seed "$3" --steps 3000 --episodes 200 --dir $D --run-dir "runs/calvin_abl/$1" --device cpu \
-    --out "benchmarks/calvin_like_chains_rows/$1.json" --single-tasks 10
+  $B run --setting "$2" --seed "$3" --steps "$4" --episodes 200 --dir $D --run-dir "runs/calvin_abl/$1" --device cpu \
+    --out "benchmarks/calvin_like_chains_rows/$1.json" --single-tasks "${5:-10}"
   $B table benchmarks/calvin_like_chains_rows/*.json --json benchmarks/calvin_like_chains.json \
     --extra benchmarks/calvin_like_chains_experts.json
 }
-for job in "${@:-post goal expert lang lang_only seeds}"; do
-  for j in $job; do
-    case $j in
-      post) store chains_goal_post; run goal_post_s0 "$P" 0 ;;
-      goal) store chains_goal; run goal_s0 "$G" 0 ;;
-      expert) store chains_goal; run goal_expert_only_s0 "+ rotate expert lets go at once" 0 ;;
-      lang) store chains_goal_lang; run goal_lang_s0 "+ rotate expert lets go at once, block goal, language instead of task id" 0 ;;
-      lang_only) store chains_goal_lang; run lang_only_s0 "language only (objects_rel + lang_emb, no task-derived slots)" 0 ;;
-      seeds) store chains_goal_post; run goal_post_s1 "$P" 1; run goal_post_s2 "$P" 2 ;;
-      *) echo "unknown job $j" >&2; exit 2 ;;
-    esac
-  done
+for j in ${@:-post6000 x2 lang lang_only camera mt10}; do
+  case $j in
+    post6000) store chains_goal_post; for s in 0 1 2; do run goal_post_s${s}_6000 "$P" $s 6000; done ;;
+    x2) store chains_goal_post_x2; run x2_s0 "+ twice the data" 0 3000 ;;
+    lang) store chains_goal_post_x2; run x2_lang_s0 "+ twice the data, language instead of task id" 0 3000 ;;
+    lang_only) store chains_goal_post_x2
+      run x2_lang_only_s0 "language only, twice the data (objects_rel + lang_emb, no task-derived slots)" 0 3000 ;;
+    camera) store chains_cam; run cam_s0 "camera (static + gripper 64 px, proprio, language; no object state)" 0 3000 0 ;;
+    mt10) python benchmarks/success.py --out benchmarks/success_issue13_mt10.json --runs runs/success_issue13 \
+            --heads truncated --steps 4000 --episodes 50 --num-envs 2 --threads 1 --train-seeds 3 --eval-seed 400000 ;;
+    *) echo "unknown job $j" >&2; exit 2 ;;
+  esac
 done
