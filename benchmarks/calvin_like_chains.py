@@ -207,8 +207,12 @@ def subtask_kinds(per_episode: list[dict]) -> dict[str, str]:
     return {k: f"{solved[k]}/{tried[k]}" for k in ("fixture", "push", "lift", "rotate", "place/stack") if tried[k]}
 
 
+BLOCK_MOVES = ("place", "stack", "unstack")  # block tasks without a colour in the name
+
+
 def single_task_success(checkpoint: str, cfg, episodes: int, device: str) -> dict[str, float]:
-    """{block task: success over ``episodes`` single-task episodes (seeds 100000+, 150 steps)}."""
+    """{block task: success over ``episodes`` single-task episodes (seeds 100000+, 150 steps)}: push, lift, rotate
+    and the place / stack / unstack tasks."""
     from rtpolicy.checkpoint import load_policy
     from rtpolicy.envs.calvin_like.tasks import TASKS, task_block
     from rtpolicy.evaluation import EvalSpec, evaluate
@@ -220,12 +224,28 @@ def single_task_success(checkpoint: str, cfg, episodes: int, device: str) -> dic
     eval_cfg = EvalSpec(episodes=episodes, num_envs=2, seed=100_000, latency_reps=1)
     out = {}
     for i, t in enumerate(TASKS):
-        if task_block(t) is None:
+        if task_block(t) is None and not t.startswith(BLOCK_MOVES):
             continue
         fields = {"env": "calvin_like", "name": t, "num_tasks": len(TASKS), "task_id": i,
                   "obs_keys": list(cfg.task.obs_keys), "max_episode_steps": int(cfg.task.max_episode_steps)}
         out[t] = evaluate(policy, fields, eval_cfg, device=dev, progress=False)["success"]
     return out
+
+
+def cmd_single(a) -> None:
+    """Single-task success of every block task for a trained row's checkpoint, written into the row."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from rtpolicy.checkpoint import read_checkpoint
+
+    torch.set_num_threads(1)
+    row = json.loads(Path(a.row).read_text())
+    ckpt = Path(a.run_dir) / "checkpoints" / "last.safetensors"
+    cfg = OmegaConf.create(read_checkpoint(ckpt)[0]["config"])
+    row["single_task"] = single_task_success(str(ckpt), cfg, a.episodes, a.device)
+    Path(a.row).write_text(json.dumps(row, indent=2))
+    print(json.dumps(row["single_task"]), flush=True)
 
 
 def cmd_table(a) -> None:
@@ -275,12 +295,17 @@ def main(argv=None) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--resume", action="store_true", help="continue the run in --run-dir up to --steps (train.py resume=true)")
     r.add_argument("--single-tasks", type=int, default=0, help="also evaluate each block task alone for this many episodes")
+    g = sub.add_parser("single", help="(re)measure a row's single-task block success from its run's checkpoint")
+    g.add_argument("--row", required=True)
+    g.add_argument("--run-dir", required=True)
+    g.add_argument("--episodes", type=int, default=10)
+    g.add_argument("--device", default="cpu")
     t = sub.add_parser("table")
     t.add_argument("rows", nargs="+")
     t.add_argument("--json", default=None)
     t.add_argument("--extra", default=None, help="a JSON file added under 'extra' (e.g. per-task success)")
     a = p.parse_args(argv)
-    {"collect": cmd_collect, "run": cmd_run, "table": cmd_table}[a.cmd](a)
+    {"collect": cmd_collect, "run": cmd_run, "single": cmd_single, "table": cmd_table}[a.cmd](a)
 
 
 if __name__ == "__main__":
