@@ -142,7 +142,7 @@ def cmd_collect(a) -> None:
 
 def overrides(setting: str, seed: int, steps: int, episodes: int, data_dir: str, run_dir: str, device: str) -> list[str]:
     store, key, _, extra = SETTINGS[setting]
-    return [f"task=calvin_like_rel", f"task.dataset={Path(data_dir) / (store + '.zarr')}", f"task.obs_keys=[{key}]",
+    return ["task=calvin_like_rel", f"task.dataset={Path(data_dir) / (store + '.zarr')}", f"task.obs_keys=[{key}]",
             "policy=truncated", f"train.steps={steps}", f"train.seed={seed}", "train.threads=1",
             f"eval.episodes={episodes}", "eval.num_envs=2", "eval.latency_reps=5", f"run_dir={run_dir}", f"device={device}", *extra]
 
