@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rtpolicy.errors import UserError
+from rtpolicy.processors import ObservationProcessor
 
 #: the Hydra config folder train.py and eval.py compose from
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # package data: an installed rtpolicy carries its configs
@@ -92,8 +93,6 @@ def build_policy(policy_cfg, denoiser_cfg, shapes: Mapping[str, Sequence[int]], 
     policy = policies.build(policy_cfg.name, policy_cfg, denoiser_cfg, shapes, num_tasks)
     # what policy_from_stored needs to build it again (e.g. on a Ray evaluation worker, with its state dict)
     policy.spec = {"policy": _plain(policy_cfg), "denoiser": _plain(denoiser_cfg), "shapes": shapes, "num_tasks": num_tasks}
-    from rtpolicy.processors import ObservationProcessor
-
     policy.processor = ObservationProcessor()  # none: the network reads the raw observation (training sets its own)
     return policy
 
@@ -138,8 +137,6 @@ def policy_from_stored(stored: Mapping[str, Any], weights: Mapping[str, torch.Te
         except RuntimeError as e:  # missing/unexpected keys or size mismatches, all listed by torch
             raise error(f"{source}: weights do not match the policy its config builds: "
                         f"{' '.join(str(e).split())[:400]}") from e
-    from rtpolicy.processors import ObservationProcessor
-
     try:
         policy.processor = ObservationProcessor.from_config(stored.get("processor"))
     except (ValueError, TypeError) as e:

@@ -56,10 +56,8 @@ class ObservationProcessor:
     def __init__(self, language: Mapping[str, Any] | None = None, instructions: Sequence[str] = ()):
         self.language = dict(language) if language else None
         self.instructions = [str(t) for t in instructions]
-        if self.language is not None:
-            if self.language.get("key") not in LANG_KEYS:
-                raise ValueError(f"processor language key must be one of {LANG_KEYS}, got {self.language.get('key')!r}")
-            _featurize.cache_info()  # noqa: B018 (the kind is checked on first use)
+        if self.language is not None and self.language.get("key") not in LANG_KEYS:
+            raise ValueError(f"processor language key must be one of {LANG_KEYS}, got {self.language.get('key')!r}")
 
     def __deepcopy__(self, memo):  # immutable: an EMA copy of the policy shares it
         return self

@@ -1,9 +1,8 @@
 """Closed-loop evaluation: :func:`evaluate` plays a single task, a suite or CALVIN-style chains.
 
     evaluate(policy, task_cfg, eval_cfg)
-      ├─ suite (task.tasks)        ─► evaluate_task per member ─► suite.suite_results
-      ├─ chains (+ chain_length)   ─► evaluate_task on chain<N> ─► chains.chain_results
-      └─ one task                  ─► evaluate_task
+      task_jobs: suite (task.tasks) ─► each member; chains (+ chain_length) ─► chain<N>; else the task
+      ─► evaluate_task per job ─► combine: suite.suite_results | chains.chain_results | the one result
     evaluate_task = RolloutPlan (spec.py) ─► rollout.play (vector envs + processor + policy) ─► latency.probe
     eval.backend=ray: the same jobs as blocks of rounds on Ray actors (ray.py), same per-episode results
 
@@ -25,7 +24,7 @@ from rtpolicy.evaluation.spec import EvalSpec, RolloutPlan
 from rtpolicy.evaluation.stats import wilson_interval
 from rtpolicy.evaluation.suite import member_spec, suite_results
 
-__all__ = ["EvalSpec", "RolloutPlan", "evaluate", "evaluate_task", "wilson_interval"]
+__all__ = ["EvalSpec", "RolloutPlan", "combine", "evaluate", "evaluate_task", "task_jobs", "wilson_interval"]
 
 
 def evaluate(policy, task_cfg: Any, eval_cfg: Any, device: str | torch.device = "cpu", video_dir: str | Path | None = None,
@@ -37,19 +36,35 @@ def evaluate(policy, task_cfg: Any, eval_cfg: Any, device: str | torch.device = 
 
         return evaluate_ray(policy, task_cfg, eval_cfg, video_dir=video_dir, progress=progress, context=context)
     spec = EvalSpec.from_cfg(eval_cfg)
+    per_task = {fields["name"]: evaluate_task(policy, fields, s, device, vd, progress, context)
+                for fields, s, vd in task_jobs(task_cfg, spec, video_dir)}
+    results = combine(task_cfg, per_task, torch.device(device))
+    write_results(spec.out, results)
+    return results
+
+
+def task_jobs(task_cfg: Any, spec: EvalSpec, video_dir: str | Path | None) -> list[tuple[dict[str, Any], EvalSpec, Path | None]]:
+    """The single-task evaluations an evaluation of ``task_cfg`` consists of, as (env fields, settings, video
+    folder): the ``chain<N>`` task of a chain suite, each member of a suite (videos in a folder per member), or
+    the task itself. The local runner plays them in this order; Ray shards them."""
     members, chain = suite_members(task_cfg), chain_length(task_cfg)
     if members and chain > 0:
         fields, chain_spec = chain_setup(task_cfg, chain, spec)
-        results = chain_results(task_cfg, chain, evaluate_task(policy, fields, chain_spec, device, video_dir, progress, context))
-    elif members:
-        per_task = {f["name"]: evaluate_task(policy, f, member_spec(spec), device,
-                                             Path(video_dir) / f["name"] if video_dir is not None else None, progress, context)
-                    for f in members}
-        results = suite_results(task_cfg, per_task, torch.device(device))
-    else:
-        results = evaluate_task(policy, task_fields(task_cfg), spec, device, video_dir, progress, context)
-    write_results(spec.out, results)
-    return results
+        return [(fields, chain_spec, video_dir)]
+    if members:
+        return [(f, member_spec(spec), Path(video_dir) / f["name"] if video_dir is not None else None) for f in members]
+    return [(task_fields(task_cfg), spec, video_dir)]
+
+
+def combine(task_cfg: Any, per_task: dict[str, dict[str, Any]], device) -> dict[str, Any]:
+    """The results of :func:`task_jobs`' evaluations {task name: results} -> the evaluation's results: with the
+    CALVIN figures for a chain suite (:func:`chains.chain_results`), pooled for a suite (:func:`suite.suite_results`)."""
+    members, chain = suite_members(task_cfg), chain_length(task_cfg)
+    if members and chain > 0:
+        return chain_results(task_cfg, chain, next(iter(per_task.values())))
+    if members:
+        return suite_results(task_cfg, per_task, device)
+    return next(iter(per_task.values()))
 
 
 def evaluate_task(policy, fields: dict[str, Any], spec: EvalSpec, device: str | torch.device = "cpu",

@@ -21,8 +21,8 @@ processes) and ``eval.ray_gpus`` GPUs. Latency figures (``chunk_ms_*``) come fro
 
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -31,12 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from rtpolicy.envs import suite_members, task_fields
-from rtpolicy.evaluation.chains import chain_length, chain_results, chain_setup
+from rtpolicy.envs import task_fields
+from rtpolicy.errors import UserError
+from rtpolicy.evaluation import combine, task_jobs, write_results
 from rtpolicy.evaluation.spec import EvalSpec, RolloutPlan
 from rtpolicy.evaluation.stats import wilson_interval
-from rtpolicy.evaluation.suite import member_spec, suite_results
-from rtpolicy.errors import UserError
 
 READY_TIMEOUT_S = 600  # for every actor to start and build its policy
 
@@ -150,19 +149,8 @@ def evaluate_ray(policy, task_cfg: Any, eval_cfg: Any, video_dir: str | Path | N
         raise UserError(f"eval.backend=ray needs a torch policy built by rtpolicy.factory (e.g. by load_policy, with "
                         f"eval.runtime=torch); got a {type(policy).__name__} without a spec, which Ray workers cannot rebuild")
     spec = EvalSpec.from_cfg(eval_cfg)
-    members, chain = suite_members(task_cfg), chain_length(task_cfg)
-    if members and chain > 0:
-        fields, cfg = chain_setup(task_cfg, chain, spec)
-        jobs = [{"name": fields["name"], "fields": fields, "cfg": cfg, "video_dir": video_dir}]
-    elif members:
-        cfg = member_spec(spec)
-        jobs = [{"name": f["name"], "fields": f, "cfg": cfg, "video_dir": None if video_dir is None else Path(video_dir) / f["name"]}
-                for f in members]
-    else:
-        jobs = [{"name": task_fields(task_cfg)["name"], "fields": task_fields(task_cfg), "cfg": spec, "video_dir": video_dir}]
-    for job in jobs:
-        job["s"] = RolloutPlan.make(policy, job["fields"], job["cfg"], job["video_dir"])
-        job["video_dir"] = None if job["video_dir"] is None else str(Path(job["video_dir"]).resolve())
+    jobs = [{"name": f["name"], "fields": f, "s": RolloutPlan.make(policy, f, s, vd),
+             "video_dir": None if vd is None else str(Path(vd).resolve())} for f, s, vd in task_jobs(task_cfg, spec, video_dir)]
     gpus = float(getattr(eval_cfg, "ray_gpus", 0.0) or 0.0)
     if gpus < 0:
         raise ValueError(f"eval.ray_gpus must be >= 0, got {gpus}")
@@ -204,13 +192,6 @@ def evaluate_ray(policy, task_cfg: Any, eval_cfg: Any, video_dir: str | Path | N
     wall_s = time.perf_counter() - t0
     per_task = {job["name"]: _merge([p for p, s in zip(parts, shards) if s["job"] == job["name"]], wall_s) for job in jobs}
 
-    if members and chain > 0:
-        results = chain_results(task_cfg, chain, per_task[jobs[0]["name"]])
-    elif members:
-        results = suite_results(task_cfg, per_task, parts[0]["device"]) | {"backend": "ray", "shards": len(shards)}
-    else:
-        results = per_task[jobs[0]["name"]]
-    from rtpolicy.evaluation import write_results
-
+    results = combine(task_cfg, per_task, parts[0]["device"]) | {"backend": "ray", "shards": len(shards)}
     write_results(spec.out, results)
     return results

@@ -13,7 +13,6 @@ keeps them per string in memory and optionally on disk (safetensors + a JSON ind
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import json
 import os
