@@ -56,15 +56,27 @@ STORES = {  # name -> (experts, task demos, chains, noise)
     "chains_goal_post_x2": ("new", 100, 600, 0.2),
     # a camera store: static + gripper frames (64 px), proprio; the object state is stored but not read
     "chains_cam": ("new", 30, 150, 0.2),
+    # issue 13, fourth session: the stores of the one-change-at-a-time rows (from the baseline's previous experts,
+    # noise-free single-task demos) and of the leave-one-out rows (from the 3.23 recipe)
+    "old_keys": ("old", 50, 0, 0.0),  # the baseline's store with the objects_rel / target_rel / goal_rel keys too
+    "old_dart": ("old", 50, 0, 0.2),  # ... executed noise 0.2, clean labels
+    "old_chains": ("old", 50, 300, 0.0),  # ... plus 300 expert 5-chains cut per subtask
+    "old_post": ("old", 50, 0, 0.0),  # ... 10 post-success steps per demo
+    "new_clean": ("new", 50, 0, 0.0),  # the re-planning experts (today's), noise-free single-task demos
+    "chains_goal_post_clean": ("new", 50, 300, 0.0),  # chains_goal_post without DART noise
+    "goal_post_nochains": ("new", 50, 0, 0.2),  # chains_goal_post without the chain data
+    "old_post_chains": ("old", 50, 300, 0.2),  # chains_goal_post with the previous experts
 }
 STORE_IMAGE = {"chains_cam": 64}  # store -> side of its rgb_* frames
-STORE_POST = {"chains_goal_post": 10, "chains_goal_lang": 10, "chains_goal_post_x2": 10, "chains_cam": 10}  # store -> post-success steps of its single-task demos
+STORE_POST = {"old_post": 10, "old_post_chains": 10, "chains_goal_post_clean": 10, "goal_post_nochains": 10, "chains_goal_post": 10, "chains_goal_lang": 10, "chains_goal_post_x2": 10, "chains_cam": 10}  # store -> post-success steps of its single-task demos
 STORE_KEYS = {"chains_obj": ["objects_rel"], "chains_tgt": ["objects_rel", "target_rel"],
               "chains_goal": ["objects_rel", "target_rel", "goal_rel"],
               "chains_goal_lang": ["objects_rel", "target_rel", "goal_rel"],
               "chains_goal_post": ["objects_rel", "target_rel", "goal_rel"],
               "chains_goal_post_x2": ["objects_rel", "target_rel", "goal_rel"],
               "chains_cam": ["proprio", "rgb_static", "rgb_gripper"]}
+STORE_KEYS |= dict.fromkeys(["old_keys", "old_dart", "old_chains", "old_post", "new_clean", "chains_goal_post_clean",
+                             "goal_post_nochains", "old_post_chains"], ["objects_rel", "target_rel", "goal_rel"])
 SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "baseline": ("old", "state", False, []),
     "+normalizer": ("old", "state", True, []),
@@ -108,6 +120,28 @@ SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
         "chains_cam", "rgb_static,rgb_gripper,proprio,lang_emb", True,
         ["policy.obs_horizon=1", "task.condition_on_task_id=false", "task.image_size=64", "policy.encoder.image_backbone=small_cnn",
          "train.batch_size=64"]),
+}
+# issue 13, fourth session. One change at a time from the baseline (previous experts, `state`, 2 obs steps, no
+# hygiene), each row differing from "baseline" in exactly one thing ("+normalizer" and "baseline, 1 obs step" above
+# are two of them) ...
+BEST_KEYS = "objects_rel,target_rel,goal_rel"
+SETTINGS |= {
+    "one change: features (objects_rel + target_rel + goal_rel)": ("old_keys", BEST_KEYS, False, []),
+    "one change: re-planning experts": ("new_clean", "state", False, []),
+    "one change: DART 0.2": ("old_dart", "state", False, []),
+    "one change: chain data": ("old_chains", "state", False, []),
+    "one change: 10 post-success steps": ("old_post", "state", False, []),
+}
+# ... and one thing taken out of the 3.23 recipe ("+ rotate expert lets go at once, block goal, 10 post-success steps")
+SETTINGS |= {
+    "best without goal_rel": ("chains_goal_post", "objects_rel,target_rel", True, ["policy.obs_horizon=1"]),
+    "best without target_rel": ("chains_goal_post", "objects_rel,goal_rel", True, ["policy.obs_horizon=1"]),
+    "best without normalizer hygiene": ("chains_goal_post", BEST_KEYS, False, ["policy.obs_horizon=1"]),
+    "best with 2 obs steps": ("chains_goal_post", BEST_KEYS, True, []),
+    "best without DART": ("chains_goal_post_clean", BEST_KEYS, True, ["policy.obs_horizon=1"]),
+    "best without chain data": ("goal_post_nochains", BEST_KEYS, True, ["policy.obs_horizon=1"]),
+    "best without post-success steps": ("chains_goal", BEST_KEYS, True, ["policy.obs_horizon=1"]),
+    "best with the previous experts": ("old_post_chains", BEST_KEYS, True, ["policy.obs_horizon=1"]),
 }
 
 
