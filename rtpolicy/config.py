@@ -35,6 +35,9 @@ class TaskConfig:
     demos: int = 50  # episodes to collect when the dataset is missing
     demo_seed: int = 0
     action_noise: float = 0.0  # Gaussian std added to expert actions while collecting
+    # collected single-task demos go on for this many expert steps after their first success (envs with
+    # resume_after_success), so the states at and past the goal are training inputs; 0: end at the success
+    post_success_steps: int = 0
     # observation keys the policy reads: "state" (39,), "rgb_<camera>" (image_size, image_size, 3) uint8 frames
     # rendered from a MuJoCo camera (e.g. rgb_corner, rgb_topview), "lang_emb" (384,) instruction embeddings
     obs_keys: list[str] = field(default_factory=lambda: ["state"])

@@ -83,7 +83,8 @@ def ensure_dataset(task_cfg) -> ReplayBuffer:
         what = f"{len(suite)} tasks of {task_cfg.name}" if suite else task_cfg.name
         print(f"[rtpolicy] no dataset at {path}: collecting {task_cfg.demos} scripted demos of {what}")
         collect = collect_suite if suite else collect_demos
-        collect(task_cfg, path, task_cfg.demos, task_cfg.demo_seed, action_noise=task_cfg.action_noise)
+        collect(task_cfg, path, task_cfg.demos, task_cfg.demo_seed, action_noise=task_cfg.action_noise,
+                post_success_steps=task_cfg.post_success_steps)
     from rtpolicy.datasets.formats import open_dataset  # zarr opens as is; LeRobot, robomimic, bags via a zarr cache
 
     return open_dataset(task_cfg)

@@ -162,6 +162,28 @@ def test_collect_demos_store_and_determinism(tmp_path):
     assert not (tmp_path / "c.zarr").exists()
 
 
+def test_collect_post_success_steps(tmp_path):
+    # each demo goes on for 5 expert steps after its first success: the states at the goal become training inputs
+    cfg = task_cfg(max_episode_steps=150)
+    plain = collect_demos(cfg, tmp_path / "a.zarr", 1, seed=3, progress=False)
+    info = collect_demos(cfg, tmp_path / "p.zarr", 1, seed=3, progress=False, post_success_steps=5)
+    assert info["post_success_steps"] == 5 and plain["post_success_steps"] == 0
+    a, p = ReplayBuffer.open(tmp_path / "a.zarr").get_episode(0), ReplayBuffer.open(tmp_path / "p.zarr").get_episode(0)
+    n = len(a["action"])
+    assert len(p["action"]) == n + 5
+    np.testing.assert_array_equal(p["state"][:n], a["state"])  # the same episode up to its success, then 5 more steps
+    env = make_env(cfg, seed=0)
+    env.reset(seed=3)
+    for t, action in enumerate(p["action"]):
+        _, _, terminated, truncated, info = env.step(action)
+        assert not truncated and terminated == (t >= n - 1) == info["success"]
+        env.resume_after_success()
+    # a store is only extended with its own post-success steps
+    with pytest.raises(ValueError, match="post_success_steps=5, not 0"):
+        collect_demos(cfg, tmp_path / "p.zarr", 2, seed=3, progress=False)
+    assert ReplayBuffer.open(tmp_path / "p.zarr").n_episodes == 1
+
+
 def test_collect_gives_up_with_clear_error(tmp_path):
     # 3 steps are too few for any success: 3x attempts, then a clear error
     with pytest.raises(RuntimeError, match=r"succeeded in only 0 of 6 attempts"):

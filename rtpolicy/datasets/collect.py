@@ -88,13 +88,15 @@ def collect_demos(
     action_noise: float = 0.0,
     progress: bool = True,
     max_episode_steps: int | None = None,
+    post_success_steps: int = 0,
 ) -> dict[str, Any]:
     """Collect ``episodes`` successful scripted-expert episodes of ``task_cfg`` into the replay buffer at ``path``.
 
     An existing store with >= ``episodes`` episodes is left as is; one with fewer gets the remainder,
     from the next unused seeds (its recorded ``next_seed``), with its own recorded action noise.
     Raises RuntimeError when fewer than ``episodes`` succeed within 3x as many attempts (the
-    episodes collected so far stay in the store). Returns the store's attrs plus ``path``,
+    episodes collected so far stay in the store). ``post_success_steps``: each episode goes on for that many
+    expert steps after its first success (:func:`run_expert_episode`); a store is only extended with its own. Returns the store's attrs plus ``path``,
     ``episodes``, ``steps`` and ``new_episodes``.
     """
     fields = task_fields(task_cfg)
@@ -104,11 +106,15 @@ def collect_demos(
     if not math.isfinite(action_noise) or action_noise < 0:
         raise ValueError(f"action_noise must be a finite float >= 0, got {action_noise!r}")
     steps_limit = _check_int("max_episode_steps", max_episode_steps or fields["max_episode_steps"], 1)
+    post = _check_int("post_success_steps", post_success_steps, 0)
 
     # validates the task before touching the store; the env renders the cameras its obs_keys name
     env = make_env(fields, seed=seed, max_episode_steps=steps_limit)
+    if post and not hasattr(env, "resume_after_success"):
+        env.close()
+        raise ValueError(f"post_success_steps={post}: {fields['env']} episodes cannot go on after a success")
     try:
-        return _collect(env, fields, Path(path), episodes, seed, action_noise, steps_limit, progress)
+        return _collect(env, fields, Path(path), episodes, seed, action_noise, steps_limit, progress, post)
     finally:
         env.close()
 
@@ -141,7 +147,7 @@ def _reconcile(attrs: dict[str, Any], n_episodes: int, path: Path) -> dict[str, 
     return attrs
 
 
-def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progress) -> dict[str, Any]:
+def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progress, post=0) -> dict[str, Any]:
     buf = ReplayBuffer.open_or_create(path)
     attrs = json.loads(json.dumps(dict(buf.attrs)))  # a deep copy: never shares lists with zarr's cached metadata
     frames = {k: tuple(s.shape) for k, s in env.observation_space.spaces.items() if len(s.shape) == 3}  # camera keys
@@ -163,6 +169,11 @@ def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progr
                 f"{path} was collected with action_noise={attrs.get('action_noise')}, not {action_noise}; "
                 "use the same noise to extend it, or another path"
             )
+        if int(attrs.get("post_success_steps", 0)) != post:
+            raise ReplayBufferError(
+                f"{path} was collected with post_success_steps={attrs.get('post_success_steps', 0)}, not {post}; "
+                "use the same value to extend it, or another path"
+            )
         attrs = _reconcile(attrs, buf.n_episodes, path)
     else:
         attrs = {
@@ -174,6 +185,7 @@ def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progr
             "next_seed": seed,
             "action_noise": action_noise,
             "max_episode_steps": steps_limit,
+            "post_success_steps": post,
             "obs_keys": ["state"] + [k for k in env.observation_space.spaces if k not in ("state", "task_id")]
             + (["task_id"] if fields["num_tasks"] > 0 else []),
             "action_key": "action",
@@ -202,7 +214,7 @@ def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progr
                     f"episodes are in {path}. Lower the action noise or raise max_episode_steps."
                 )
             ep_seed = int(attrs["next_seed"])
-            episode, success = run_expert_episode(env, expert, ep_seed, action_noise)
+            episode, success = run_expert_episode(env, expert, ep_seed, action_noise, post)
             attempts += 1
             attrs["next_seed"] = ep_seed + 1
             attrs["attempts"] += 1
@@ -224,7 +236,7 @@ def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progr
 
 
 def collect_suite(task_cfg: Any, path: str | Path, episodes: int, seed: int, action_noise: float = 0.0,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, post_success_steps: int = 0) -> dict[str, Any]:
     """Demos of every member of a suite (``task_cfg.tasks``, e.g. MT10) into one store at ``path``.
 
     Each member is collected (``episodes`` each, resumable) into its own store under
@@ -238,12 +250,14 @@ def collect_suite(task_cfg: Any, path: str | Path, episodes: int, seed: int, act
     names = [m["name"] for m in members]
     if path.exists():
         buf = ReplayBuffer.open(path)
-        if buf.attrs.get("tasks") == names and buf.n_episodes >= episodes * len(names):
+        if (buf.attrs.get("tasks") == names and buf.n_episodes >= episodes * len(names)
+                and int(buf.attrs.get("post_success_steps", 0)) == post_success_steps):
             return _store_info(buf, path, 0)
-        raise ValueError(f"{path} exists but is not a complete suite store of {names} with {episodes} episodes each; "
-                         "move it away or choose another task.dataset")
+        raise ValueError(f"{path} exists but is not a complete suite store of {names} with {episodes} episodes each "
+                         f"and post_success_steps={post_success_steps}; move it away or choose another task.dataset")
     parts = path.with_name(path.name + ".parts")
-    sources = [collect_demos(m, parts / f"{m['name']}.zarr", episodes, seed, action_noise, progress) for m in members]
+    sources = [collect_demos(m, parts / f"{m['name']}.zarr", episodes, seed, action_noise, progress,
+                             post_success_steps=post_success_steps) for m in members]
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     out = ReplayBuffer.create(tmp)
@@ -255,7 +269,7 @@ def collect_suite(task_cfg: Any, path: str | Path, episodes: int, seed: int, act
         instructions += list(buf.attrs.get("instructions", []))[:episodes]
     out.attrs.update({"collector": "rtpolicy.collect_suite", "env": members[0]["env"], "task": task_fields(task_cfg)["name"],
                       "tasks": names, "num_tasks": len(names), "episodes_per_task": episodes, "seed": seed,
-                      "action_noise": float(action_noise), "action_key": "action",
+                      "action_noise": float(action_noise), "post_success_steps": int(post_success_steps), "action_key": "action",
                       "obs_keys": list(dict.fromkeys([*sources[0]["obs_keys"], "task_id"]))}
                      | ({"instructions": instructions} if len(instructions) == out.n_episodes else {}))
     tmp.rename(path)
@@ -274,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="first layout seed")
     parser.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to expert actions")
     parser.add_argument("--max-steps", type=int, default=200, help="episode step limit")
+    parser.add_argument("--post-success", type=int, default=0, help="expert steps kept after each episode's first success")
     parser.add_argument("--cameras", nargs="*", default=[], help="also store rgb_<camera> frames, e.g. corner topview")
     parser.add_argument("--image-size", type=int, default=84, help="side of the stored camera frames")
     parser.add_argument("--no-progress", action="store_true")
@@ -282,7 +297,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task = TaskConfig(env=args.env, name=args.task, max_episode_steps=args.max_steps,
                       obs_keys=["state", *(f"rgb_{c}" for c in args.cameras)], image_size=args.image_size)
     try:
-        result = collect_demos(task, out, args.episodes, args.seed, action_noise=args.noise, progress=not args.no_progress)
+        result = collect_demos(task, out, args.episodes, args.seed, action_noise=args.noise, progress=not args.no_progress,
+                               post_success_steps=args.post_success)
     except (ValueError, RuntimeError) as e:
         parser.exit(2, f"error: {e}\n")
     print(

@@ -222,6 +222,12 @@ class MetaWorldEnv(gymnasium.Env):
         self._record()
         return self._copy_obs(), float(reward), self._terminated, self._truncated, dict(self._info)
 
+    def resume_after_success(self) -> None:
+        """Let a solved episode go on (demo collection with post-success steps); the next step reports
+        success again from the physics. A truncated episode stays absorbing."""
+        if self._terminated and not self._truncated:
+            self._terminated = False
+
     def render(self) -> np.ndarray:
         """The current scene as an RGB frame (height, width, 3) uint8 (needs ``render=True``)."""
         if self.render_mode is None:
