@@ -132,6 +132,10 @@ def main() -> None:
     ap.add_argument("--denoisers", nargs="+", default=["unet1d"])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--calls", type=int, default=1,
+                    help="back-to-back calls of a setting per rep, timed one by one, the rep's time being their median "
+                         "(1: one call each, whose caches the other settings' calls have just evicted; a control loop "
+                         "calls one policy again and again, which 10 approximates)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lerobot-python", default=None, help="python of a venv with lerobot==0.3.2 installed")
     ap.add_argument("--lerobot-reps", type=int, default=10)
@@ -262,9 +266,12 @@ def main() -> None:
         for rep in range(args.reps):
             rng.shuffle(order)
             for k in order:
-                t0 = time.perf_counter()
-                timers[k]()
-                times[k].append((time.perf_counter() - t0) * 1e3)
+                block = []
+                for _ in range(args.calls):
+                    t0 = time.perf_counter()
+                    timers[k]()
+                    block.append((time.perf_counter() - t0) * 1e3)
+                times[k].append(statistics.median(block))
             if peer and rep < args.lerobot_reps:
                 peer_times.append(peer.time())
             print(f"\rrep {rep + 1}/{args.reps}", end="", file=sys.stderr, flush=True)
@@ -316,6 +323,9 @@ def main() -> None:
                   f"({fastest['head']} {fastest['sampler']}-{fastest['steps']})")
     else:
         print("peer not measured: pass --lerobot-python PATH (a venv with lerobot==0.3.2) to time LeRobot's DiffusionPolicy")
+    for r in rows:  # how it was measured
+        r |= {"torch_threads": args.threads, "calls_per_rep": args.calls} | (
+            {"ort_threads": args.ort_threads or args.threads} if "ort" in args.backends else {})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
     print(f"wrote {args.out}")

@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 
 from rtpolicy import checkpoint as ck  # noqa: E402
 from rtpolicy.deploy.export import BundleError, export_bundle, load_bundle, read_bundle  # noqa: E402
@@ -142,6 +143,13 @@ def test_camera_policy_ort_equals_eager(tmp_path, backbone, size):
     with ort.noise_feed(NoiseFeed(feed.drawn)):
         got = ort.predict_chunk(obs)
     assert (got - want).abs().max().item() <= PARITY_ATOL, (got, want)
+    # Mish goes out as Exp/Div, not the exporter's Softplus -> Tanh (ORT's Softplus kernel was 45% of the camera graph)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "g" / "policy.onnx")).graph.node}
+    assert "Softplus" not in ops and {"Exp", "Conv"} <= ops
+    # a large activation stays finite through the capped exponential
+    big = {"proprio": torch.full((1, 1, 4), 1e4), **{k: obs[k] for k in ("rgb_a", "rgb_b")}}
+    with ort.noise_feed(NoiseFeed(feed.drawn)):
+        assert torch.isfinite(ort.predict_chunk(big)).all()
     other = obs | {"rgb_a": 255 - obs["rgb_a"]}  # the frames matter: another image, another chunk for the same noise
     with ort.noise_feed(NoiseFeed(feed.drawn)):
         assert (ort.predict_chunk(other) - got).abs().max().item() > 1e-4
