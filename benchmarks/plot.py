@@ -6,7 +6,7 @@ Success (y): the ``task: "mean"`` rows of the MT10 result files (``SUCCESS_FILES
 95% CI as error bars; each one training run). Latency (x, log scale): the median per-chunk time of the same
 setting in the interleaved latency benchmark (``latency.json``), batch 1 on this project's 2-core CPU. An ONNX
 Runtime point sits at that torch latency divided by ORT's speedup over torch measured side by side in
-``latency_ort.json`` (that run's absolute times were taken on a busier machine; the ratio is what it measured). A setting with no latency-benchmark row
+``latency_ort_warm.json`` (10 back-to-back calls per setting and rep, 1 thread each, as in a control loop). A setting with no latency-benchmark row
 (EDM DPM-Solver++(2M)-4, MoDE's fused experts) is placed at the chunk latency its own evaluation measured
 (hollow marker). Streaming heads produce one action per call: their x is the per-tick time.
 LeRobot's default DiffusionPolicy (DDPM-100, timed in its own venv by ``benchmarks/lerobot_peer.py``) is marked
@@ -37,7 +37,7 @@ def latency_index() -> dict[tuple, float]:
     """(denoiser, head, sampler, steps, backend[, cache]) -> ms median, from the latency benchmark rows."""
     out = {}
     speedup = {}  # ORT rows: (denoiser, head, sampler, steps) -> speedup over torch in the same interleaved run
-    for row in load("latency_ort.json"):
+    for row in load("latency_ort_warm.json"):
         if row["head"].endswith("@ort") and row.get("obs") != "camera":
             speedup[(row["denoiser"], row["head"].removesuffix("@ort"), row["sampler"], row["steps"])] = row["speedup_vs_torch"]
     for row in load("latency.json"):
