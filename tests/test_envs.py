@@ -184,6 +184,22 @@ def test_collect_post_success_steps(tmp_path):
     assert ReplayBuffer.open(tmp_path / "p.zarr").n_episodes == 1
 
 
+def test_reach_expert_brings_the_tcp_to_the_goal():
+    # reach-v3 scores the TCP (4.5 cm below the observed hand): our expert ends with the TCP, not the hand, on the goal
+    from rtpolicy.envs.metaworld import HAND_MINUS_TCP
+
+    env = make_env(TaskConfig(name="reach-v3"), seed=0)
+    for seed in (400009, 400014):  # goals 25-27 cm high, above the start: Meta-World's own expert stops 4.5 cm short
+        obs, _ = env.reset(seed=seed)
+        expert = env.expert()
+        for _ in range(80):
+            obs, _, terminated, truncated, info = env.step(expert(obs))
+            env.resume_after_success()
+        tcp = env._env.tcp_center
+        assert info["success"] and np.linalg.norm(tcp - obs["state"][-3:]) < 0.01
+        np.testing.assert_allclose(obs["state"][:3] - tcp, HAND_MINUS_TCP, atol=0.004)
+
+
 def test_collect_gives_up_with_clear_error(tmp_path):
     # 3 steps are too few for any success: 3x attempts, then a clear error
     with pytest.raises(RuntimeError, match=r"succeeded in only 0 of 6 attempts"):
