@@ -75,8 +75,9 @@ STORE_KEYS = {"chains_obj": ["objects_rel"], "chains_tgt": ["objects_rel", "targ
               "chains_goal_post": ["objects_rel", "target_rel", "goal_rel"],
               "chains_goal_post_x2": ["objects_rel", "target_rel", "goal_rel"],
               "chains_cam": ["proprio", "rgb_static", "rgb_gripper"]}
-STORE_KEYS |= dict.fromkeys(["old_keys", "old_dart", "old_chains", "old_post", "new_clean", "chains_goal_post_clean",
-                             "goal_post_nochains", "old_post_chains"], ["objects_rel", "target_rel", "goal_rel"])
+STORE_KEYS |= {name: ["objects_rel", "target_rel", "goal_rel"] for name in
+               ("old_keys", "old_dart", "old_chains", "old_post", "new_clean", "chains_goal_post_clean", "goal_post_nochains",
+                "old_post_chains")}
 SETTINGS = {  # name -> (store, obs key, hygiene, extra overrides)
     "baseline": ("old", "state", False, []),
     "+normalizer": ("old", "state", True, []),

@@ -193,7 +193,7 @@ def test_reach_expert_brings_the_tcp_to_the_goal():
         obs, _ = env.reset(seed=seed)
         expert = env.expert()
         for _ in range(80):
-            obs, _, terminated, truncated, info = env.step(expert(obs))
+            obs, _, _, _, info = env.step(expert(obs))
             env.resume_after_success()
         tcp = env._env.tcp_center
         assert info["success"] and np.linalg.norm(tcp - obs["state"][-3:]) < 0.01

@@ -96,8 +96,8 @@ def collect_demos(
     from the next unused seeds (its recorded ``next_seed``), with its own recorded action noise.
     Raises RuntimeError when fewer than ``episodes`` succeed within 3x as many attempts (the
     episodes collected so far stay in the store). ``post_success_steps``: each episode goes on for that many
-    expert steps after its first success (:func:`run_expert_episode`); a store is only extended with its own. Returns the store's attrs plus ``path``,
-    ``episodes``, ``steps`` and ``new_episodes``.
+    expert steps after its first success (:func:`run_expert_episode`); a store is only extended with its own.
+    Returns the store's attrs plus ``path``, ``episodes``, ``steps`` and ``new_episodes``.
     """
     fields = task_fields(task_cfg)
     episodes = _check_int("episodes", episodes, 1)
