@@ -144,6 +144,15 @@ SETTINGS |= {
     "best without post-success steps": ("chains_goal", BEST_KEYS, True, ["policy.obs_horizon=1"]),
     "best with the previous experts": ("old_post_chains", BEST_KEYS, True, ["policy.obs_horizon=1"]),
 }
+# issue 13, fifth session: object slots (rtpolicy.policies.encoders.slots). The three blocks' 15 features at the end of
+# objects_rel are slots that queries made from the instruction (or task id) attend over, instead of the env picking
+# the block by the subtask (target_rel) and its goal (goal_rel)
+SLOTS = ["policy.encoder.slot_key=objects_rel", "policy.encoder.slot_count=3", "policy.encoder.slot_size=15"]
+SETTINGS |= {
+    "language only, object slots (objects_rel + lang_emb, twice the data)": (
+        "chains_goal_post_x2", "objects_rel,lang_emb", True, ["policy.obs_horizon=1", "task.condition_on_task_id=false", *SLOTS]),
+    "task id, object slots, no target_rel / goal_rel": ("chains_goal_post", "objects_rel", True, ["policy.obs_horizon=1", *SLOTS]),
+}
 
 
 def _use_old_experts(path: str) -> None:

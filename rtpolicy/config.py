@@ -101,7 +101,8 @@ class EncoderConfig:
     """How a head turns observations into condition tokens (rtpolicy.policies.encoders.observation).
 
     Vector keys (D,) -> one state token per obs step; image keys (H, W, 3) -> one token per camera per
-    obs step; the ``lang_key`` (E,) -> one language token. State-only policies ignore every field here.
+    obs step; the ``lang_key`` (E,) -> one language token; ``slot_key`` -> ``slot_queries`` attended object
+    tokens. State-only policies without slots ignore every field here.
     With ``vla_backbone`` set, the VLA encoder reads images, vectors and ``lang_tokens`` (L,) token ids.
     """
 
@@ -118,6 +119,13 @@ class EncoderConfig:
     freeze_image: bool = False
     lang_key: str = "lang_emb"  # obs key of precomputed sentence embeddings (rtpolicy.policies.encoders.language)
     lang_dropout: float = 0.1  # train-time probability of replacing the language token by a learned null token
+    # object slots (rtpolicy.policies.encoders.slots): the last slot_count * slot_size dims of the vector key
+    # slot_key are slot_count objects of slot_size features each; queries made from the task / language tokens
+    # attend over them, adding slot_queries condition tokens ('': off)
+    slot_key: str = ""
+    slot_count: int = 0
+    slot_size: int = 0
+    slot_queries: int = 2
     # VLA (rtpolicy.policies.encoders.vla): a pretrained transformer reads image, state and instruction tokens
     vla_backbone: str = ""  # '': off (the encoders above); 'minilm': packaged all-MiniLM-L6-v2; or a local HF folder
     vla_tuning: VLATuning = VLATuning.lora  # frozen (projections only) | lora (adapters on attention query/value) | full

@@ -6,9 +6,11 @@ Keys are told apart by their feature shape (and the language key by name):
     lang_key    (E,)        -> LanguageToken: one token from the newest step's embedding
     lang_tokens (L,)        -> instruction token ids, read only by the VLA encoder (never normalized)
 A task id adds one learned token (row ``num_tasks``: the null task for classifier-free guidance).
+With ``slot_key`` set, the last ``slot_count * slot_size`` dims of that vector key are object slots, and
+``slot_queries`` tokens made from the task / language tokens attend over them (:mod:`.slots`).
 
 :func:`build_obs_encoder` returns a plain :class:`StateEncoder` when every key is a vector and there
-is no language key, so state-only policies keep their parameters, names and outputs, and the
+is no language key and no slots, so state-only policies keep their parameters, names and outputs, and the
 :class:`~rtpolicy.policies.encoders.vla.VLAEncoder` when ``cfg.vla_backbone`` is set.
 """
 
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from rtpolicy.policies.encoders.language import LanguageToken
+from rtpolicy.policies.encoders.slots import SlotAttention, slot_layout
 from rtpolicy.policies.encoders.state import StateEncoder
 
 DEFAULT_LANG_KEY = "lang_emb"
@@ -99,7 +102,7 @@ class ObservationEncoder(nn.Module):
     obs[image key]   (B, To, H, W, 3) uint8 (or float 0-255)
     obs[lang_key]    (B, To, E) or (B, E) float (the newest step is used)
     task_id          (B,) long, only when ``num_tasks > 0``
-    ->               (B, N, D), tokens in the order [state (To)] [images (C*To)] [task (1)] [language (1)]
+    ->               (B, N, D), tokens in the order [state (To)] [images (C*To)] [task (1)] [language (1)] [slots (Q)]
 
     ``cfg``: an EncoderConfig (rtpolicy.config); None or missing fields take its defaults.
     """
@@ -115,24 +118,38 @@ class ObservationEncoder(nn.Module):
         self.task = TaskToken(num_tasks, dim) if num_tasks > 0 else None
         self.lang = LanguageToken(int(shapes[lang][0]), dim, float(_opt(cfg, "lang_dropout", 0.1))) if lang else None
         self.vector_keys, self.image_keys = vector, image
+        self.slot_key = _opt(cfg, "slot_key", "")
+        self.slots = None
+        if self.slot_key:
+            if self.slot_key not in vector:
+                raise ValueError(f"policy.encoder.slot_key={self.slot_key!r} is not one of the vector obs keys {vector}")
+            count, size = int(_opt(cfg, "slot_count", 0)), int(_opt(cfg, "slot_size", 0))
+            self.slot_offset = slot_layout(self.slot_key, shapes[self.slot_key], count, size)
+            self.slots = SlotAttention(count, size, dim, int(_opt(cfg, "slot_queries", 2)))
         self.n_tokens = (
             (obs_horizon if vector else 0) + (self.images.n_tokens if image else 0) + (num_tasks > 0) + (lang is not None)
+            + (self.slots.queries if self.slots is not None else 0)
         )
         self.dim = dim
 
     def forward(self, obs: dict[str, torch.Tensor], task_id: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = []
+        tokens, ctx = [], []
         if self.state is not None:
             tokens.append(self.state({k: obs[k] for k in self.vector_keys}))
         if self.images is not None:
             tokens.append(self.images({k: obs[k] for k in self.image_keys}))
         if self.task is not None:
-            tokens.append(self.task(task_id))
+            ctx.append(self.task(task_id))
         if self.lang is not None:
             emb = obs.get(self.lang_key)
             if emb is None:
                 raise ValueError(f"language-conditioned policy needs obs[{self.lang_key!r}] (B, E) or (B, To, E)")
-            tokens.append(self.lang(emb[:, -1] if emb.ndim == 3 else emb))
+            ctx.append(self.lang(emb[:, -1] if emb.ndim == 3 else emb))
+        tokens += ctx
+        if self.slots is not None:
+            x = obs[self.slot_key][:, -1, self.slot_offset:]
+            slots = x.reshape(x.shape[0], self.slots.count, self.slots.size)
+            tokens.append(self.slots(slots, torch.cat(ctx, dim=1) if ctx else None))
         return torch.cat(tokens, dim=1)
 
 
@@ -150,6 +167,6 @@ def build_obs_encoder(shapes: dict[str, list[int]], obs_horizon: int, dim: int, 
     if lang == TOKENS_KEY:
         raise ValueError(f"obs[{TOKENS_KEY!r}] holds instruction token ids for a VLA encoder: set "
                          f"policy.encoder.vla_backbone (e.g. 'minilm'), or give sentence embeddings as {DEFAULT_LANG_KEY!r}")
-    if not image and lang is None:
+    if not image and lang is None and not _opt(cfg, "slot_key", ""):
         return StateEncoder(shapes, obs_horizon, dim, num_tasks)
     return ObservationEncoder(shapes, obs_horizon, dim, num_tasks, cfg)
