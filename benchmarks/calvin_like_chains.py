@@ -152,10 +152,6 @@ SETTINGS |= {
     "language only, object slots (objects_rel + lang_emb, twice the data)": (
         "chains_goal_post_x2", "objects_rel,lang_emb", True, ["policy.obs_horizon=1", "task.condition_on_task_id=false", *SLOTS]),
     "task id, object slots, no target_rel / goal_rel": ("chains_goal_post", "objects_rel", True, ["policy.obs_horizon=1", *SLOTS]),
-    # ... and the instruction embedding whitened over the instruction set (policy.encoder.lang_whiten)
-    "language only, object slots, whitened instructions (twice the data)": (
-        "chains_goal_post_x2", "objects_rel,lang_emb", True,
-        ["policy.obs_horizon=1", "task.condition_on_task_id=false", "policy.encoder.lang_whiten=true", *SLOTS]),
 }
 
 

@@ -11,6 +11,8 @@
 #   one_change    - 3000-step rows that differ from the baseline (previous experts, state, 2 obs steps, no hygiene)
 #                   in one thing each (needs OLD_EXPERTS=<the previous experts.py>: git show 06b98e0:rtpolicy/envs/calvin_like/experts.py)
 #   leave_one_out - 3000-step rows that take one thing out of the 3.23 recipe (store chains_goal_post)
+#   nodart    - the recipe without DART (store chains_goal_post_clean) and with DART, 3000 steps, training seeds 0 1 2
+#   slots     - object slots instead of target_rel / goal_rel: task id (seeds 0 1 2), language (seed 0)
 # A 6000-step run takes ~20 min of one core; the whole list is ~4 hours of one core.
 set -eu
 cd "$(dirname "$0")/.."
@@ -53,6 +55,12 @@ for j in ${@:-post6000 x2 lang lang_only camera mt10}; do
       store chains_goal_post_clean; run loo_nodart_s0 "best without DART" 0 3000 0
       store goal_post_nochains; run loo_nochains_s0 "best without chain data" 0 3000 0
       store chains_goal; run loo_nopost_s0 "best without post-success steps" 0 3000 0 ;;
+    nodart) store chains_goal_post_clean; for s in 0 1 2; do run loo_nodart_s$s "best without DART" $s 3000 0; done
+      store chains_goal_post; for s in 1 2; do run goal_post_s$s "$P" $s 3000 0; done ;;  # seed 0: goal_post_s0
+    slots) store chains_goal_post
+      for s in 0 1 2; do run slots_task_s$s "task id, object slots, no target_rel / goal_rel" $s 3000 0; done
+      store chains_goal_post_x2
+      run x2_lang_slots_s0 "language only, object slots (objects_rel + lang_emb, twice the data)" 0 3000 0 ;;
     *) echo "unknown job $j" >&2; exit 2 ;;
   esac
 done

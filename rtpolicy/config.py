@@ -119,9 +119,6 @@ class EncoderConfig:
     freeze_image: bool = False
     lang_key: str = "lang_emb"  # obs key of precomputed sentence embeddings (rtpolicy.policies.encoders.language)
     lang_dropout: float = 0.1  # train-time probability of replacing the language token by a learned null token
-    # whiten lang_emb over the env's instruction set before the language token (fit at training start; the
-    # instructions' embeddings are nearly parallel, e.g. left / right at cosine 0.98)
-    lang_whiten: bool = False
     # object slots (rtpolicy.policies.encoders.slots): the last slot_count * slot_size dims of the vector key
     # slot_key are slot_count objects of slot_size features each; queries made from the task / language tokens
     # attend over them, adding slot_queries condition tokens ('': off)

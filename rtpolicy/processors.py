@@ -113,7 +113,7 @@ class ObservationProcessor:
         return _featurize(lang["kind"], str(lang.get("model", "minilm")), int(lang.get("length", 0)), str(text))
 
     @functools.cached_property
-    def table(self) -> torch.Tensor:
+    def _table(self) -> torch.Tensor:
         """(len(instructions), *feature shape): each instruction's features, rows in instruction order."""
         return torch.from_numpy(np.stack([self.instruction(t) for t in self.instructions]))
 
@@ -130,7 +130,7 @@ class ObservationProcessor:
         ids = torch.as_tensor(out.pop(INSTRUCTION_KEY)).long()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self.instructions)):
             raise ValueError(f"{INSTRUCTION_KEY} out of range [0, {len(self.instructions)}): {ids.unique().tolist()[:8]}")
-        out[self.lang_key] = self.table[ids.cpu()].to(ids.device)
+        out[self.lang_key] = self._table[ids.cpu()].to(ids.device)
         return out
 
 

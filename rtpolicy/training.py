@@ -223,9 +223,6 @@ def _train(cfg, dist: distributed.Dist, device: torch.device) -> dict[str, Any]:
     data = buffer.load([*fit_keys, cfg.task.action_key])
     policy.normalizer.fit({k: data[k] for k in fit_keys} | {"action": data[cfg.task.action_key]})
     policy.prepare(policy.normalizer.normalize("action", train_ds.action_windows()))  # data-dependent state, e.g. anchors
-    lang = getattr(policy.encoder, "lang", None)
-    if getattr(lang, "whiten", False):  # whitening over the instruction set the processor featurizes
-        lang.fit(processor.table)
     policy.to(device)
     ema = EMA(policy, cfg.train.ema_decay)
     o = cfg.optim

@@ -171,44 +171,15 @@ class LanguageToken(nn.Module):
     In ``train()`` each sample's token is replaced by a learned null token with probability ``p_drop``
     (as BESO/MDT do), so the same network also models p(actions | obs without instruction), which
     classifier-free guidance (``policy=edm policy.guidance=...``) contrasts with the instructed one.
-
-    ``whiten=True``: the embedding is first whitened over the env's instruction set (:meth:`fit`, buffers
-    that travel in the checkpoint). Mean-pooled MiniLM embeddings of instructions that differ in one word
-    are nearly parallel ("push the red block left" / "... right": cosine 0.98); whitening gives each
-    direction in which the instructions differ unit variance, so the token does not have to learn to
-    amplify them.
     """
 
-    def __init__(self, emb_dim: int, dim: int, p_drop: float = 0.1, whiten: bool = False):
+    def __init__(self, emb_dim: int, dim: int, p_drop: float = 0.1):
         super().__init__()
         if not 0 <= p_drop < 1:
             raise ValueError(f"lang_dropout must be in [0, 1), got {p_drop}")
         self.proj = nn.Sequential(nn.Linear(emb_dim, dim), nn.Mish(), nn.Linear(dim, dim))
         self.null = nn.Parameter(torch.zeros(1, 1, dim))
-        self.emb_dim, self.p_drop, self.whiten = emb_dim, p_drop, whiten
-        if whiten:  # identity until fit
-            self.register_buffer("center", torch.zeros(emb_dim))
-            self.register_buffer("whitening", torch.eye(emb_dim))
-
-    @torch.no_grad()
-    def fit(self, table: torch.Tensor, shrink: float = 0.1) -> None:
-        """Fit the whitening on the instruction set's embeddings ``table`` (N, E): ZCA over the span of the
-        centred instructions (directions outside it map to 0, so an unseen paraphrase keeps only what it
-        shares with known instructions), eigenvalues shrunk by ``shrink`` x their mean, scaled so that an
-        instruction's whitened vector has about unit norm. No-op without ``whiten``."""
-        if not self.whiten:
-            return
-        x = table.double()
-        if x.ndim != 2 or x.shape[1] != self.emb_dim or x.shape[0] < 2:
-            raise ValueError(f"whitening needs (N >= 2, {self.emb_dim}) instruction embeddings, got {tuple(x.shape)}")
-        mu = x.mean(0)
-        _, s, vh = torch.linalg.svd(x - mu, full_matrices=False)
-        lam = s**2 / x.shape[0]
-        keep = lam > lam.max() * 1e-6
-        v, lam = vh[keep].T, lam[keep]
-        w = v @ torch.diag((lam + shrink * lam.mean()).rsqrt()) @ v.T / keep.sum().sqrt()
-        self.center.copy_(mu.to(self.center.dtype))
-        self.whitening.copy_(w.to(self.whitening.dtype))
+        self.emb_dim, self.p_drop = emb_dim, p_drop
 
     def forward(self, emb: torch.Tensor | None, batch: int | None = None) -> torch.Tensor:
         if emb is None:
@@ -217,10 +188,7 @@ class LanguageToken(nn.Module):
             return self.null.expand(batch, 1, -1)
         if emb.ndim != 2 or emb.shape[1] != self.emb_dim:
             raise ValueError(f"language embedding has shape {tuple(emb.shape)}, expected (B, {self.emb_dim})")
-        x = emb.float()
-        if self.whiten:
-            x = (x - self.center) @ self.whitening
-        tokens = self.proj(x)[:, None]
+        tokens = self.proj(emb.float())[:, None]
         drop = (emb == 0).all(dim=1)[:, None, None]
         if self.training and self.p_drop > 0:
             drop = drop | (torch.rand(emb.shape[0], 1, 1, device=emb.device) < self.p_drop)

@@ -116,8 +116,7 @@ class ObservationEncoder(nn.Module):
         self.state = StateEncoder({k: shapes[k] for k in vector}, obs_horizon, dim) if vector else None
         self.images = build_image_encoder({k: shapes[k] for k in image}, obs_horizon, dim, cfg)
         self.task = TaskToken(num_tasks, dim) if num_tasks > 0 else None
-        self.lang = LanguageToken(int(shapes[lang][0]), dim, float(_opt(cfg, "lang_dropout", 0.1)),
-                                  bool(_opt(cfg, "lang_whiten", False))) if lang else None
+        self.lang = LanguageToken(int(shapes[lang][0]), dim, float(_opt(cfg, "lang_dropout", 0.1))) if lang else None
         self.vector_keys, self.image_keys = vector, image
         self.slot_key = _opt(cfg, "slot_key", "")
         self.slots = None
