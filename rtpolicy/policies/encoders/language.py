@@ -195,6 +195,49 @@ class LanguageToken(nn.Module):
         return torch.where(drop, self.null.to(tokens.dtype), tokens)
 
 
+class WordsToken(nn.Module):
+    """Instruction token ids -> one condition token through learned word embeddings (a bag of words).
+
+    tokens  (B, L) long, 0 = pad (``lang_tokens`` from the tokenizer of ``encoder.vla_backbone`` or MiniLM's);
+            an all-pad row means "no instruction" and gets the null token
+    ->      (B, 1, D)
+    Mean-pooled sentence embeddings hardly tell instructions apart that differ in one word ("push the red block
+    left" / "... right": cosine 0.98 with MiniLM); here every word has its own learned vector, so "left" and
+    "right" are as far apart as training makes them. Paraphrases share what their words share; an unseen word
+    starts from its random init. Same null-token dropout as :class:`LanguageToken`.
+    """
+
+    def __init__(self, vocab: int, dim: int, p_drop: float = 0.1, word_dim: int = 32):
+        super().__init__()
+        if not 0 <= p_drop < 1:
+            raise ValueError(f"lang_dropout must be in [0, 1), got {p_drop}")
+        self.words = nn.Embedding(vocab, word_dim, padding_idx=0)
+        self.proj = nn.Sequential(nn.Linear(word_dim, dim), nn.Mish(), nn.Linear(dim, dim))
+        self.null = nn.Parameter(torch.zeros(1, 1, dim))
+        self.vocab, self.p_drop = vocab, p_drop
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.ndim != 2:
+            raise ValueError(f"instruction token ids have shape {tuple(tokens.shape)}, expected (B, L)")
+        tokens = tokens.long()
+        mask = (tokens != 0).unsqueeze(-1)
+        bag = (self.words(tokens.clamp(0, self.vocab - 1)) * mask).sum(1) / mask.sum(1).clamp_min(1)
+        out = self.proj(bag)[:, None]
+        drop = ~mask.any(dim=1)[:, :, None]
+        if self.training and self.p_drop > 0:
+            drop = drop | (torch.rand(tokens.shape[0], 1, 1, device=tokens.device) < self.p_drop)
+        return torch.where(drop, self.null.to(out.dtype), out)
+
+
+def vocab_size(backbone: str) -> int:
+    """The tokenizer vocabulary size of a backbone ('minilm' or a local transformers folder), from its config.json."""
+    import json
+
+    from rtpolicy.policies.encoders.vla import resolve_backbone
+
+    return int(json.loads((resolve_backbone(backbone) / "config.json").read_text())["vocab_size"])
+
+
 @functools.lru_cache(maxsize=1)
 def instruction_cache() -> InstructionCache:
     """The process's shared MiniLM :class:`InstructionCache` (rtpolicy.processors featurizes through it)."""

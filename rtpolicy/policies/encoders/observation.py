@@ -4,7 +4,8 @@ Keys are told apart by their feature shape (and the language key by name):
     (D,)        vector key  -> StateEncoder: one token per obs step (all vector keys concatenated)
     (H, W, 3)   image key   -> ImageEncoder: one token per camera per obs step
     lang_key    (E,)        -> LanguageToken: one token from the newest step's embedding
-    lang_tokens (L,)        -> instruction token ids, read only by the VLA encoder (never normalized)
+    lang_tokens (L,)        -> instruction token ids (never normalized): the VLA encoder's language input, or
+                               without a VLA backbone a WordsToken (learned word embeddings, one token)
 A task id adds one learned token (row ``num_tasks``: the null task for classifier-free guidance).
 With ``slot_key`` set, the last ``slot_count * slot_size`` dims of that vector key are object slots, and
 ``slot_queries`` tokens made from the task / language tokens attend over them (:mod:`.slots`).
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rtpolicy.policies.encoders.language import LanguageToken
+from rtpolicy.policies.encoders.language import LanguageToken, WordsToken, vocab_size
 from rtpolicy.policies.encoders.slots import SlotAttention, slot_layout
 from rtpolicy.policies.encoders.state import StateEncoder
 
@@ -111,12 +112,17 @@ class ObservationEncoder(nn.Module):
         super().__init__()
         self.lang_key = _opt(cfg, "lang_key", DEFAULT_LANG_KEY)
         vector, image, lang = split_keys(shapes, self.lang_key)
+        self.lang_key = lang or self.lang_key  # lang_tokens when the policy reads token ids
         if not vector and not image:
             raise ValueError(f"the policy needs at least one vector or image obs key besides language; got {sorted(shapes)}")
         self.state = StateEncoder({k: shapes[k] for k in vector}, obs_horizon, dim) if vector else None
         self.images = build_image_encoder({k: shapes[k] for k in image}, obs_horizon, dim, cfg)
         self.task = TaskToken(num_tasks, dim) if num_tasks > 0 else None
-        self.lang = LanguageToken(int(shapes[lang][0]), dim, float(_opt(cfg, "lang_dropout", 0.1))) if lang else None
+        p_drop = float(_opt(cfg, "lang_dropout", 0.1))
+        if lang == TOKENS_KEY:
+            self.lang = WordsToken(vocab_size(_opt(cfg, "vla_backbone", "") or "minilm"), dim, p_drop)
+        else:
+            self.lang = LanguageToken(int(shapes[lang][0]), dim, p_drop) if lang else None
         self.vector_keys, self.image_keys = vector, image
         self.slot_key = _opt(cfg, "slot_key", "")
         self.slots = None
@@ -164,9 +170,6 @@ def build_obs_encoder(shapes: dict[str, list[int]], obs_horizon: int, dim: int, 
 
         return VLAEncoder(shapes, obs_horizon, dim, num_tasks, cfg)
     vector, image, lang = split_keys(shapes, _opt(cfg, "lang_key", DEFAULT_LANG_KEY))
-    if lang == TOKENS_KEY:
-        raise ValueError(f"obs[{TOKENS_KEY!r}] holds instruction token ids for a VLA encoder: set "
-                         f"policy.encoder.vla_backbone (e.g. 'minilm'), or give sentence embeddings as {DEFAULT_LANG_KEY!r}")
     if not image and lang is None and not _opt(cfg, "slot_key", ""):
         return StateEncoder(shapes, obs_horizon, dim, num_tasks)
     return ObservationEncoder(shapes, obs_horizon, dim, num_tasks, cfg)
