@@ -59,6 +59,7 @@ for j in ${@:-post6000 x2 lang lang_only camera mt10}; do
       store chains_goal_post; for s in 1 2; do run goal_post_s$s "$P" $s 3000 0; done ;;  # seed 0: goal_post_s0
     slots) store chains_goal_post
       for s in 0 1 2; do run slots_task_s$s "task id, object slots, no target_rel / goal_rel" $s 3000 0; done
+      store chains_goal_post_clean; run slots_nodart_s0 "task id, object slots, no target_rel / goal_rel, without DART" 0 3000 0
       store chains_goal_post_x2
       run x2_lang_slots_s0 "language only, object slots (objects_rel + lang_emb, twice the data)" 0 3000 0
       run x2_words_slots_s0 "language only, object slots, word embeddings (objects_rel + lang_tokens, twice the data)" 0 3000 0 ;;
