@@ -119,6 +119,7 @@ class EncoderConfig:
     freeze_image: bool = False
     lang_key: str = "lang_emb"  # obs key of precomputed sentence embeddings (rtpolicy.policies.encoders.language)
     lang_dropout: float = 0.1  # train-time probability of replacing the language token by a learned null token
+    lang_norm: bool = False  # a LayerNorm ends the sentence-embedding token's projection (unit scale from the start)
     # object slots (rtpolicy.policies.encoders.slots): the last slot_count * slot_size dims of the vector key
     # slot_key are slot_count objects of slot_size features each; queries made from the task / language tokens
     # attend over them, adding slot_queries condition tokens ('': off)

@@ -173,11 +173,14 @@ class LanguageToken(nn.Module):
     classifier-free guidance (``policy=edm policy.guidance=...``) contrasts with the instructed one.
     """
 
-    def __init__(self, emb_dim: int, dim: int, p_drop: float = 0.1):
+    def __init__(self, emb_dim: int, dim: int, p_drop: float = 0.1, norm: bool = False):
         super().__init__()
         if not 0 <= p_drop < 1:
             raise ValueError(f"lang_dropout must be in [0, 1), got {p_drop}")
-        self.proj = nn.Sequential(nn.Linear(emb_dim, dim), nn.Mish(), nn.Linear(dim, dim))
+        layers = [nn.Linear(emb_dim, dim), nn.Mish(), nn.Linear(dim, dim)]
+        # norm: a LayerNorm ends the projection, so the token starts at the scale of a task embedding (norm ~sqrt(D))
+        # instead of ~0.3, and the denoiser and the slot queries do not learn to ignore it first
+        self.proj = nn.Sequential(*layers, *([nn.LayerNorm(dim)] if norm else []))
         self.null = nn.Parameter(torch.zeros(1, 1, dim))
         self.emb_dim, self.p_drop = emb_dim, p_drop
 

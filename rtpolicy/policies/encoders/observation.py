@@ -122,7 +122,7 @@ class ObservationEncoder(nn.Module):
         if lang == TOKENS_KEY:
             self.lang = WordsToken(vocab_size(_opt(cfg, "vla_backbone", "") or "minilm"), dim, p_drop)
         else:
-            self.lang = LanguageToken(int(shapes[lang][0]), dim, p_drop) if lang else None
+            self.lang = LanguageToken(int(shapes[lang][0]), dim, p_drop, bool(_opt(cfg, "lang_norm", False))) if lang else None
         self.vector_keys, self.image_keys = vector, image
         self.slot_key = _opt(cfg, "slot_key", "")
         self.slots = None
