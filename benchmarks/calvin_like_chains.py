@@ -155,9 +155,6 @@ SETTINGS |= {
     "language only, object slots, normalized language token (twice the data)": (
         "chains_goal_post_x2", "objects_rel,lang_emb", True,
         ["policy.obs_horizon=1", "task.condition_on_task_id=false", "policy.encoder.lang_norm=true", *SLOTS]),
-    "language only, object slots, no language dropout (twice the data)": (
-        "chains_goal_post_x2", "objects_rel,lang_emb", True,
-        ["policy.obs_horizon=1", "task.condition_on_task_id=false", "policy.encoder.lang_dropout=0", *SLOTS]),
     "task id, object slots, no target_rel / goal_rel, without DART": ("chains_goal_post_clean", "objects_rel", True,
                                                                       ["policy.obs_horizon=1", *SLOTS]),
     # ... the instruction as MiniLM token ids through learned word embeddings (WordsToken) instead of the sentence embedding

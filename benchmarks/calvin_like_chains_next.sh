@@ -62,7 +62,8 @@ for j in ${@:-post6000 x2 lang lang_only camera mt10}; do
       store chains_goal_post_clean; run slots_nodart_s0 "task id, object slots, no target_rel / goal_rel, without DART" 0 3000 0
       store chains_goal_post_x2
       run x2_lang_slots_s0 "language only, object slots (objects_rel + lang_emb, twice the data)" 0 3000 0
-      run x2_words_slots_s0 "language only, object slots, word embeddings (objects_rel + lang_tokens, twice the data)" 0 3000 0 ;;
+      run x2_words_slots_s0 "language only, object slots, word embeddings (objects_rel + lang_tokens, twice the data)" 0 3000 0
+      for s in 0 1 2; do run x2_lang_slots_norm_s$s "language only, object slots, normalized language token (twice the data)" $s 3000 0; done ;;
     *) echo "unknown job $j" >&2; exit 2 ;;
   esac
 done
