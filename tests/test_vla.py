@@ -176,8 +176,8 @@ def test_bad_backbone_path_is_named(tmp_path):
 
 def test_config_errors_are_clear(minilm):
     shapes = {"state": [5], "lang_tokens": [L]}
-    with pytest.raises(ValueError, match="vla_backbone"):
-        build_obs_encoder(shapes, TO, 16, cfg=EncoderConfig())  # token ids without a VLA backbone
+    # token ids without a VLA backbone: learned word embeddings (WordsToken), not the backbone
+    assert type(build_obs_encoder(shapes, TO, 16, cfg=EncoderConfig()).lang).__name__ == "WordsToken"
     with pytest.raises(ValueError, match="vla_tuning"):
         VLAEncoder(shapes, TO, 16, cfg=vla_cfg("partial"), backbone=copy.deepcopy(minilm))
     with pytest.raises(ValueError, match="lang_tokens_len"):
