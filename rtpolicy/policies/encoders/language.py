@@ -178,8 +178,8 @@ class LanguageToken(nn.Module):
         if not 0 <= p_drop < 1:
             raise ValueError(f"lang_dropout must be in [0, 1), got {p_drop}")
         layers = [nn.Linear(emb_dim, dim), nn.Mish(), nn.Linear(dim, dim)]
-        # norm: a LayerNorm ends the projection, so the token starts at the scale of a task embedding (norm ~sqrt(D))
-        # instead of ~0.3, and the denoiser and the slot queries do not learn to ignore it first
+        # norm: a LayerNorm ends the projection, so the token starts at the scale of a task embedding (norm ~sqrt(D), 16)
+        # instead of ~0.6, and the denoiser and the slot queries do not learn to ignore it first (issue 13: 0.85 -> 3.4)
         self.proj = nn.Sequential(*layers, *([nn.LayerNorm(dim)] if norm else []))
         self.null = nn.Parameter(torch.zeros(1, 1, dim))
         self.emb_dim, self.p_drop = emb_dim, p_drop
