@@ -162,7 +162,26 @@ def instruction_obs(instructions: Sequence[str], cache: InstructionCache, key: s
     return {key: emb}
 
 
-class LanguageToken(nn.Module):
+class _InstructionToken(nn.Module):
+    """What both instruction tokens share: the learned null token and the train-time dropout to it."""
+
+    def __init__(self, dim: int, p_drop: float):
+        super().__init__()
+        if not 0 <= p_drop < 1:
+            raise ValueError(f"lang_dropout must be in [0, 1), got {p_drop}")
+        self.null = nn.Parameter(torch.zeros(1, 1, dim))
+        self.p_drop = p_drop
+
+    def _with_null(self, tokens: torch.Tensor, absent: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1, D), absent (B,) bool -> tokens with the null token where absent (and, in train(), where
+        dropped with probability p_drop)."""
+        drop = absent[:, None, None]
+        if self.training and self.p_drop > 0:
+            drop = drop | (torch.rand(tokens.shape[0], 1, 1, device=tokens.device) < self.p_drop)
+        return torch.where(drop, self.null.to(tokens.dtype), tokens)
+
+
+class LanguageToken(_InstructionToken):
     """Sentence embedding -> one condition token, with classifier-free-guidance dropout.
 
     emb  (B, E) float, or None for the unconditional (null) token; an all-zero row (sentence embeddings
@@ -174,15 +193,12 @@ class LanguageToken(nn.Module):
     """
 
     def __init__(self, emb_dim: int, dim: int, p_drop: float = 0.1, norm: bool = False):
-        super().__init__()
-        if not 0 <= p_drop < 1:
-            raise ValueError(f"lang_dropout must be in [0, 1), got {p_drop}")
+        super().__init__(dim, p_drop)
         layers = [nn.Linear(emb_dim, dim), nn.Mish(), nn.Linear(dim, dim)]
         # norm: a LayerNorm ends the projection, so the token starts at the scale of a task embedding (norm ~sqrt(D), 16)
         # instead of ~0.6, and the denoiser and the slot queries do not learn to ignore it first (issue 13: 0.85 -> 3.4)
         self.proj = nn.Sequential(*layers, *([nn.LayerNorm(dim)] if norm else []))
-        self.null = nn.Parameter(torch.zeros(1, 1, dim))
-        self.emb_dim, self.p_drop = emb_dim, p_drop
+        self.emb_dim = emb_dim
 
     def forward(self, emb: torch.Tensor | None, batch: int | None = None) -> torch.Tensor:
         if emb is None:
@@ -191,14 +207,10 @@ class LanguageToken(nn.Module):
             return self.null.expand(batch, 1, -1)
         if emb.ndim != 2 or emb.shape[1] != self.emb_dim:
             raise ValueError(f"language embedding has shape {tuple(emb.shape)}, expected (B, {self.emb_dim})")
-        tokens = self.proj(emb.float())[:, None]
-        drop = (emb == 0).all(dim=1)[:, None, None]
-        if self.training and self.p_drop > 0:
-            drop = drop | (torch.rand(emb.shape[0], 1, 1, device=emb.device) < self.p_drop)
-        return torch.where(drop, self.null.to(tokens.dtype), tokens)
+        return self._with_null(self.proj(emb.float())[:, None], (emb == 0).all(dim=1))
 
 
-class WordsToken(nn.Module):
+class WordsToken(_InstructionToken):
     """Instruction token ids -> one condition token through learned word embeddings (a bag of words).
 
     tokens  (B, L) long, 0 = pad (``lang_tokens`` from the tokenizer of ``encoder.vla_backbone`` or MiniLM's);
@@ -211,13 +223,10 @@ class WordsToken(nn.Module):
     """
 
     def __init__(self, vocab: int, dim: int, p_drop: float = 0.1, word_dim: int = 32):
-        super().__init__()
-        if not 0 <= p_drop < 1:
-            raise ValueError(f"lang_dropout must be in [0, 1), got {p_drop}")
+        super().__init__(dim, p_drop)
         self.words = nn.Embedding(vocab, word_dim, padding_idx=0)
         self.proj = nn.Sequential(nn.Linear(word_dim, dim), nn.Mish(), nn.Linear(dim, dim))
-        self.null = nn.Parameter(torch.zeros(1, 1, dim))
-        self.vocab, self.p_drop = vocab, p_drop
+        self.vocab = vocab
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.ndim != 2:
@@ -225,11 +234,7 @@ class WordsToken(nn.Module):
         tokens = tokens.long()
         mask = (tokens != 0).unsqueeze(-1)
         bag = (self.words(tokens.clamp(0, self.vocab - 1)) * mask).sum(1) / mask.sum(1).clamp_min(1)
-        out = self.proj(bag)[:, None]
-        drop = ~mask.any(dim=1)[:, :, None]
-        if self.training and self.p_drop > 0:
-            drop = drop | (torch.rand(tokens.shape[0], 1, 1, device=tokens.device) < self.p_drop)
-        return torch.where(drop, self.null.to(out.dtype), out)
+        return self._with_null(self.proj(bag)[:, None], ~mask.any(dim=1)[:, 0])
 
 
 def vocab_size(backbone: str) -> int:

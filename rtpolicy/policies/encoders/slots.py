@@ -20,9 +20,7 @@ from torch import nn
 
 def slot_layout(key: str, shape: list[int], count: int, size: int) -> int:
     """Offset of the ``count`` slots of ``size`` features at the end of vector key ``key`` of ``shape``;
-    ValueError naming the key when they do not fit."""
-    if len(shape) != 1:
-        raise ValueError(f"policy.encoder.slot_key={key!r} must be a vector obs key (D,), got shape {list(shape)}")
+    ValueError naming the key when they do not fit (the caller checks that ``key`` is a vector key)."""
     if count < 1 or size < 1:
         raise ValueError(f"policy.encoder.slot_count and slot_size must be >= 1 for slot_key={key!r}, got {count} and {size}")
     if count * size > int(shape[0]):
