@@ -31,7 +31,9 @@ are one model; so are EDM's samplers) are trained once and evaluated per sampler
 Resumable: a trained run (its results.json) is not retrained, an evaluated setting (its JSON) is not
 re-evaluated, and a killed training run resumes from its last checkpoint. It takes hours on a
 2-core CPU; it is not part of the test run. Rows: head, sampler, steps, task, episodes, success,
-ci95 (Wilson), plus one ``task: "mean"`` row per setting.
+ci95 (Wilson), plus one ``task: "mean"`` row per setting. A cached setting's mean row also carries ``speedup``: its
+chunk latency against the same policy uncached, both timed call by call interleaved in this process at batch 1
+(:func:`side_by_side_ms`, kept in the setting's ``_cache.json``), and the units' ``cost_fraction``.
 """
 
 from __future__ import annotations
@@ -114,6 +116,42 @@ def apply_cache(policy, setting: str, task_cfg, n: int, device, source: str = "d
         return calibrate(policy, obs, mode, **kw)
 
 
+def side_by_side_ms(policy, obs: dict[str, torch.Tensor], rounds: int = 60) -> dict:
+    """Chunk latency (ms, batch 1, median over ``rounds``) of ``policy`` as cached by :func:`apply_cache` and of the
+    same policy uncached, interleaved call by call in this process (the same checkpoint, observation and threads),
+    and their ratio. Uncached: the CachedDiT's inner DiT, or a MoDE denoiser with its fused experts set aside."""
+    import statistics
+    import time
+
+    from rtpolicy.policies.accelerators.cache import CachedDiT
+
+    cached = policy.denoiser
+    if isinstance(cached, CachedDiT):
+        def use(on: bool) -> None:
+            policy.denoiser = cached if on else cached.inner
+    else:  # MoDE: routed experts vs the per-level fused FFN
+        fused = dict(cached.fused)
+
+        def use(on: bool) -> None:
+            cached.fused = fused if on else {}
+    one = {k: v[:1] for k, v in obs.items()}
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with torch.no_grad():
+        for i in range(rounds + 5):
+            for on in (True, False) if i % 2 else (False, True):
+                use(on)
+                policy.reset()
+                t0 = time.perf_counter()
+                policy.predict_chunk(one)
+                if i >= 5:  # warm-up rounds not counted
+                    times[on].append(1000 * (time.perf_counter() - t0))
+    use(True)
+    policy.reset()
+    cached_ms, plain_ms = statistics.median(times[True]), statistics.median(times[False])
+    return {"chunk_ms_cached": cached_ms, "chunk_ms_uncached": plain_ms, "speedup": plain_ms / cached_ms,
+            "timing_rounds": rounds}
+
+
 def seed_means(rows: list[dict]) -> list[dict]:
     """Per setting with more than one training seed: one ``task: "mean over seeds"`` row (mean of the seeds' suite
     means, sample std, min/max, and per-task means), carrying the seed lists."""
@@ -134,7 +172,9 @@ def seed_means(rows: list[dict]) -> list[dict]:
                     "success": statistics.fmean(vals), "std": statistics.stdev(vals), "min": min(vals), "max": max(vals),
                     "per_seed": vals, "train_seeds": [r["train_seed"] for r in sel],
                     "eval_seeds": sorted({r["eval_seed"] for r in sel}), "episodes_per_seed": sel[0]["episodes"],
-                    "per_task": {t: statistics.fmean(v) for t, v in per_task.items()}})
+                    "per_task": {t: statistics.fmean(v) for t, v in per_task.items()},
+                    **{k: statistics.fmean(r[k] for r in sel) for k in ("speedup", "cost_fraction")
+                       if all(k in r for r in sel)}})
     return out
 
 
@@ -200,6 +240,7 @@ def main() -> None:
                 task_cfg = task_config(meta["config"]["task"])
                 if cache:
                     report = apply_cache(policy, cache, task_cfg, args.calib, device, args.calib_source)
+                    report |= side_by_side_ms(policy, demo_windows(policy, task_cfg, 1, device, seed=1))
                     (out.parent / (out.stem + "_cache.json")).write_text(json.dumps(report, indent=2))
                     print(f"[success] cache {cache}: {report}", flush=True)
                 ecfg = EvalConfig(episodes=args.episodes, num_envs=args.num_envs, seed=args.eval_seed, out=str(out),
@@ -214,10 +255,16 @@ def main() -> None:
             for task, r in per_task.items():
                 rows.append({"head": head, "sampler": sampler, "steps": steps, "task": task, "episodes": r["episodes"],
                              "success": r["success"], "ci95": r["ci95"], **tags})
+            speed = {}
+            report_path = out.parent / (out.stem + "_cache.json")
+            if cache and report_path.exists():
+                rep = json.loads(report_path.read_text())
+                speed = {k: rep[k] for k in ("speedup", "chunk_ms_cached", "chunk_ms_uncached", "cost_fraction")
+                         if k in rep}
             rows.append({"head": head, "sampler": sampler, "steps": steps, "task": "mean", "episodes": res["episodes"],
                          "success": res["success"], "ci95": res["ci95"], "chunk_ms_p50": res["chunk_ms_p50"],
-                         "denoiser": args.denoiser, **tags, **({"calib": args.calib, "calib_source": args.calib_source}
-                                                               if cache else {})})
+                         "denoiser": args.denoiser, **tags, **speed,
+                         **({"calib": args.calib, "calib_source": args.calib_source} if cache else {})})
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(rows + seed_means(rows), indent=2))
     rows += seed_means(rows)
@@ -237,8 +284,9 @@ def main() -> None:
         print(line)
     print(f"({rows[-1]['episodes'] // max(1, len(tasks) - 1)} episodes per task; mean row: Wilson 95% CI of pooled episodes)")
     for r in seeded:
+        speed = f"; {r['speedup']:.2f}x vs uncached (side by side)" if "speedup" in r else ""
         print(f"{r['head']}/{r['sampler']}-{r['steps']}: {r['success']:.3f} +- {r['std']:.3f} (std over train seeds "
-              f"{r['train_seeds']}: {', '.join(f'{v:.3f}' for v in r['per_seed'])}; eval seeds from {r['eval_seeds']})")
+              f"{r['train_seeds']}: {', '.join(f'{v:.3f}' for v in r['per_seed'])}; eval seeds from {r['eval_seeds']}){speed}")
     print(f"wrote {args.out}")
 
 
