@@ -268,6 +268,8 @@ def main() -> None:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(rows + seed_means(rows), indent=2))
     rows += seed_means(rows)
+    if not rows:  # --settings with nothing to evaluate: training only
+        return
 
     seeded = [r for r in rows if r["task"] == "mean over seeds"]
     rows = [r for r in rows if r["task"] != "mean over seeds" and r["train_seed"] == 0]  # the table: seed 0
