@@ -13,7 +13,8 @@ setting evaluated on other seeds than the default is stored as ``eval_<setting>_
 ``--calib-source`` picks where the --cache calibration windows come from (``demos``: drawn from the training
 demos as before; ``demos-per-task``: the same number from each suite member); ``--cache bound:F`` calibrates the
 error-bounded schedule (``calibrate_bounded``) recomputing at floor(F * 10) of DDIM-10's steps (e.g. bound:0.3), half
-of the windows held out for its bound; ``tbound:F`` the same with skipped units forecast (Taylor) instead of reused.
+of the windows held out for its bound; ``tbound:F`` the same with skipped units forecast (Taylor) instead of reused;
+``ptbound:F`` one such Taylor schedule per suite member at the same mean budget (``calibrate_per_task``).
 
 ``--eval-backend ray`` plays the evaluation episodes on Ray workers (``eval.backend=ray``; a local Ray, or the
 cluster of ``--ray-address``) with the same per-episode results as the local runner.
@@ -101,10 +102,16 @@ def apply_cache(policy, setting: str, task_cfg, n: int, device, source: str = "d
     from rtpolicy.policies.denoisers.mode import cache_policy_experts
 
     mode, _, num = setting.partition(":")
-    ok_num = num.isdigit() or (mode in ("bound", "tbound") and num.replace(".", "", 1).isdigit())
-    if not (mode in ("bac", "uniform", "taylor", "bound", "tbound") and ok_num or setting == "experts"):
-        raise SystemExit(f"--cache {setting!r}: expected bac:N, uniform:N, taylor:N, bound:F, tbound:F or experts")
+    ok_num = num.isdigit() or (mode in ("bound", "tbound", "ptbound") and num.replace(".", "", 1).isdigit())
+    if not (mode in ("bac", "uniform", "taylor", "bound", "tbound", "ptbound") and ok_num or setting == "experts"):
+        raise SystemExit(f"--cache {setting!r}: expected bac:N, uniform:N, taylor:N, bound:F, tbound:F, ptbound:F or experts")
     obs = demo_windows(policy, task_cfg, n, device, per_task=source == "demos-per-task")
+    if mode == "ptbound":  # one schedule per suite member, the same mean budget, half of the windows held out
+        from rtpolicy.policies.accelerators.cache import calibrate_per_task
+
+        with torch.no_grad():
+            return calibrate_per_task(policy, {k: v[0::2] for k, v in obs.items()}, {k: v[1::2] for k, v in obs.items()},
+                                      cost=float(num), mode="taylor")
     if mode in ("bound", "tbound"):  # fit on every other window, bound measured on the rest
         with torch.no_grad():
             return calibrate_bounded(policy, {k: v[0::2] for k, v in obs.items()}, {k: v[1::2] for k, v in obs.items()},
@@ -118,9 +125,15 @@ def apply_cache(policy, setting: str, task_cfg, n: int, device, source: str = "d
         return calibrate(policy, obs, mode, **kw)
 
 
+def timing_windows(policy, task_cfg, device) -> dict[str, torch.Tensor]:
+    """One demo window per suite member (one window for a single task), for :func:`side_by_side_ms`."""
+    members = max(1, len(task_cfg.tasks or []))
+    return demo_windows(policy, task_cfg, members, device, per_task=members > 1, seed=1)
+
+
 def side_by_side_ms(policy, obs: dict[str, torch.Tensor], rounds: int = 60) -> dict:
-    """Chunk latency (ms, batch 1, median over ``rounds``) of ``policy`` as cached by :func:`apply_cache` and of the
-    same policy uncached, interleaved call by call in this process (the same checkpoint, observation and threads),
+    """Chunk latency (ms, batch 1, median over ``rounds``, averaged over the windows of ``obs``: one per suite member) of
+    ``policy`` as cached by :func:`apply_cache` and of the same policy uncached, interleaved call by call in this process (the same checkpoint, observation and threads),
     and their ratio. Uncached: the CachedDiT's inner DiT, or a MoDE denoiser with its fused experts set aside."""
     import statistics
     import time
@@ -136,20 +149,23 @@ def side_by_side_ms(policy, obs: dict[str, torch.Tensor], rounds: int = 60) -> d
 
         def use(on: bool) -> None:
             cached.fused = fused if on else {}
-    one = {k: v[:1] for k, v in obs.items()}
-    times: dict[bool, list[float]] = {True: [], False: []}
+    n = next(iter(obs.values())).shape[0]
+    times: dict[tuple[bool, int], list[float]] = {(on, w): [] for on in (True, False) for w in range(n)}
     with torch.no_grad():
         for i in range(rounds + 5):
-            for on in (True, False) if i % 2 else (False, True):
-                use(on)
-                policy.reset()
-                t0 = time.perf_counter()
-                policy.predict_chunk(one)
-                if i >= 5:  # warm-up rounds not counted
-                    times[on].append(1000 * (time.perf_counter() - t0))
+            for w in range(n):  # one window per suite member: a per-task schedule costs what its task's does
+                one = {k: v[w : w + 1] for k, v in obs.items()}
+                for on in (True, False) if i % 2 else (False, True):
+                    use(on)
+                    policy.reset()
+                    t0 = time.perf_counter()
+                    policy.predict_chunk(one)
+                    if i >= 5:  # warm-up rounds not counted
+                        times[on, w].append(1000 * (time.perf_counter() - t0))
     use(True)
     policy.reset()
-    cached_ms, plain_ms = statistics.median(times[True]), statistics.median(times[False])
+    cached_ms = statistics.fmean(statistics.median(times[True, w]) for w in range(n))
+    plain_ms = statistics.fmean(statistics.median(times[False, w]) for w in range(n))
     return {"chunk_ms_cached": cached_ms, "chunk_ms_uncached": plain_ms, "speedup": plain_ms / cached_ms,
             "timing_rounds": rounds}
 
@@ -245,7 +261,7 @@ def main() -> None:
                 policy, meta = load_policy(ckpt, device, inference)
                 task_cfg = task_config(meta["config"]["task"])
                 report = apply_cache(policy, cache, task_cfg, args.calib, device, args.calib_source)
-                timing = side_by_side_ms(policy, demo_windows(policy, task_cfg, 1, device, seed=1), args.retime)
+                timing = side_by_side_ms(policy, timing_windows(policy, task_cfg, device), args.retime)
                 old = json.loads(report_path.read_text()) if report_path.exists() else {}
                 report_path.write_text(json.dumps(old | report | timing | {"timed_during_eval": {
                     k: old[k] for k in ("speedup", "chunk_ms_cached", "chunk_ms_uncached") if k in old}}, indent=2))
@@ -256,7 +272,7 @@ def main() -> None:
                 task_cfg = task_config(meta["config"]["task"])
                 if cache:
                     report = apply_cache(policy, cache, task_cfg, args.calib, device, args.calib_source)
-                    report |= side_by_side_ms(policy, demo_windows(policy, task_cfg, 1, device, seed=1))
+                    report |= side_by_side_ms(policy, timing_windows(policy, task_cfg, device))
                     (out.parent / (out.stem + "_cache.json")).write_text(json.dumps(report, indent=2))
                     print(f"[success] cache {cache}: {report}", flush=True)
                 ecfg = EvalConfig(episodes=args.episodes, num_envs=args.num_envs, seed=args.eval_seed, out=str(out),
