@@ -13,8 +13,7 @@ setting evaluated on other seeds than the default is stored as ``eval_<setting>_
 ``--calib-source`` picks where the --cache calibration windows come from (``demos``: drawn from the training
 demos as before; ``demos-per-task``: the same number from each suite member); ``--cache bound:F`` calibrates the
 error-bounded schedule (``calibrate_bounded``) recomputing at floor(F * 10) of DDIM-10's steps (e.g. bound:0.3), half
-of the windows held out for its bound; ``tbound:F`` the same with skipped units forecast (Taylor) instead of reused;
-``ptbound:F`` one such Taylor schedule per suite member at the same mean budget (``calibrate_per_task``).
+of the windows held out for its bound; ``tbound:F`` the same with skipped units forecast (Taylor) instead of reused.
 
 ``--eval-backend ray`` plays the evaluation episodes on Ray workers (``eval.backend=ray``; a local Ray, or the
 cluster of ``--ray-address``) with the same per-episode results as the local runner.
@@ -102,16 +101,10 @@ def apply_cache(policy, setting: str, task_cfg, n: int, device, source: str = "d
     from rtpolicy.policies.denoisers.mode import cache_policy_experts
 
     mode, _, num = setting.partition(":")
-    ok_num = num.isdigit() or (mode in ("bound", "tbound", "ptbound") and num.replace(".", "", 1).isdigit())
-    if not (mode in ("bac", "uniform", "taylor", "bound", "tbound", "ptbound") and ok_num or setting == "experts"):
-        raise SystemExit(f"--cache {setting!r}: expected bac:N, uniform:N, taylor:N, bound:F, tbound:F, ptbound:F or experts")
+    ok_num = num.isdigit() or (mode in ("bound", "tbound") and num.replace(".", "", 1).isdigit())
+    if not (mode in ("bac", "uniform", "taylor", "bound", "tbound") and ok_num or setting == "experts"):
+        raise SystemExit(f"--cache {setting!r}: expected bac:N, uniform:N, taylor:N, bound:F, tbound:F or experts")
     obs = demo_windows(policy, task_cfg, n, device, per_task=source == "demos-per-task")
-    if mode == "ptbound":  # one schedule per suite member, the same mean budget, half of the windows held out
-        from rtpolicy.policies.accelerators.cache import calibrate_per_task
-
-        with torch.no_grad():
-            return calibrate_per_task(policy, {k: v[0::2] for k, v in obs.items()}, {k: v[1::2] for k, v in obs.items()},
-                                      cost=float(num), mode="taylor")
     if mode in ("bound", "tbound"):  # fit on every other window, bound measured on the rest
         with torch.no_grad():
             return calibrate_bounded(policy, {k: v[0::2] for k, v in obs.items()}, {k: v[1::2] for k, v in obs.items()},
@@ -126,13 +119,13 @@ def apply_cache(policy, setting: str, task_cfg, n: int, device, source: str = "d
 
 
 def rebuild_cache(policy, report: dict) -> dict:
-    """Wrap ``policy.denoiser`` in the searched schedule a ``bound``/``tbound``/``ptbound`` report recorded (its
-    update steps: all units recompute at them), without searching again; {} for other reports (they calibrate
-    quickly and deterministically: apply_cache again)."""
+    """Wrap ``policy.denoiser`` in the searched schedule a ``bound``/``tbound`` report recorded (its update steps:
+    all units recompute at them), without searching again; {} for other reports (they calibrate quickly and
+    deterministically: apply_cache again)."""
     from rtpolicy.policies.accelerators.cache import CachedDiT
 
     mode = str(report.get("mode", ""))
-    if not mode.startswith(("bound-", "task-bound-")):
+    if not mode.startswith("bound-"):
         return {}
     inner, k, units = policy.denoiser, int(report["steps"]), int(report["units"])
 
@@ -141,15 +134,7 @@ def rebuild_cache(policy, report: dict) -> dict:
         sch[:, at] = True
         return sch
 
-    kind = mode.rsplit("-", 1)[1]
-    if "update_steps_per_task" in report:
-        per = {int(t): steps(v) for t, v in report["update_steps_per_task"].items()}
-        tasks = torch.ones(max(per) + 1, units, k, dtype=torch.bool)
-        for t, sch in per.items():
-            tasks[t] = sch
-        policy.denoiser = CachedDiT(inner, tasks.any(0), kind, tasks)
-    else:
-        policy.denoiser = CachedDiT(inner, steps(report["update_steps"]), kind)
+    policy.denoiser = CachedDiT(inner, steps(report["update_steps"]), mode.split("-", 1)[1])
     policy.reset()
     return {"rebuilt_from_report": True}
 
@@ -161,9 +146,9 @@ def timing_windows(policy, task_cfg, device) -> dict[str, torch.Tensor]:
 
 
 def side_by_side_ms(policy, obs: dict[str, torch.Tensor], rounds: int = 60) -> dict:
-    """Chunk latency (ms, batch 1, median over ``rounds``, averaged over the windows of ``obs``: one per suite member) of
-    ``policy`` as cached by :func:`apply_cache` and of the same policy uncached, interleaved call by call in this process (the same checkpoint, observation and threads),
-    and their ratio. Uncached: the CachedDiT's inner DiT, or a MoDE denoiser with its fused experts set aside."""
+    """Chunk latency (ms, batch 1, median over ``rounds``, averaged over the windows of ``obs``: one per suite member)
+    of ``policy`` as cached by :func:`apply_cache` and of the same policy uncached, interleaved call by call in this
+    process (the same checkpoint, observations and threads), and their ratio. Uncached: the CachedDiT's inner DiT, or a MoDE denoiser with its fused experts set aside."""
     import statistics
     import time
 
@@ -182,7 +167,7 @@ def side_by_side_ms(policy, obs: dict[str, torch.Tensor], rounds: int = 60) -> d
     times: dict[tuple[bool, int], list[float]] = {(on, w): [] for on in (True, False) for w in range(n)}
     with torch.no_grad():
         for i in range(rounds + 5):
-            for w in range(n):  # one window per suite member: a per-task schedule costs what its task's does
+            for w in range(n):  # one window per suite member, each timed alike
                 one = {k: v[w : w + 1] for k, v in obs.items()}
                 for on in (True, False) if i % 2 else (False, True):
                     use(on)

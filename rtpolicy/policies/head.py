@@ -152,9 +152,6 @@ class DenoisingHead(Policy, NoiseDraws):
         lang = obs.get(self.lang_key) if self.lang_key is not None else None
         if lang is not None and lang.ndim == 2:
             obs = obs | {self.lang_key: lang[:, None].expand(-1, self.obs_horizon, -1)}
-        set_tasks = getattr(self.denoiser, "set_tasks", None)
-        if set_tasks is not None:  # a feature cache with a schedule per suite member
-            set_tasks(obs.get("task_id"))
         shapes = self.obs_shapes | {k: v for k, v in self.keypoint_shapes.items() if k in obs and obs[k].ndim == 3}
         if self._feed is None or self._feed.check:
             check_obs(obs, shapes, self.obs_horizon)

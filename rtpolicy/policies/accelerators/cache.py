@@ -59,8 +59,7 @@ inf = float("inf")
 class CachedDiT(nn.Module):
     """Wraps a DiTDenoiser (shares its weights); same forward signature: x (B, T, Da), t, cond -> (B, T, Da)."""
 
-    def __init__(self, inner: DiTDenoiser, schedule: torch.Tensor, mode: str = "bac",
-                 task_schedules: torch.Tensor | None = None):
+    def __init__(self, inner: DiTDenoiser, schedule: torch.Tensor, mode: str = "bac"):
         super().__init__()
         if not isinstance(inner, DiTDenoiser):
             raise TypeError(f"feature caching wraps the transformer denoiser, got {type(inner).__name__}")
@@ -72,18 +71,9 @@ class CachedDiT(nn.Module):
             raise ValueError(f"schedule must be (units={units}, steps), got {tuple(schedule.shape)}")
         if not schedule[:, 0].all():
             raise ValueError("schedule must recompute every unit at step 0")
-        if task_schedules is not None:
-            task_schedules = torch.as_tensor(task_schedules, dtype=torch.bool)
-            if task_schedules.ndim != 3 or task_schedules.shape[1:] != schedule.shape or not task_schedules[:, :, 0].all():
-                raise ValueError(f"task_schedules must be (tasks, {units}, {schedule.shape[1]}) with every unit at step 0, "
-                                 f"got {tuple(task_schedules.shape)}")
         self.inner, self.mode = inner, mode
         self.bound: dict[str, Any] | None = None  # the held-out output-error bound it was calibrated for
         self.register_buffer("schedule", schedule.clone())
-        # per suite member (task id): its own schedule; a chunk runs the union of its batch's tasks' schedules, and
-        # the shared ``schedule`` when the tasks are unknown (set_tasks(None)); a task id out of range: every unit
-        self.register_buffer("task_schedules", None if task_schedules is None else task_schedules.clone())
-        self._tasks: list[int] | None = None
         self.record: list[list[torch.Tensor]] | None = None  # per step, per unit outputs while calibrating
         self.reset()
 
@@ -97,28 +87,14 @@ class CachedDiT(nn.Module):
         self.cache: dict[int, list[tuple[int, torch.Tensor]]] = {}  # unit -> last two (step, output)
         self._cond: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (cond, ctx, pooled) of this chunk
         self._temb: dict[tuple, torch.Tensor] = {}  # noise-level embeddings of this chunk, by t's values
-        self._plan: list[list[bool]] = self.plan().tolist()
+        self._plan: list[list[bool]] = self.schedule.tolist()
 
     def start_chunk(self) -> None:
         """The next call is step 0 of a new chunk."""
         self.step = 0
 
-    def set_tasks(self, task_id: torch.Tensor | None) -> None:
-        """The task ids (B,) of the coming chunk's batch (the head passes ``obs["task_id"]`` when it encodes)."""
-        self._tasks = None if task_id is None else sorted({int(t) for t in torch.as_tensor(task_id).flatten().tolist()})
-
-    def plan(self) -> torch.Tensor:
-        """(units, K) bool: the schedule this chunk runs (see ``task_schedules``)."""
-        if self.task_schedules is None or self._tasks is None:
-            return self.schedule
-        n = self.task_schedules.shape[0]
-        if any(not 0 <= t < n for t in self._tasks):
-            return torch.ones_like(self.schedule)
-        return self.task_schedules[self._tasks].any(0)
-
     def computed_fraction(self) -> float:
-        sched = self.schedule if self.task_schedules is None else self.task_schedules
-        return float(sched.float().mean())
+        return float(self.schedule.float().mean())
 
     def _unit(self, u: int, k: int, fn) -> torch.Tensor:
         if self._plan[u][k] or u not in self.cache:
@@ -149,7 +125,7 @@ class CachedDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         m, k = self.inner, self.step
         if k == 0:  # a new chunk: nothing carries over; the schedule is re-read (a loaded state_dict may change it)
-            self.cache, self._cond, self._plan = {}, None, self.plan().tolist()
+            self.cache, self._cond, self._plan = {}, None, self.schedule.tolist()
         self.step = (k + 1) % self.num_steps
         ctx, c = self._chunk_constants(t, cond)
         h = m.drop(m.action_in(x) + m.action_pos)
@@ -171,15 +147,12 @@ class CachedDiT(nn.Module):
 
     def schedule_json(self) -> str:
         return json.dumps({"mode": self.mode, "schedule": self.schedule.int().tolist(),
-                           **({"task_schedules": self.task_schedules.int().tolist()} if self.task_schedules is not None else {}),
                            **({"bound": self.bound} if self.bound is not None else {})})
 
     @classmethod
     def from_json(cls, inner: DiTDenoiser, text: str) -> CachedDiT:
         data = json.loads(text)
-        tasks = data.get("task_schedules")
-        out = cls(inner, torch.tensor(data["schedule"], dtype=torch.bool), data["mode"],
-                  None if tasks is None else torch.tensor(tasks, dtype=torch.bool))
+        out = cls(inner, torch.tensor(data["schedule"], dtype=torch.bool), data["mode"])
         out.bound = data.get("bound")
         return out
 
@@ -479,69 +452,3 @@ def calibrate_bounded(policy, fit: dict[str, torch.Tensor], heldout: dict[str, t
             "computed_fraction": policy.denoiser.computed_fraction(),
             "cost_fraction": cost_fraction(schedule, unit_costs(inner)), "bound": bound,
             "update_steps": schedule[0].nonzero().flatten().tolist()}
-
-
-@torch.no_grad()
-def calibrate_per_task(policy, fit: dict[str, torch.Tensor], heldout: dict[str, torch.Tensor], cost: float = 0.3,
-                       q: float = 0.9, mode: str = "taylor", seed: int = 0) -> dict[str, Any]:
-    """Replace ``policy.denoiser`` by a CachedDiT with one schedule per suite member (task id), the budget spent
-    where it buys the most; returns a report. fit / heldout: disjoint windows with ``task_id`` (B,).
-
-    For every update count n = 1 .. 2m (m = floor(cost * K), the shared budget per chunk) the step set is the
-    :func:`step_search` winner on all fit windows. Each member's mean chunk error under each of these schedules is
-    measured on its own fit windows, and the counts n_t are chosen (exactly, by dynamic programming over the
-    members) to minimize the summed mean errors with sum n_t <= m * members: a member whose features barely move
-    gets fewer updates and one whose actions need them (peg-insert on MT10) more, at the same mean cost as one
-    shared schedule of m updates (which is among the choices, so on the fit windows it is never worse). Members
-    are weighted equally (a suite evaluates each for the same number of episodes). Stored as the bound: the
-    held-out conformal q-quantile over all held-out windows, and per member."""
-    if "task_id" not in fit or "task_id" not in heldout:
-        raise ValueError("per-task calibration needs task_id in the fit and held-out windows")
-    inner = _inner(policy)
-    policy.denoiser = inner
-    k, units = len(denoiser_calls(policy, fit, steady=True)), 2 * len(inner.blocks)
-    m = max(1, math.floor(cost * k + 1e-9))
-    counts = list(range(1, min(k, 2 * m) + 1))
-    steps = {n: step_search(policy, fit, n, mode, q, seed)[0][1] for n in counts}  # n -> (units, K)
-    tasks = sorted({int(t) for t in fit["task_id"].tolist()})
-    n_tasks = max(max(tasks), int(heldout["task_id"].max())) + 1
-    noise: list[torch.Tensor] = []
-    ref = steady_chunk(policy, inner, fit, seed, noise)
-    err = (trial_chunks(policy, torch.stack([steps[n] for n in counts]), fit, noise, mode) - ref)
-    err = err.pow(2).flatten(2).mean(2).sqrt()  # (counts, B)
-    score = {t: [float(err[i, fit["task_id"] == t].mean()) for i in range(len(counts))] for t in tasks}
-    # DP over members: best[j] = (least summed error, choice) using j updates in all so far
-    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
-    for t in tasks:
-        nxt: dict[int, tuple[float, list[int]]] = {}
-        for used, (e, pick) in best.items():
-            for i, n in enumerate(counts):
-                if used + n <= m * len(tasks):
-                    cand = (e + score[t][i], pick + [n])
-                    if used + n not in nxt or cand[0] < nxt[used + n][0]:
-                        nxt[used + n] = cand
-        best = nxt
-    _, pick = min(best.values(), key=lambda v: v[0])
-    chosen = dict(zip(tasks, pick))
-    task_schedules = torch.ones(n_tasks, units, k, dtype=torch.bool)  # a member not in the fit windows: in full
-    for t, n in chosen.items():
-        task_schedules[t] = steps[n]
-    cached = CachedDiT(inner, steps[m], mode, task_schedules)
-    errs = torch.zeros(heldout["task_id"].shape[0])
-    for t in heldout["task_id"].unique().tolist():  # one task per chunk, as a suite evaluation runs them
-        sel = heldout["task_id"] == t
-        part = {key: v[sel] for key, v in heldout.items()}
-        errs[sel] = chunk_rms(steady_chunk(policy, cached, part, seed), steady_chunk(policy, inner, part, seed))
-    costs = unit_costs(inner)
-    per_task_cost = {t: cost_fraction(task_schedules[t], costs) for t in tasks}
-    cached.bound = {"q": q, "chunk_rms": conformal_quantile(errs, q), "heldout_mean": float(errs.mean()),
-                    "heldout_max": float(errs.max()), "n_heldout": int(errs.numel()),
-                    "tasks": {str(t): round(conformal_quantile(errs[heldout["task_id"] == t], q), 6)
-                              for t in heldout["task_id"].unique().tolist()}}
-    policy.denoiser = cached
-    policy.reset()
-    return {"mode": f"task-bound-{mode}", "steps": k, "units": units, "computed_fraction": cached.computed_fraction(),
-            "cost_fraction": sum(per_task_cost.values()) / len(tasks), "bound": cached.bound,
-            "updates_per_task": {str(t): n for t, n in chosen.items()},
-            "update_steps_per_task": {str(t): task_schedules[t][0].nonzero().flatten().tolist() for t in tasks},
-            "cost_fraction_per_task": {str(t): round(c, 4) for t, c in per_task_cost.items()}}
