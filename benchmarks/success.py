@@ -34,8 +34,9 @@ re-evaluated, and a killed training run resumes from its last checkpoint. It tak
 ci95 (Wilson), plus one ``task: "mean"`` row per setting. A cached setting's mean row also carries ``speedup``: its
 chunk latency against the same policy uncached, both timed call by call interleaved in this process at batch 1
 (:func:`side_by_side_ms`, kept in the setting's ``_cache.json``), and the units' ``cost_fraction``. ``--retime N``
-times the evaluated cached settings again with N rounds (calibrated anew: the windows are seeded, so the schedules
-are the same), for a figure taken on a machine that is not also running the evaluations.
+times the evaluated cached settings again with N rounds (a searched schedule is rebuilt from its report, the others
+are calibrated anew from the same seeded windows), for a figure taken on a machine that is not also running the
+evaluations.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def timing_windows(policy, task_cfg, device) -> dict[str, torch.Tensor]:
 def side_by_side_ms(policy, obs: dict[str, torch.Tensor], rounds: int = 60) -> dict:
     """Chunk latency (ms, batch 1, median over ``rounds``, averaged over the windows of ``obs``: one per suite member)
     of ``policy`` as cached by :func:`apply_cache` and of the same policy uncached, interleaved call by call in this
-    process (the same checkpoint, observations and threads), and their ratio. Uncached: the CachedDiT's inner DiT, or a MoDE denoiser with its fused experts set aside."""
+    process (the same checkpoint, observations and threads), and their ratio. Uncached: the CachedDiT's inner DiT,
+    or a MoDE denoiser with its fused experts set aside."""
     import statistics
     import time
 
@@ -278,8 +280,9 @@ def main() -> None:
                 report = rebuild_cache(policy, old) or apply_cache(policy, cache, task_cfg, args.calib, device,
                                                                     args.calib_source)
                 timing = side_by_side_ms(policy, timing_windows(policy, task_cfg, device), args.retime)
-                report_path.write_text(json.dumps(old | report | timing | {"timed_during_eval": {
-                    k: old[k] for k in ("speedup", "chunk_ms_cached", "chunk_ms_uncached") if k in old}}, indent=2))
+                during = old.get("timed_during_eval") or {k: old[k] for k in ("speedup", "chunk_ms_cached",
+                                                                               "chunk_ms_uncached") if k in old}
+                report_path.write_text(json.dumps(old | report | timing | {"timed_during_eval": during}, indent=2))
                 print(f"[success] retimed {cache} (train seed {seed}): {timing}", flush=True)
             if not out.exists():
                 device = resolve_device("auto")
@@ -288,7 +291,7 @@ def main() -> None:
                 if cache:
                     report = apply_cache(policy, cache, task_cfg, args.calib, device, args.calib_source)
                     report |= side_by_side_ms(policy, timing_windows(policy, task_cfg, device))
-                    (out.parent / (out.stem + "_cache.json")).write_text(json.dumps(report, indent=2))
+                    report_path.write_text(json.dumps(report, indent=2))
                     print(f"[success] cache {cache}: {report}", flush=True)
                 ecfg = EvalConfig(episodes=args.episodes, num_envs=args.num_envs, seed=args.eval_seed, out=str(out),
                                   backend=args.eval_backend,
