@@ -34,9 +34,9 @@ re-evaluated, and a killed training run resumes from its last checkpoint. It tak
 ci95 (Wilson), plus one ``task: "mean"`` row per setting. A cached setting's mean row also carries ``speedup``: its
 chunk latency against the same policy uncached, both timed call by call interleaved in this process at batch 1
 (:func:`side_by_side_ms`, kept in the setting's ``_cache.json``), and the units' ``cost_fraction``. ``--retime N``
-times the evaluated cached settings again with N rounds (a searched schedule is rebuilt from its report, the others
-are calibrated anew from the same seeded windows), for a figure taken on a machine that is not also running the
-evaluations.
+times the evaluated cached settings again with N rounds (the schedule stored in the report, ``CachedDiT.from_json``;
+MoDE's fused experts and older reports without one are calibrated anew from the same seeded windows), for a figure
+taken on a machine that is not also running the evaluations.
 """
 
 from __future__ import annotations
@@ -117,27 +117,6 @@ def apply_cache(policy, setting: str, task_cfg, n: int, device, source: str = "d
     kw = {"budget": int(num)} if mode == "bac" else {"every": int(num)}
     with torch.no_grad():
         return calibrate(policy, obs, mode, **kw)
-
-
-def rebuild_cache(policy, report: dict) -> dict:
-    """Wrap ``policy.denoiser`` in the searched schedule a ``bound``/``tbound`` report recorded (its update steps:
-    all units recompute at them), without searching again; {} for other reports (they calibrate quickly and
-    deterministically: apply_cache again)."""
-    from rtpolicy.policies.accelerators.cache import CachedDiT
-
-    mode = str(report.get("mode", ""))
-    if not mode.startswith("bound-"):
-        return {}
-    inner, k, units = policy.denoiser, int(report["steps"]), int(report["units"])
-
-    def steps(at: list[int]) -> torch.Tensor:
-        sch = torch.zeros(units, k, dtype=torch.bool)
-        sch[:, at] = True
-        return sch
-
-    policy.denoiser = CachedDiT(inner, steps(report["update_steps"]), mode.split("-", 1)[1])
-    policy.reset()
-    return {"rebuilt_from_report": True}
 
 
 def timing_windows(policy, task_cfg, device) -> dict[str, torch.Tensor]:
@@ -277,12 +256,17 @@ def main() -> None:
                 policy, meta = load_policy(ckpt, device, inference)
                 task_cfg = task_config(meta["config"]["task"])
                 old = json.loads(report_path.read_text()) if report_path.exists() else {}
-                report = rebuild_cache(policy, old) or apply_cache(policy, cache, task_cfg, args.calib, device,
-                                                                    args.calib_source)
+                if "schedule" in old:  # the evaluated schedule itself, not a new search
+                    from rtpolicy.policies.accelerators.cache import CachedDiT
+
+                    policy.denoiser = CachedDiT.from_json(policy.denoiser, json.dumps(old["schedule"]))
+                    policy.reset()
+                else:
+                    apply_cache(policy, cache, task_cfg, args.calib, device, args.calib_source)
                 timing = side_by_side_ms(policy, timing_windows(policy, task_cfg, device), args.retime)
                 during = old.get("timed_during_eval") or {k: old[k] for k in ("speedup", "chunk_ms_cached",
                                                                                "chunk_ms_uncached") if k in old}
-                report_path.write_text(json.dumps(old | report | timing | {"timed_during_eval": during}, indent=2))
+                report_path.write_text(json.dumps(old | timing | {"timed_during_eval": during}, indent=2))
                 print(f"[success] retimed {cache} (train seed {seed}): {timing}", flush=True)
             if not out.exists():
                 device = resolve_device("auto")
@@ -290,6 +274,8 @@ def main() -> None:
                 task_cfg = task_config(meta["config"]["task"])
                 if cache:
                     report = apply_cache(policy, cache, task_cfg, args.calib, device, args.calib_source)
+                    if hasattr(policy.denoiser, "schedule_json"):  # a CachedDiT: kept, so --retime times this one
+                        report["schedule"] = json.loads(policy.denoiser.schedule_json())
                     report |= side_by_side_ms(policy, timing_windows(policy, task_cfg, device))
                     report_path.write_text(json.dumps(report, indent=2))
                     print(f"[success] cache {cache}: {report}", flush=True)
