@@ -286,6 +286,10 @@ def test_rosbag_episodes_from_a_topic_and_header_stamps_that_go_back(tmp_path):
     expect = [sum(1 for k in range(40) if a < t0 + k / 10 < b) for a, b in ((0.45, 1.25), (1.65, 2.55))]
     assert [len(ep["action"]) for ep in eps] == expect
     np.testing.assert_allclose(eps[1]["action"][0], _latest(sent["/cmd"], t0 + 1.7)[1].astype(np.float32))
+    # a span opened by true and never closed (the recorder discarded it, or stopped) is dropped, not cut at the next true
+    _write_bag(tmp_path / "open", "mcap", markers=((0.45, True), (1.25, True), (2.55, False)))
+    src = read_dataset(tmp_path / "open", sources=SOURCES, rate=10, split="topic", episode_topic="/episode")
+    assert [len(ep["action"]) for ep in src.episodes()] == [sum(1 for k in range(40) if 1.25 < k / 10 < 2.55)]
 
     _write_bag(tmp_path / "back", "sqlite3", stamp_back_at=1.0)
     assert len(list(read_dataset(tmp_path / "back", sources=SOURCES, rate=10).episodes())) == 1  # receive time: fine

@@ -176,3 +176,83 @@ def test_recorder_refuses_bad_parameters(tmp_path):
             RecorderNode({**base, "output": str(tmp_path / "other.zarr")}, context=ctx).destroy_node()
     finally:
         rclpy.try_shutdown(context=ctx)
+
+
+def test_recorder_discards_an_announced_episode_it_was_not_connected_for(tmp_path):
+    """A reset announces an episode before the recorder is connected to the robot's sources (discovery still
+    going): that episode misses its start and is discarded, in the store and in the bag; the next one, heard
+    from its reset on, is recorded whole."""
+    import rclpy
+    from geometry_msgs.msg import TwistStamped
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Float64MultiArray, String
+
+    from rtpolicy.deploy.record import COMMAND_QOS, RecorderNode
+
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=new_domain())
+    rec = RecorderNode({"observation_sources": json.dumps(OBS), "action_sources": json.dumps(ACT),
+                        "message_types": json.dumps(TYPES), "sample_on": "action", "control_rate_hz": 40.0,
+                        "output": str(tmp_path / "s.zarr"), "bag": str(tmp_path / "bag"), "bag_storage": "mcap"}, context=ctx)
+    robot = rclpy.create_node("robot", context=ctx)
+    executor = SingleThreadedExecutor(context=ctx)
+    for node in (rec, robot):
+        executor.add_node(node)
+
+    def spin_until(cond, timeout=20.0):
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, "timed out"
+            executor.spin_once(timeout_sec=0.01)
+
+    def spin_for(seconds):
+        import time
+
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.005)
+
+    def steps(n):
+        """n control steps: the state, then the command answering it."""
+        for i in range(n):
+            js = JointState(name=["hand_x", "hand_y", "hand_z", "gripper_opening"], position=[0.01 * i, 0.0, 0.2, 1.0])
+            pubs["js"].publish(js)
+            pubs["obj"].publish(Float64MultiArray(data=[float(i)] * 35))
+            spin_for(0.005)
+            pubs["twist"].publish(TwistStamped())
+            pubs["grip"].publish(Float64MultiArray(data=[float(i)]))
+            spin_for(0.02)
+
+    try:
+        reset = robot.create_publisher(String, "/rtpolicy/reset", COMMAND_QOS)
+        spin_until(lambda: reset.get_subscription_count() > 0)
+        reset.publish(String(data="episode"))  # an episode starts; the robot's sources come up only now
+        spin_until(lambda: rec.rows is not None)
+        spin_for(0.3)
+        pubs = {"js": robot.create_publisher(JointState, "/joint_states", qos_profile_sensor_data),
+                "obj": robot.create_publisher(Float64MultiArray, "/object_state", qos_profile_sensor_data),
+                "twist": robot.create_publisher(TwistStamped, "/rtpolicy/cmd_twist", COMMAND_QOS),
+                "grip": robot.create_publisher(Float64MultiArray, "/rtpolicy/cmd_gripper", COMMAND_QOS)}
+        spin_until(lambda: all(p.get_subscription_count() > 0 for p in pubs.values()))
+        spin_for(0.2)
+        steps(10)
+        reset.publish(String(data="episode"))  # ends the first (discarded), starts the second
+        spin_until(lambda: rec.discarded == 1)
+        steps(12)
+        reset.publish(String(data="episode"))
+        spin_until(lambda: rec.written == 1)
+    finally:
+        executor.shutdown()
+        rec.destroy_node()
+        robot.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+    buf = ReplayBuffer.open(tmp_path / "s.zarr")
+    assert buf.n_episodes == 1 and 10 <= buf.episode_lengths[0] <= 12, buf.episode_lengths
+    assert buf.get_episode(0)["action"][-1, 3] == 11.0  # the second episode's last command
+    eps = list(read_dataset(tmp_path / "bag", **READ).episodes())
+    assert len(eps) == 1 and abs(len(eps[0]["action"]) - buf.episode_lengths[0]) <= 1, [len(e["action"]) for e in eps]

@@ -33,8 +33,11 @@ episode end and what the deploy node listens to; the ``recording`` parameter doe
 ``ros2 param set /rtpolicy_record recording true|false``, through the node's parameter service):
 the rows of an ended episode are appended to the zarr store ``output`` with ``ReplayBuffer.add_episode``
 (data first, ``meta/episode_ends`` last, the episode's record in the store attrs just before), so a recorder
-killed at any moment leaves the store at its last complete episode. An episode open at shutdown, or shorter
-than ``min_length`` rows, is discarded. ``max_episodes`` > 0 exits after that many episodes.
+killed at any moment leaves the store at its last complete episode. An episode open at shutdown, shorter
+than ``min_length`` rows, or begun before the recorder was connected to every source (more than ``max_age_s``
+before the subscription matched a publisher and before the topic's first message: discovery still going, a
+node started late; only for an episode a reset or Bool started, whose start the robot announced) is discarded, with a warning naming the topic; in the bag it is left unended, so conversion
+drops it too. ``max_episodes`` > 0 exits after that many episodes.
 
 ``bag``: also write every message of the sources, as received (serialized, receive time), into a rosbag2 bag
 (``bag_storage`` mcap or sqlite3, written with ``rosbags``), with a std_msgs/Bool on ``episode_topic`` at
@@ -59,6 +62,7 @@ from typing import Any
 
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
 from rclpy.qos import (
     QoSDurabilityPolicy,
@@ -178,7 +182,7 @@ class RecorderNode(Node):
                 raise ValueError(f"{p['output']} holds keys {self.buffer.keys}; these sources record {sorted(self.spec.sources)}")
         self.bag = self._open_bag() if p["bag"] else None
         self._recent: dict[str, collections.deque] = {}  # topic -> the last RECENT (publish ns, serialized message) of this episode
-        self.boundary_ns = 0
+        self.boundary_ns, self.announced = 0, False
         self.builder: ObservationBuilder | None = None
         self.rows: list[dict[str, np.ndarray]] | None = None  # None: no episode open
         self.gaps = 0
@@ -189,8 +193,13 @@ class RecorderNode(Node):
         self._writer = threading.Thread(target=self._write_episodes, name="rtpolicy-record-writer", daemon=True)
         self._writer.start()
         self.started_at = 0.0
+        # topic -> when the recorder was first connected to a publisher of it (ns): the matched event or the first
+        # message's publish time, whichever came first; an episode that started before that misses its start
+        self._connected: dict[str, int] = {}
         for topic, cls in self.classes.items():
-            self.create_subscription(cls, topic, lambda raw, info, t=topic: self._on_message(t, raw, info), SOURCE_QOS, raw=True)
+            matched = SubscriptionEventCallbacks(matched=lambda st, t=topic: st.current_count and self._on_connected(t, time.time_ns()))
+            self.create_subscription(cls, topic, lambda raw, info, t=topic: self._on_message(t, raw, info), SOURCE_QOS, raw=True,
+                                     event_callbacks=matched)
         self.create_subscription(Bool, p["episode_topic"], lambda m, info: self._on_episode(m, info), COMMAND_QOS)
         self.create_subscription(String, p["reset_topic"], lambda m, info: self._on_reset(m, info), COMMAND_QOS)
         self.add_on_set_parameters_callback(self._on_parameters)
@@ -204,10 +213,12 @@ class RecorderNode(Node):
 
     # ---------------------------------------------------------------- episodes
     def start_episode(self, boundary_ns: int | None = None) -> None:
-        """Open an episode; only messages published at or after ``boundary_ns`` (default: now) go into it."""
+        """Open an episode; only messages published at or after ``boundary_ns`` (default: now) go into it. One
+        announced by a message (``boundary_ns`` given: a reset, a Bool) must be heard from its start on."""
         if self.rows is not None:
             return
         self.rows, self.gaps, self.started_at = [], 0, time.time()
+        self.announced = boundary_ns is not None
         self.boundary_ns = time.time_ns() if boundary_ns is None else boundary_ns
         self._recent.clear()
         self._pending.clear()
@@ -221,13 +232,17 @@ class RecorderNode(Node):
             return
         self._resolve(flush=True)
         rows, self.rows = self.rows, None
-        if commit:  # in the bag, an episode never ended is dropped on conversion
-            self._mark(False, time.time_ns() if at_ns is None else at_ns - 1)
-        if not commit or len(rows) < self.p["min_length"]:
+        tolerance = int(self.max_age * 1e9)
+        late = {t: (self._connected[t] - self.boundary_ns) * 1e-9 for t in self.kinds
+                if self.announced and self._connected.get(t, self.boundary_ns) > self.boundary_ns + tolerance}
+        why = ("not ended" if not commit else f"min_length {self.p['min_length']}" if len(rows) < self.p["min_length"]
+               else "its start is missing: the recorder was connected to " + ", ".join(f"{t} only {s:.2f} s after it began"
+                                                                              for t, s in late.items()) if late else "")
+        if why:  # and in the bag an episode never ended is dropped on conversion
             self.discarded += 1
-            self.get_logger().warning(f"episode discarded ({len(rows)} rows{'' if commit else ', not ended'}; "
-                                      f"min_length {self.p['min_length']})")
+            self.get_logger().warning(f"episode discarded ({len(rows)} rows; {why})")
             return
+        self._mark(False, time.time_ns() if at_ns is None else at_ns - 1)
         record = {"length": len(rows), "gaps": self.gaps, "start_time": self.started_at, "end_time": time.time()}
         self.episodes += 1
         self._writes.put((rows, record))
@@ -263,6 +278,7 @@ class RecorderNode(Node):
     def _on_message(self, topic: str, raw: bytes, info: dict | None = None) -> None:
         """Every source message: into the bag at once; kept (with its publish time) while an episode is open."""
         ts = _sent_ns(info)
+        self._on_connected(topic, ts)
         if self.bag is not None:
             self.bag[0].write(self.bag[1][topic], ts, raw)
         if self.rows is None or ts < self.boundary_ns:
@@ -273,6 +289,9 @@ class RecorderNode(Node):
         if topic == self.trigger:
             self._pending.append(ts)
         self._resolve()
+
+    def _on_connected(self, topic: str, at_ns: int) -> None:
+        self._connected[topic] = min(self._connected.get(topic, at_ns), at_ns)
 
     def _resolve(self, flush: bool = False) -> None:
         """sample_on=action: rows for the pending commands (messages of the first action topic) whose messages are

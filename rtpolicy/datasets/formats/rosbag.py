@@ -31,7 +31,8 @@ Episodes (``split``): ``gap`` (default for one bag): each run of valid ticks is 
 a folder of bags): each bag is one episode (leading/trailing invalid ticks trimmed, a gap inside is an error);
 ``topic``: ``episode_topic`` delimits episodes (std_msgs/Bool true starts, false ends one; any other message
 type marks a boundary), a gap inside is an error; an episode a Bool ``true`` opened and no ``false`` closed
-by the end of the bag was cut off (``rtpolicy record`` stopped mid-episode) and is dropped. Episodes shorter than ``min_length`` ticks are dropped.
+before the next ``true`` or the end of the bag was cut off or discarded (``rtpolicy record`` stopped mid-episode,
+or it missed the episode's start) and is dropped. Episodes shorter than ``min_length`` ticks are dropped.
 Time is the bag's receive (log) time, or with ``stamp: header`` the messages' header stamps; stamps that go
 back in time on a topic are an error naming the bag and topic.
 """
@@ -307,6 +308,8 @@ def _bag_episodes(bag: Path, spec, shapes, kinds, sizes, rate, max_age, split, e
                 k += 1
             t_last = max(t_last, t)
             if conn.topic == episode_topic:
+                if bool_markers and active and conn.msgtype == "std_msgs/msg/Bool" and msg.data:
+                    rows = []  # opened by true and never closed by false: not an episode
                 end_episode()
                 fresh.clear()
                 if tick_on:  # a new episode pairs commands only with observations heard after its start
