@@ -25,13 +25,18 @@ from typing import Any
 RUNS = Path("benchmarks/runs/robosuite")
 IMAGE_KEYS = "[robot0_eef_pos,robot0_eef_quat,robot0_gripper_qpos,rgb_agentview,rgb_robot0_eye_in_hand]"
 
+# the image recipe that trains on a CPU (issue 7's Meta-World one): a small CNN shared by the two cameras (GroupNorm,
+# spatial-softmax keypoints, random crops) instead of Chi et al.'s ResNet-18s, one observation step, batch 64
+IMAGE_RECIPE = ["policy.encoder.image_backbone=small_cnn", "policy.obs_horizon=1", "train.batch_size=64", "optim.lr=3e-4"]
 # column -> (robosuite task, task config, extra task overrides, run-name stem)
 COLUMNS = {
     "state/Lift": ("Lift", "robosuite_lift", [], "lift"),
     "state/Can": ("PickPlaceCan", "robosuite_can", [], "can"),
     "state/Square": ("NutAssemblySquare", "robosuite_square", [], "square"),
-    "image/Lift": ("Lift", "robosuite_lift", [f"task.obs_keys={IMAGE_KEYS}", "task.dataset=data/robosuite/Lift_img84.zarr", "task.collect=true"], "lift_img"),
-    "image/Can": ("PickPlaceCan", "robosuite_can", [f"task.obs_keys={IMAGE_KEYS}", "task.dataset=data/robosuite/PickPlaceCan_img84.zarr", "task.collect=true"], "can_img"),
+    "image/Lift": ("Lift", "robosuite_lift", [f"task.obs_keys={IMAGE_KEYS}", "task.dataset=data/robosuite/Lift_img84.zarr",
+                                              "task.collect=true", *IMAGE_RECIPE], "lift_img"),
+    "image/Can": ("PickPlaceCan", "robosuite_can", [f"task.obs_keys={IMAGE_KEYS}", "task.dataset=data/robosuite/PickPlaceCan_img84.zarr",
+                                                    "task.collect=true", *IMAGE_RECIPE], "can_img"),
 }
 # row -> (trained policy, its run name, eval.py overrides or None when train.py's own evaluation is the cell, label)
 HEADS = {
