@@ -104,7 +104,7 @@ def test_record_sim_driven_by_teleop_into_zarr_and_bags_that_convert_and_train(t
         # one row per command: the sim's steps of that episode, give or take the commands around the reset; fewer
         # when a late command made the free-running sim step twice with the same one
         assert 0.8 * sim_ep["length"] <= len(ep["action"]) <= sim_ep["length"] + 1, (len(ep["action"]), sim_ep)
-        assert paired(ep) >= 0.9, paired(ep)
+        assert paired(ep) >= 0.75, paired(ep)  # see the bags below
     # the MCAP bag, from the store's recorder: the same episodes, row for row but at the boundaries (converted with
     # tick_on, the rows' moments are the commands' as logged); the sqlite3 one, from the other recorder (its own
     # discovery and reset moments), stopped with an episode open: that one never ended and is not converted
@@ -113,7 +113,9 @@ def test_record_sim_driven_by_teleop_into_zarr_and_bags_that_convert_and_train(t
     assert (tmp_path / "demo_sqlite").exists(), sql_out[-3000:]
     sql_eps = list(read_dataset(tmp_path / "demo_sqlite", **READ).episodes())
     assert sql_eps and all(0.8 * 30 <= len(e["action"]) <= 120 for e in sql_eps), [len(e["action"]) for e in sql_eps]
-    assert all(paired(e) >= 0.9 for e in eps + sql_eps), [paired(e) for e in eps + sql_eps]
+    # a recorder pairing commands with the wrong observation scores near 0; a loaded machine (four processes on
+    # two cores) measured 0.83 on one bag episode
+    assert all(paired(e) >= 0.75 for e in eps + sql_eps), [paired(e) for e in eps + sql_eps]
 
     # the MCAP bag -> zarr with the convert CLI; the sqlite3 bag trains directly
     from rtpolicy.datasets.convert import main as convert_main
