@@ -80,6 +80,9 @@ def test_record_sim_driven_by_teleop_into_zarr_and_bags_that_convert_and_train(t
     except subprocess.TimeoutExpired:
         pytest.fail(f"the recorder did not end; its output:\n{procs.stop(rec)[-3000:]}\nthe sim's:\n{procs.stop(sim)[-2000:]}")
     assert rec.returncode == 0, rec_out[-3000:]
+    # the other recorder heard the sim's resets on its own discovery schedule: one kept episode of its own
+    # (an announced one it was not yet connected for is discarded), then the next one is open when it is stopped
+    _wait_for(rec_sql, r"episode 0 recorded", timeout=60)
     sim_out = procs.stop(sim)
     sql_out = procs.stop(rec_sql)  # an episode is open (the sim's last reset started it): never ended, so never converted
     procs.stop(teleop)
