@@ -36,8 +36,8 @@ the rows of an ended episode are appended to the zarr store ``output`` with ``Re
 killed at any moment leaves the store at its last complete episode. An episode open at shutdown, shorter
 than ``min_length`` rows, or begun before the recorder was connected to every source (more than ``max_age_s``
 before the subscription matched a publisher and before the topic's first message: discovery still going, a
-node started late; only for an episode a reset or Bool started, whose start the robot announced) is discarded, with a warning naming the topic; in the bag it is left unended, so conversion
-drops it too. ``max_episodes`` > 0 exits after that many episodes.
+node started late; only for an episode a reset or Bool started, whose start the robot announced) is discarded,
+with a warning naming the topic; in the bag it is left unended, so conversion drops it too. ``max_episodes`` > 0 exits after that many episodes.
 
 ``bag``: also write every message of the sources, as received (serialized, receive time), into a rosbag2 bag
 (``bag_storage`` mcap or sqlite3, written with ``rosbags``), with a std_msgs/Bool on ``episode_topic`` at
@@ -232,12 +232,12 @@ class RecorderNode(Node):
             return
         self._resolve(flush=True)
         rows, self.rows = self.rows, None
-        tolerance = int(self.max_age * 1e9)
-        late = {t: (self._connected[t] - self.boundary_ns) * 1e-9 for t in self.kinds
-                if self.announced and self._connected.get(t, self.boundary_ns) > self.boundary_ns + tolerance}
-        why = ("not ended" if not commit else f"min_length {self.p['min_length']}" if len(rows) < self.p["min_length"]
-               else "its start is missing: the recorder was connected to " + ", ".join(f"{t} only {s:.2f} s after it began"
-                                                                              for t, s in late.items()) if late else "")
+        if not commit:
+            why = "not ended"
+        elif len(rows) < self.p["min_length"]:
+            why = f"min_length {self.p['min_length']}"
+        else:
+            why = self._missed_start()
         if why:  # and in the bag an episode never ended is dropped on conversion
             self.discarded += 1
             self.get_logger().warning(f"episode discarded ({len(rows)} rows; {why})")
@@ -289,6 +289,15 @@ class RecorderNode(Node):
         if topic == self.trigger:
             self._pending.append(ts)
         self._resolve()
+
+    def _missed_start(self) -> str:
+        """Why an announced episode misses its start (a source connected more than max_age_s after it), or ""."""
+        if not self.announced:
+            return ""
+        late_ns = self.boundary_ns + int(self.max_age * 1e9)
+        late = [f"{t} only {(ns - self.boundary_ns) * 1e-9:.2f} s after it began" for t in self.kinds
+                if (ns := self._connected.get(t, self.boundary_ns)) > late_ns]
+        return "its start is missing: the recorder was connected to " + ", ".join(late) if late else ""
 
     def _on_connected(self, topic: str, at_ns: int) -> None:
         self._connected[topic] = min(self._connected.get(topic, at_ns), at_ns)
