@@ -192,6 +192,10 @@ def _train(cfg, dist: distributed.Dist, device: torch.device) -> dict[str, Any]:
         check_resumable(read_checkpoint(ckpt_path)[0]["config"], resolved, ckpt_path)
     with dist.main_first():  # rank 0 collects a missing store, the others then open it
         buffer = ensure_dataset(cfg.task)  # validated (or collected) before the run directory exists
+    if cfg.eval.episodes > 0 and not cfg.task.tasks:  # the evaluation's env takes the store's actions
+        from rtpolicy.envs import check_store_actions
+
+        check_store_actions(cfg.task, buffer.shape(cfg.task.action_key), f"task.dataset={cfg.task.dataset}")
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))

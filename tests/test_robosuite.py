@@ -12,6 +12,7 @@ import pytest
 
 from rtpolicy.envs import make_env  # first: picks MuJoCo's GL backend before robosuite's import loads it
 from rtpolicy.envs.robosuite import OBJECT_DIMS, TASKS
+from rtpolicy.envs.robosuite.env import delta_to_absolute
 from rtpolicy.errors import UserError
 
 pytest.importorskip("robosuite", reason="robosuite is not installed (pip install 'rtpolicy[robosuite]')")
@@ -207,6 +208,44 @@ def test_lift_expert_recovers_when_the_cube_is_dropped(lift_env):
     assert lifted and info["success"] and info["steps"] > lifted[0] + 8, (lifted, info)
 
 
+def test_absolute_actions_set_the_same_targets_as_the_deltas(task_env):
+    """``action_mode=absolute``: the expert's delta, turned into a target pose from the observed hand, moves the Can
+    arm as the delta does (same controller goal, same hand path); that expert solves a fixed seed; bad targets are refused."""
+    delta_env = task_env("PickPlaceCan")
+    abs_env = make_env({"env": "robosuite", "name": "PickPlaceCan", "env_kwargs": {"action_mode": "absolute"}}, seed=0)
+    try:
+        assert abs_env.action_space.shape == (10,) and abs_env.geometry["base_pos"] == delta_env.geometry["base_pos"]
+        expert, abs_expert = delta_env.expert(), abs_env.expert()
+        obs, _ = delta_env.reset(seed=5)
+        abs_obs, _ = abs_env.reset(seed=5)
+        arm = lambda env: env.robosuite_env.robots[0].part_controllers["right"]  # noqa: E731
+        # robosuite's delta goal starts from the hand as its controller last saw it, one physics substep (2 ms) before
+        # the observation: from the second step on, the two goals differ by about 0.5 mm and the paths part slowly
+        for t in range(30):
+            action = expert(obs)
+            np.testing.assert_allclose(abs_expert(abs_obs), delta_to_absolute(expert(abs_obs), abs_obs["robot0_eef_pos"],
+                                                                             abs_obs["robot0_eef_quat"], abs_env.geometry))
+            obs, *_ = delta_env.step(action)
+            abs_obs, *_ = abs_env.step(abs_expert(abs_obs))
+            tol = 1e-6 if t == 0 else 5e-3  # the first step: the same state, the same target
+            np.testing.assert_allclose(arm(abs_env).goal_pos, arm(delta_env).goal_pos, atol=tol)
+            np.testing.assert_allclose(arm(abs_env).goal_ori, arm(delta_env).goal_ori, atol=max(tol, 2e-3))
+        np.testing.assert_allclose(abs_obs["robot0_eef_pos"], obs["robot0_eef_pos"], atol=5e-3)  # 30 steps: 2 mm apart
+        info = run(abs_env, abs_expert, 5)
+        assert info["success"], info
+        abs_env.reset(seed=0)
+        for match, action in {r"shape \(10,\) \(action_mode absolute\), got \(7,\)": np.zeros(7),
+                              "a zero or parallel column": np.r_[0.5, 0.0, 0.1, np.zeros(6), 1.0],
+                              "non-finite": np.r_[np.nan, np.zeros(9)]}.items():
+            with pytest.raises(UserError, match=match):
+                abs_env.step(action)
+        assert abs_env.elapsed_steps == 0
+    finally:
+        abs_env.close()
+    with pytest.raises(UserError, match="action_mode must be one of delta, absolute, got 'abs'"):
+        lift(env_kwargs={"action_mode": "abs"})
+
+
 def test_collect_two_episodes_with_robomimic_keys(tmp_path):
     from rtpolicy.datasets.collect import collect_demos
     from rtpolicy.datasets.replay_buffer import ReplayBuffer
@@ -280,3 +319,40 @@ def test_robosuite4_multitask_collects_and_trains(tmp_path):
     buf = ReplayBuffer.open(tmp_path / "rs4.zarr")
     assert buf.n_episodes == 4 and buf.shape("state") == (9 + max(OBJECT_DIMS.values()),)
     assert sorted({int(buf.get_episode(i, ["task_id"])["task_id"][0]) for i in range(4)}) == [0, 1, 2, 3]
+
+
+def test_absolute_action_mode_from_the_task_config(tmp_path):
+    """task=robosuite_lift task.env_kwargs.action_mode=absolute: collects 10-dim target actions, trains, evaluates the
+    checkpoint on the absolute env (eval.py's path); the delta store is refused before training; export refuses
+    (the node commands deltas only), naming the mode."""
+    from rtpolicy.datasets.replay_buffer import ReplayBuffer
+    from rtpolicy.deploy.export import export_bundle
+    from rtpolicy.evaluation import evaluate
+    from rtpolicy.factory import compose
+    from rtpolicy.checkpoint import load_policy
+    from rtpolicy.factory import task_config
+    from rtpolicy.training import train
+
+    small = ["policy=truncated", "policy.horizon=8", "policy.action_horizon=4", "policy.num_anchors=4",
+             "denoiser.down_dims=[16,32]", "policy.cond_dim=16", "train.batch_size=8", "train.steps=2", "train.threads=1",
+             "train.val_every=1000", "train.log_every=1", "train.ckpt_every=1000", "task.demos=1", "task.collect=true"]
+    delta = compose(["task=robosuite_lift", f"task.dataset={tmp_path}/delta.zarr", "eval.episodes=0",
+                     f"run_dir={tmp_path}/delta", *small])
+    train(delta)
+    absolute = ["task=robosuite_lift", "task.env_kwargs.action_mode=absolute", "eval.episodes=1", "eval.num_envs=1", *small]
+    with pytest.raises(UserError, match=rf"task.dataset={tmp_path}/delta.zarr holds actions of shape \(7,\), but robosuite "
+                                        r"Lift with env_kwargs \{'action_mode': 'absolute'\} takes \(10,\)"):
+        train(compose([*absolute, f"task.dataset={tmp_path}/delta.zarr", f"run_dir={tmp_path}/refused"]))
+    assert not (tmp_path / "refused").exists()
+    res = train(compose([*absolute, f"task.dataset={tmp_path}/abs.zarr", f"run_dir={tmp_path}/abs"]))
+    assert res["episodes"] == 1 and Path(res["checkpoint"]).exists()
+    buf = ReplayBuffer.open(tmp_path / "abs.zarr")
+    assert buf.shape("action") == (10,) and buf.attrs["env_kwargs"] == {"action_mode": "absolute"}
+    assert buf.attrs["env_args"]["env_kwargs"]["controller_configs"]["body_parts"]["right"]["input_type"] == "absolute"
+    policy, meta = load_policy(res["checkpoint"], "cpu")  # eval.py's path: the env from the checkpoint's task config
+    assert meta["config"]["task"]["env_kwargs"] == {"action_mode": "absolute"}
+    again = evaluate(policy, task_config(meta["config"]["task"]), {"episodes": 1, "num_envs": 1}, progress=False)
+    assert again["episodes"] == 1
+    with pytest.raises(UserError, match="robosuite action_mode=absolute: the ROS 2 node has no command for absolute"):
+        export_bundle(res["checkpoint"], tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()

@@ -50,6 +50,7 @@ def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0,
     ``action_horizon`` steps, so without them the state in which the expert lets go of a block (the last step
     or two of a rotate or place demo) is never a training input."""
     rng = np.random.default_rng(seed)
+    low, high = env.action_space.low, env.action_space.high  # the env's action bounds (most: [-1, 1])
     obs, _ = env.reset(seed=seed)
     steps: dict[str, list[np.ndarray]] = {key: [] for key in obs}
     steps["action"] = []
@@ -68,10 +69,10 @@ def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0,
             extra -= 1
         if terminated or truncated:
             break
-        label = np.clip(expert(obs), -1.0, 1.0).astype(np.float32)
+        label = np.clip(expert(obs), low, high).astype(np.float32)
         action = label
         if action_noise > 0:
-            action = np.clip(label + rng.normal(0.0, action_noise, size=label.shape), -1.0, 1.0).astype(np.float32)
+            action = np.clip(label + rng.normal(0.0, action_noise, size=label.shape), low, high).astype(np.float32)
         for key, value in obs.items():
             steps[key].append(value)
         steps["action"].append(label)
@@ -186,6 +187,7 @@ def _collect(env, fields, path, episodes, seed, action_noise, steps_limit, progr
             "action_noise": action_noise,
             "max_episode_steps": steps_limit,
             "post_success_steps": post,
+            "env_kwargs": fields["env_kwargs"],  # e.g. robosuite's action_mode (what the actions mean)
             "obs_keys": ["state"] + [k for k in env.observation_space.spaces if k not in ("state", "task_id")]
             + (["task_id"] if fields["num_tasks"] > 0 else []),
             "action_key": "action",

@@ -55,13 +55,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _env_spec(env: str) -> dict[str, Any]:
+def _env_spec(task: dict[str, Any]) -> dict[str, Any]:
+    """The env family's ``DEPLOY_SPEC``, or its ``deploy_spec(env_kwargs)`` where the spec depends on them
+    (which may refuse: a UserError naming what the node cannot command)."""
     from rtpolicy.envs import ENVS
 
     try:
-        return dict(getattr(ENVS.get(env).cls, "DEPLOY_SPEC", {}))
+        cls = ENVS.get(task.get("env", ""))
     except KeyError:
         return {}
+    cls = cls.cls
+    if hasattr(cls, "deploy_spec"):
+        return dict(cls.deploy_spec(dict(task.get("env_kwargs") or {})))
+    return dict(getattr(cls, "DEPLOY_SPEC", {}))
 
 
 def export_bundle(
@@ -86,7 +92,7 @@ def export_bundle(
     policy, meta = load_policy(checkpoint, "cpu", policy_overrides)
     cfg = meta["config"]
     task = cfg.get("task", {})
-    spec = _env_spec(task.get("env", ""))
+    spec = _env_spec(task)
     shapes = meta["shapes"]
     action_dim = int(shapes["action"][0])
     names = spec.get("action_names") or [f"a{i}" for i in range(action_dim)]

@@ -88,6 +88,24 @@ def make_env(task_cfg: Any, seed: int | None = None, render: bool = False, **kwa
     return ENVS.build(fields["env"], fields, seed=seed, render=render, **(fields["env_kwargs"] | kwargs))
 
 
+def check_store_actions(task_cfg: Any, action_shape: Any, where: str) -> None:
+    """UserError (one line) when the env of single task ``task_cfg`` takes actions of another shape than the
+    store ``where`` holds, e.g. a robosuite store of deltas (7,) for ``action_mode: absolute`` (10,): found before
+    training, not by the evaluation after it. Builds the env once (no reset)."""
+    env = make_env(task_cfg, seed=0)
+    try:
+        shape = tuple(int(n) for n in env.action_space.shape)
+    finally:
+        env.close()
+    if shape != tuple(int(n) for n in action_shape):
+        from rtpolicy.errors import UserError
+
+        fields = task_fields(task_cfg)
+        kwargs = f" with env_kwargs {fields['env_kwargs']}" if fields["env_kwargs"] else ""
+        raise UserError(f"{where} holds actions of shape {tuple(action_shape)}, but {fields['env']} {fields['name']}{kwargs} "
+                        f"takes {shape}; use a store collected for it (e.g. another task.dataset with task.collect=true)")
+
+
 def check_env_kwargs(family: str, env_kwargs: Mapping[str, Any]) -> None:
     """UserError naming the key when ``task.env_kwargs`` has a key the family's env constructor does not take."""
     import inspect

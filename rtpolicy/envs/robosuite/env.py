@@ -15,8 +15,16 @@ Observation dict (robomimic's key names and shapes; Do = object dims, see :data:
   (S = ``task_cfg.image_size``, 84 by default; cameras in :data:`CAMERAS`, robomimic's are ``agentview``
   and ``robot0_eye_in_hand``), rendered offscreen with MuJoCo's renderer (``MUJOCO_GL``: egl or osmesa).
 
-Action: (7,) in [-1, 1]: OSC_POSE deltas (dx, dy, dz in units of 5 cm; rotation axis-angle in units of
-0.5 rad, world axes) and the gripper (> 0 closes). One step is 50 ms (20 Hz, 25 physics steps).
+Action (``action_mode``, an env constructor argument: ``task.env_kwargs={action_mode: absolute}``):
+
+* ``"delta"`` (default; robomimic's datasets): (7,) in [-1, 1]: OSC_POSE deltas (dx, dy, dz in units of 5 cm;
+  rotation axis-angle in units of 0.5 rad, base axes) and the gripper (> 0 closes).
+* ``"absolute"`` (Chi et al.'s position control): (10,): the target grip-site position in the robot's base frame
+  (m), the target orientation as the first two columns of its rotation matrix (base frame; continuous, unlike
+  axis-angle near the downward hand's 180 deg) and the gripper in [-1, 1]. The same OSC_POSE controller tracks
+  the target (its ``input_type="absolute"``); the experts' deltas become targets with :func:`delta_to_absolute`.
+
+One step is 50 ms (20 Hz, 25 physics steps).
 
 Episodes: ``reset(seed=s)`` always gives the start of seed ``s`` (robosuite's own placement sampler and
 robot joint noise, drawn from numpy's global RNG, which is seeded with ``s`` for the reset and then
@@ -43,6 +51,8 @@ from rtpolicy.envs.robosuite.tasks import CAMERAS, ROBOT_DIMS, ROBOT_KEYS, TASKS
 from rtpolicy.errors import UserError
 
 ACTION_DIM = 7
+ACTION_MODES = {"delta": 7, "absolute": 10}  # action_mode -> action dims
+DELTA_SCALE = (0.05, 0.5)  # OSC_POSE output_max: m and rad per unit of a delta action
 CONTROL_HZ = 20
 MODEL_SEED = 0  # numpy's global seed while robosuite builds the model (object sizes)
 IMAGE_PREFIX = "rgb_"
@@ -69,6 +79,33 @@ def numpy_global_seed(seed: int) -> Iterator[None]:
         yield
     finally:
         np.random.set_state(state)
+
+
+def rot6d_to_matrix(r6: np.ndarray) -> np.ndarray:
+    """(6,) the first two columns of a rotation matrix (any scale, not parallel) -> (3, 3), by Gram-Schmidt."""
+    a, b = np.asarray(r6[:3], np.float64), np.asarray(r6[3:6], np.float64)
+    na = np.linalg.norm(a)
+    b = b - a * (a @ b) / max(na * na, 1e-12)
+    nb = np.linalg.norm(b)
+    if na < 1e-6 or nb < 1e-6:
+        raise ValueError(f"the rotation part {np.round(r6, 4).tolist()} has a zero or parallel column")
+    x, y = a / na, b / nb
+    return np.stack([x, y, np.cross(x, y)], axis=1)
+
+
+def delta_to_absolute(delta: np.ndarray, eef_pos: np.ndarray, eef_quat: np.ndarray, geometry: Mapping[str, Any]) -> np.ndarray:
+    """An OSC_POSE delta action (7,) at the observed hand pose (world frame; quat xyzw) -> the absolute action (10,)
+    that sets the same target: what the controller computes from the delta with robomimic's ``achieved`` goal update.
+    ``geometry``: the env's ``base_pos``, ``base_ori`` and ``quat_to_site`` (the grip site's fixed rotation relative to
+    the frame of ``robot0_eef_quat``; the controller turns the site)."""
+    from scipy.spatial.transform import Rotation
+
+    base_pos, base_ori = np.asarray(geometry["base_pos"]), np.asarray(geometry["base_ori"])
+    d = np.clip(np.asarray(delta, np.float64), -1.0, 1.0)
+    pos = base_ori.T @ (np.asarray(eef_pos, np.float64) - base_pos) + DELTA_SCALE[0] * d[:3]
+    hand = base_ori.T @ Rotation.from_quat(np.asarray(eef_quat, np.float64)).as_matrix() @ np.asarray(geometry["quat_to_site"])
+    rot = Rotation.from_rotvec(DELTA_SCALE[1] * d[3:6]).as_matrix() @ hand
+    return np.concatenate([pos, rot[:, 0], rot[:, 1], d[6:7]]).astype(np.float32)
 
 
 def import_robosuite():
@@ -109,6 +146,7 @@ class RobosuiteEnv(gymnasium.Env):
         width, height, camera: ``render()`` size and camera (videos).
         cameras: cameras observed as ``obs["rgb_<camera>"]``; None: the ``rgb_<camera>`` keys of ``task_cfg.obs_keys``.
         image_size: side of those frames; None: ``task_cfg.image_size`` (default 84).
+        action_mode: ``"delta"`` or ``"absolute"`` (see the module docstring).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": CONTROL_HZ}
@@ -123,6 +161,15 @@ class RobosuiteEnv(gymnasium.Env):
         "obs_names": {"state": "robot0_eef_pos (3), robot0_eef_quat xyzw (4), robot0_gripper_qpos (2), object (task-specific)"},
     }
 
+    @classmethod
+    def deploy_spec(cls, env_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The bundle's action spec for these env kwargs: ``DEPLOY_SPEC`` (deltas as a Twist); absolute targets are refused."""
+        mode = env_kwargs.get("action_mode", "delta")
+        if mode != "delta":
+            raise UserError(f"robosuite action_mode={mode}: the ROS 2 node has no command for absolute end-effector targets "
+                            "yet (it publishes deltas as a Twist); export a policy trained with action_mode=delta")
+        return dict(cls.DEPLOY_SPEC)
+
     def __init__(
         self,
         task_cfg: Any,
@@ -134,9 +181,13 @@ class RobosuiteEnv(gymnasium.Env):
         camera: str = "agentview",
         cameras: list[str] | None = None,
         image_size: int | None = None,
+        action_mode: str = "delta",
         **_: Any,
     ):
         super().__init__()
+        if action_mode not in ACTION_MODES:
+            raise UserError(f"robosuite action_mode must be one of {', '.join(ACTION_MODES)}, got {action_mode!r}")
+        self.action_mode, self.action_dim = action_mode, ACTION_MODES[action_mode]
         self.task_name = check_task_name(_get(task_cfg, "name"))
         spec = TASKS[self.task_name]
         steps = max_episode_steps if max_episode_steps is not None else _get(task_cfg, "max_episode_steps", None)
@@ -162,7 +213,7 @@ class RobosuiteEnv(gymnasium.Env):
         self._robosuite_version = str(robosuite.__version__)
         with numpy_global_seed(MODEL_SEED):
             self._env = robosuite.make(
-                self.task_name, robots=["Panda"], controller_configs=controller_config(), control_freq=CONTROL_HZ,
+                self.task_name, robots=["Panda"], controller_configs=controller_config(self._input_type), control_freq=CONTROL_HZ,
                 has_renderer=False, has_offscreen_renderer=False, use_camera_obs=False, use_object_obs=True,
                 reward_shaping=False, ignore_done=True, hard_reset=False,  # one model per env: renderers stay valid
             )
@@ -183,7 +234,11 @@ class RobosuiteEnv(gymnasium.Env):
         for cam in self.cameras:
             obs_spaces[IMAGE_PREFIX + cam] = spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
         self.observation_space = spaces.Dict(obs_spaces)
-        self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+        if self.action_mode == "delta":
+            self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+        else:  # positions unbounded here; rotation columns and the gripper in [-1, 1]
+            low = np.array([-np.inf] * 3 + [-1.0] * 7, np.float32)
+            self.action_space = spaces.Box(low, -low, (self.action_dim,), np.float32)
 
         self.render_mode = "rgb_array" if render else None
         self._renderers: dict[tuple[int, int], Any] = {}
@@ -212,11 +267,12 @@ class RobosuiteEnv(gymnasium.Env):
         return self._copy_obs(), dict(self._info)
 
     def step(self, action):
-        """action (7,) in [-1, 1] (clipped; wrong shape or NaN/inf: UserError, one line) -> (obs, reward, terminated, truncated, info)."""
+        """action (7,) deltas in [-1, 1] or (10,) absolute (see the module docstring; deltas and the gripper are clipped;
+        wrong shape, NaN/inf or a degenerate rotation: UserError, one line) -> (obs, reward, terminated, truncated, info)."""
         if self._obs is None:
             raise RuntimeError("call reset() before step()")
         try:
-            action = check_action(action, ACTION_DIM)
+            action = self._robosuite_action(action)
         except ValueError as e:  # one line naming the task and the value
             raise UserError(f"robosuite {self.task_name}: {' '.join(str(e).split())}") from None
         if self._terminated or self._truncated:  # absorbing: no physics, same flags
@@ -245,17 +301,21 @@ class RobosuiteEnv(gymnasium.Env):
 
     # ------------------------------------------------------------------ extras
     def expert(self, noise: float = 0.0, seed: int | None = None) -> Callable[[Any], np.ndarray]:
-        """This task's scripted expert: obs dict -> action (7,) float32 in [-1, 1] (see :mod:`.experts`)."""
+        """This task's scripted expert: obs dict -> action float32 of this env's ``action_mode`` (see :mod:`.experts`;
+        in absolute mode its delta, noise included, becomes the target it sets, from the observed hand pose)."""
         from rtpolicy.envs.robosuite.experts import make_expert
 
-        return make_expert(self.task_name, self.object_layout, self.geometry, noise=noise, seed=seed)
+        expert = make_expert(self.task_name, self.object_layout, self.geometry, noise=noise, seed=seed)
+        if self.action_mode == "delta":
+            return expert
+        return lambda obs: delta_to_absolute(expert(obs), obs["robot0_eef_pos"], obs["robot0_eef_quat"], self.geometry)
 
     @property
     def env_args(self) -> dict[str, Any]:
         """robomimic's ``env_args`` for this env (the ``data`` attr of its HDF5 datasets): robosuite env name,
         EnvType 1 and the constructor arguments (Panda, OSC_POSE composite controller, 20 Hz, cameras)."""
         return {"env_name": self.task_name, "type": 1, "env_version": self._robosuite_version, "env_kwargs": {
-            "robots": ["Panda"], "controller_configs": controller_config(), "control_freq": CONTROL_HZ,
+            "robots": ["Panda"], "controller_configs": controller_config(self._input_type), "control_freq": CONTROL_HZ,
             "has_renderer": False, "has_offscreen_renderer": bool(self.cameras), "ignore_done": True,
             "use_object_obs": True, "use_camera_obs": bool(self.cameras), "reward_shaping": False,
             "camera_names": list(self.cameras), "camera_heights": self.image_size, "camera_widths": self.image_size,
@@ -294,6 +354,25 @@ class RobosuiteEnv(gymnasium.Env):
         return np.ascontiguousarray(renderer.render(), dtype=np.uint8)
 
     # ------------------------------------------------------------------ internals
+    @property
+    def _input_type(self) -> str:
+        return "delta" if self.action_mode == "delta" else "absolute"
+
+    def _robosuite_action(self, action: Any) -> np.ndarray:
+        """Our action -> robosuite's (7,): deltas clipped to [-1, 1]; an absolute target's rotation columns as
+        axis-angle (the controller's absolute input). ValueError for a wrong shape, NaN/inf or a degenerate rotation."""
+        if self.action_mode == "delta":
+            return check_action(action, ACTION_DIM)
+        from scipy.spatial.transform import Rotation
+
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != (self.action_dim,):
+            raise ValueError(f"action must have shape ({self.action_dim},) (action_mode absolute), got {a.shape}")
+        if not np.isfinite(a).all():
+            raise ValueError(f"action has a non-finite value: {a}")
+        rotvec = Rotation.from_matrix(rot6d_to_matrix(a[3:9])).as_rotvec()
+        return np.concatenate([a[:3], rotvec, np.clip(a[9:10], -1.0, 1.0)])
+
     def _object_layout(self) -> dict[str, slice]:
         """name -> slice of ``obs["object"]``: the enabled object sensors in robosuite's concatenation order."""
         layout, start = {}, 0
@@ -313,6 +392,14 @@ class RobosuiteEnv(gymnasium.Env):
         """Fixed scene geometry the experts may use (not state): table height and the goal regions."""
         env = self._env
         geo: dict[str, Any] = {}
+        arm = env.robots[0].part_controllers["right"]  # the robot's base: the frame of absolute actions
+        geo["base_pos"] = np.asarray(arm.origin_pos, dtype=np.float64).tolist()
+        geo["base_ori"] = np.asarray(arm.origin_ori, dtype=np.float64).tolist()
+        from scipy.spatial.transform import Rotation
+
+        quat = env._get_observations(force_update=True)["robot0_eef_quat"]  # robosuite's xyzw, of another frame than the site's
+        site = np.asarray(env.sim.data.get_site_xmat(arm.ref_name), dtype=np.float64)
+        geo["quat_to_site"] = np.round(Rotation.from_quat(quat).as_matrix().T @ site, 6).tolist()
         if hasattr(env, "table_offset"):
             geo["table_z"] = float(env.table_offset[2])
         if self.task_name == "PickPlaceCan":

@@ -55,8 +55,9 @@ def check_task_name(name: Any) -> str:
     raise UserError(f"unknown robosuite task {name!r}; {hint}available: {', '.join(TASKS)} (or {', '.join(ALIASES)})")
 
 
-def controller_config() -> dict[str, Any]:
-    """robosuite 1.5's composite config for the Panda with robomimic's OSC_POSE arm controller (delta, base frame)."""
+def controller_config(input_type: str = "delta") -> dict[str, Any]:
+    """robosuite 1.5's composite config for the Panda with robomimic's OSC_POSE arm controller (base frame), taking
+    deltas (robomimic's datasets) or, with ``input_type="absolute"``, target poses (Chi et al.'s position control)."""
     from robosuite.controllers import load_composite_controller_config
 
     cfg = load_composite_controller_config(controller="BASIC", robot="Panda")
@@ -66,4 +67,5 @@ def controller_config() -> dict[str, Any]:
     wrong = {k: arm.get(k) for k, v in expected.items() if arm.get(k) != v}
     if wrong:  # a robosuite release changed the defaults robomimic's numbers assume
         raise RuntimeError(f"robosuite's Panda BASIC controller differs from robomimic's OSC_POSE in {wrong}; expected {expected}")
+    arm["input_type"] = input_type
     return cfg
