@@ -302,6 +302,42 @@ def test_demos_export_to_robomimic_hdf5_whose_env_args_build_our_env(tmp_path, l
         theirs.close()
 
 
+def test_absolute_demos_export_to_robomimic_absolute_actions_that_replay_in_robosuite(tmp_path):
+    """An absolute-mode store -> robomimic HDF5: actions (L, 7) with axis-angle rotations (robosuite's absolute
+    OSC_POSE input, as in Chi et al.'s ``*_abs`` datasets); robosuite built from the file's env_args replays them to
+    the demo's success; reading the file back gives the store's (L, 10) actions."""
+    h5py = pytest.importorskip("h5py")
+    from rtpolicy.datasets.collect import collect_demos
+    from rtpolicy.datasets.convert import main as convert
+    from rtpolicy.datasets.formats import FORMATS
+    from rtpolicy.datasets.replay_buffer import ReplayBuffer
+    from rtpolicy.envs.robosuite.env import MODEL_SEED, import_robosuite, numpy_global_seed
+
+    task = {"env": "robosuite", "name": "Lift", "max_episode_steps": 120, "env_kwargs": {"action_mode": "absolute"}}
+    collect_demos(task, tmp_path / "lift.zarr", episodes=1, seed=3, progress=False)
+    assert convert([str(tmp_path / "lift.zarr"), str(tmp_path / "lift.hdf5")]) == 0
+    ours = ReplayBuffer.open(tmp_path / "lift.zarr").get_episode(0, ["action"])["action"]
+    with h5py.File(tmp_path / "lift.hdf5", "r") as f:
+        args = json.loads(f["data"].attrs["env_args"])
+        actions = f["data/demo_0/actions"][:]
+    assert actions.shape == (len(ours), 7) and args["env_kwargs"]["controller_configs"]["body_parts"]["right"]["input_type"] == "absolute"
+    np.testing.assert_allclose(actions[:, :3], ours[:, :3])
+    back = next(FORMATS.get("robomimic").cls().read(tmp_path / "lift.hdf5").episodes())["action"]
+    np.testing.assert_allclose(back, ours, atol=1e-5)
+
+    robosuite = import_robosuite()
+    with numpy_global_seed(MODEL_SEED):  # our env's model and start of seed 3 (no hard reset: the model stays)
+        theirs = robosuite.make(args["env_name"], **args["env_kwargs"] | {"hard_reset": False})
+    try:
+        with numpy_global_seed(3):
+            theirs.reset()
+        for a in actions:
+            theirs.step(a)
+        assert theirs._check_success()
+    finally:
+        theirs.close()
+
+
 def test_robosuite4_multitask_collects_and_trains(tmp_path):
     """task=robosuite4 like MT10: one demo per member into one suite store (state (32,), task_id 0..3) and a
     2-step task-conditioned training (the suite evaluation, ~15 s of worker start-ups, is left out)."""

@@ -47,6 +47,16 @@ _TOP_INV = {v: k for k, v in _TOP.items()}
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
+def absolute_pose_actions(env_args: Any) -> bool:
+    """Whether robomimic ``env_args`` describe robosuite's OSC_POSE with absolute input (robosuite 1.5's composite
+    ``input_type: absolute``, or robosuite 1.4's ``control_delta: false`` as in Chi et al.'s ``*_abs`` datasets)."""
+    if not isinstance(env_args, Mapping) or env_args.get("type") != 1:
+        return False
+    ctrl = (env_args.get("env_kwargs") or {}).get("controller_configs") or {}
+    arm = ((ctrl.get("body_parts") or {}).get("right") or {}) if isinstance(ctrl, Mapping) else {}
+    return arm.get("input_type") == "absolute" or (isinstance(ctrl, Mapping) and ctrl.get("control_delta") is False)
+
+
 def _h5py():
     try:
         import h5py
@@ -132,6 +142,11 @@ class RobomimicFormat(Format):
             lengths = np.array([len(data[n]["actions"]) for n in demos], dtype=np.int64)
             attrs = _read_attrs(f, data, where)
         fps = float(attrs.get("fps", DEFAULT_FPS))
+        # absolute OSC_POSE actions (pos, axis-angle, gripper) -> our absolute action_mode's (pos, 6D rotation, gripper)
+        to_rot6d = (mapping.get("action") == ["actions"] and shapes["action"][0] == (7,)
+                    and absolute_pose_actions(attrs.get("env_args")))
+        if to_rot6d:
+            shapes["action"] = ((10,), shapes["action"][1])
 
         def episodes():
             with h5py.File(path, "r") as f:
@@ -146,6 +161,10 @@ class RobomimicFormat(Format):
                                 raise FormatError(f"{where}: data/{name}/{s} is missing")
                             parts.append(np.asarray(demo[s][()]))
                         ep[ours] = concat_features(parts, where, ours)
+                    if to_rot6d:
+                        from rtpolicy.envs.robosuite.env import axis_angle_to_absolute
+
+                        ep["action"] = axis_angle_to_absolute(ep["action"])
                     try:
                         check_episode(ep, where, i)
                     except FormatError as e:
@@ -160,6 +179,19 @@ class RobomimicFormat(Format):
             raise FormatError(f"{source.where}: robomimic needs an 'action' key; the source holds {sorted(source.keys)}")
         names = {k: native_name(k) for k in source.keys}
         synth = [n for n in ("rewards", "dones") if n not in names.values()]
+        attrs = dict(source.attrs)
+        env_type = 1 if attrs.get("env") == "robosuite" else 2  # robomimic's EnvType: ROBOSUITE_TYPE 1, GYM_TYPE 2
+        env_args = attrs.pop("env_args", None) or {"env_name": str(attrs.get("task", "")), "type": env_type,
+                                                   "env_kwargs": {"control_freq": source.fps} if env_type == 1 else {}}
+        if isinstance(env_args, str):  # already JSON (robosuite stores it so)
+            try:
+                env_args = json.loads(env_args)
+            except json.JSONDecodeError as e:
+                raise FormatError(f"{source.where}: attrs env_args is a string but not JSON ({e})") from e
+        # our absolute robosuite actions (pos, 6D rotation, gripper) -> what robosuite's absolute input takes (axis-angle)
+        to_axis_angle = absolute_pose_actions(env_args) and source.keys["action"][0] == (10,)
+        if to_axis_angle:
+            from rtpolicy.envs.robosuite.env import absolute_to_axis_angle
         with atomic_path(path, overwrite) as tmp, h5py.File(tmp, "w") as f:
             data = f.create_group("data")
             total = 0
@@ -168,7 +200,7 @@ class RobomimicFormat(Format):
                 L = check_episode(ep, source.where, i)
                 demo = data.create_group(f"demo_{i}")
                 for k, x in ep.items():
-                    demo.create_dataset(names[k], data=x)
+                    demo.create_dataset(names[k], data=absolute_to_axis_angle(x) if k == "action" and to_axis_angle else x)
                 if "rewards" in synth:
                     demo.create_dataset("rewards", data=np.zeros(L, np.float64))
                 if "dones" in synth:
@@ -178,15 +210,6 @@ class RobomimicFormat(Format):
                 demo_names.append(f"demo_{i}")
             if not demo_names:
                 raise FormatError(f"{source.where}: no episodes to write")
-            attrs = dict(source.attrs)
-            env_type = 1 if attrs.get("env") == "robosuite" else 2  # robomimic's EnvType: ROBOSUITE_TYPE 1, GYM_TYPE 2
-            env_args = attrs.pop("env_args", None) or {"env_name": str(attrs.get("task", "")), "type": env_type,
-                                                       "env_kwargs": {"control_freq": source.fps} if env_type == 1 else {}}
-            if isinstance(env_args, str):  # already JSON (robosuite stores it so)
-                try:
-                    env_args = json.loads(env_args)
-                except json.JSONDecodeError as e:
-                    raise FormatError(f"{source.where}: attrs env_args is a string but not JSON ({e})") from e
             masks = attrs.pop("robomimic_masks", None)
             data.attrs["total"] = total
             data.attrs["env_args"] = json.dumps(env_args)

@@ -93,6 +93,26 @@ def rot6d_to_matrix(r6: np.ndarray) -> np.ndarray:
     return np.stack([x, y, np.cross(x, y)], axis=1)
 
 
+def absolute_to_axis_angle(actions: np.ndarray) -> np.ndarray:
+    """Absolute actions (L, 10) (position, 6D rotation, gripper) -> (L, 7) with the rotation as axis-angle: what
+    robosuite's absolute OSC_POSE input (and robomimic's absolute-action datasets) hold."""
+    from scipy.spatial.transform import Rotation
+
+    a = np.asarray(actions, np.float64)
+    rot = Rotation.from_matrix(np.stack([rot6d_to_matrix(r) for r in a[:, 3:9]])) if len(a) else None
+    rotvec = rot.as_rotvec() if rot is not None else np.zeros((0, 3))
+    return np.concatenate([a[:, :3], rotvec, a[:, 9:10]], axis=1).astype(np.asarray(actions).dtype)
+
+
+def axis_angle_to_absolute(actions: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`absolute_to_axis_angle`: (L, 7) -> (L, 10)."""
+    from scipy.spatial.transform import Rotation
+
+    a = np.asarray(actions, np.float64)
+    m = Rotation.from_rotvec(a[:, 3:6]).as_matrix() if len(a) else np.zeros((0, 3, 3))
+    return np.concatenate([a[:, :3], m[:, :, 0], m[:, :, 1], a[:, 6:7]], axis=1).astype(np.asarray(actions).dtype)
+
+
 def delta_to_absolute(delta: np.ndarray, eef_pos: np.ndarray, eef_quat: np.ndarray, geometry: Mapping[str, Any]) -> np.ndarray:
     """An OSC_POSE delta action (7,) at the observed hand pose (world frame; quat xyzw) -> the absolute action (10,)
     that sets the same target: what the controller computes from the delta with robomimic's ``achieved`` goal update.
