@@ -1,9 +1,13 @@
 """Chi et al.-shaped success table on our robosuite tasks: rows = heads, columns = Lift / Can / Square from
 state and Lift / Can from images (agentview + eye-in-hand 84x84, no object state), 50 scripted demos each.
 
-    python benchmarks/robosuite_table.py commands [--seed 0] [--steps 2000]   # the shell commands of every cell
-    python benchmarks/robosuite_table.py table --out benchmarks/robosuite_table.json \
+    python benchmarks/robosuite_table.py commands [--seed 0] [--steps 2000] [--action-mode absolute]   # every cell's commands
+    python benchmarks/robosuite_table.py table --out benchmarks/robosuite_table.json [--action-mode absolute] \
         [--result state/Lift/truncated1=benchmarks/runs/robosuite/lift_truncated_v2/results.json ...]
+
+``--action-mode absolute`` is Chi et al.'s position control (``task.env_kwargs.action_mode=absolute``, its own
+stores ``data/robosuite/<Task>[_img84]_abs.zarr`` and run folders ``<column>_abs_<head>``); delta (the default)
+is robomimic's OSC_POSE delta.
 
 ``commands`` prints, per column, one ``train.py`` per trained head (DDPM-100 and DDIM-10 share the diffusion
 training; ``train.py`` evaluates the head's default setting) and one ``eval.py`` per further inference
@@ -64,22 +68,35 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def run_dir(column: str, head: str, seed: int) -> Path:
-    return RUNS / (f"{COLUMNS[column][3]}_{HEADS[head][1]}" + (f"_s{seed}" if seed else ""))
+def run_dir(column: str, head: str, seed: int, mode: str = "delta") -> Path:
+    stem = COLUMNS[column][3] + ("_abs" if mode == "absolute" else "")
+    return RUNS / (f"{stem}_{HEADS[head][1]}" + (f"_s{seed}" if seed else ""))
 
 
-def cell_path(column: str, head: str, seed: int) -> Path:
-    d = run_dir(column, head, seed)
+def cell_path(column: str, head: str, seed: int, mode: str = "delta") -> Path:
+    d = run_dir(column, head, seed, mode)
     return d / "results.json" if HEADS[head][2] is None else d / f"eval_{head}.json"
 
 
-def commands(seed: int, steps: int, episodes: int) -> list[str]:
+def task_overrides(column: str, mode: str) -> list[str]:
+    """The column's task overrides; absolute: the env's action mode and its own store (collected on first use)."""
+    extra = list(COLUMNS[column][2])
+    if mode == "absolute":
+        name, image = COLUMNS[column][0], column.startswith("image/")
+        extra = [e for e in extra if not e.startswith(("task.dataset=", "task.collect="))]
+        extra += ["task.env_kwargs.action_mode=absolute", f"task.dataset=data/robosuite/{name}{'_img84' if image else ''}_abs.zarr",
+                  "task.collect=true"]
+    return extra
+
+
+def commands(seed: int, steps: int, episodes: int, mode: str = "delta") -> list[str]:
     lock = "flock /tmp/cpu.lock nice -n 5 "
     out = []
-    for column, (_, task, extra, _) in COLUMNS.items():
+    for column, (_, task, _, _) in COLUMNS.items():
         trained = set()
+        extra = task_overrides(column, mode)
         for head, (policy, _, overrides, _) in HEADS.items():
-            d = run_dir(column, head, seed)
+            d = run_dir(column, head, seed, mode)
             if policy not in trained:
                 trained.add(policy)
                 out.append(" ".join([lock + "python train.py", f"task={task}", *extra, f"policy={policy}", "train.threads=1",
@@ -87,16 +104,16 @@ def commands(seed: int, steps: int, episodes: int) -> list[str]:
                                      "eval.num_envs=2", f"run_dir={d}"]))
             if overrides is not None:
                 out.append(" ".join([lock + "python eval.py", f"checkpoint={d}/checkpoints/last.safetensors", *overrides,
-                                     f"eval.episodes={episodes}", "eval.num_envs=2", f"eval.out={cell_path(column, head, seed)}"]))
+                                     f"eval.episodes={episodes}", "eval.num_envs=2", f"eval.out={cell_path(column, head, seed, mode)}"]))
     return out
 
 
-def table(results: dict[str, str], seed: int) -> dict[str, Any]:
+def table(results: dict[str, str], seed: int, mode: str = "delta") -> dict[str, Any]:
     rows = []
     for head in HEADS:
         for column in COLUMNS:
             cell = f"{column}/{head}"
-            path = Path(results.get(cell, cell_path(column, head, seed)))
+            path = Path(results.get(cell, cell_path(column, head, seed, mode)))
             row: dict[str, Any] = {"head": head, "label": HEADS[head][3], "column": column, "task": COLUMNS[column][0], "path": str(path)}
             if path.exists():
                 r = json.loads(path.read_text())
@@ -106,7 +123,7 @@ def table(results: dict[str, str], seed: int) -> dict[str, Any]:
                         "mean_length": r.get("mean_length"), "chunk_ms_p50": r.get("chunk_ms_p50"),
                         "train_steps": r.get("step"), "train_seconds": r.get("train_seconds"), "training_seeds": 1}
             rows.append(row)
-    return {"demos_per_task": 50, "rows": rows, "chi_et_al": CHI}
+    return {"demos_per_task": 50, "action_mode": mode, "rows": rows, "chi_et_al": CHI}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -133,11 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--episodes", type=int, default=50)
     t = sub.add_parser("table")
     t.add_argument("--seed", type=int, default=0)
+    for q in (c, t):
+        q.add_argument("--action-mode", choices=["delta", "absolute"], default="delta")
     t.add_argument("--result", action="append", default=[], metavar="COLUMN/HEAD=PATH")
     t.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.cmd == "commands":
-        print("\n".join(commands(args.seed, args.steps, args.episodes)))
+        print("\n".join(commands(args.seed, args.steps, args.episodes, args.action_mode)))
         return
     results = {}
     for item in args.result:
@@ -146,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         if column not in COLUMNS or head not in HEADS or not path:
             p.error(f"--result {item!r}: expected COLUMN/HEAD=PATH with COLUMN in {list(COLUMNS)} and HEAD in {list(HEADS)}")
         results[cell] = path
-    result = table(results, args.seed)
+    result = table(results, args.seed, args.action_mode)
     print(markdown(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
