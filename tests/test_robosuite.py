@@ -303,18 +303,18 @@ def test_demos_export_to_robomimic_hdf5_whose_env_args_build_our_env(tmp_path, l
 
 
 def test_absolute_demos_export_to_robomimic_absolute_actions_that_replay_in_robosuite(tmp_path):
-    """An absolute-mode store -> robomimic HDF5: actions (L, 7) with axis-angle rotations (robosuite's absolute
+    """``rtpolicy-collect --env-kwarg action_mode=absolute`` -> an absolute-mode store -> robomimic HDF5: actions (L, 7) with axis-angle rotations (robosuite's absolute
     OSC_POSE input, as in Chi et al.'s ``*_abs`` datasets); robosuite built from the file's env_args replays them to
     the demo's success; reading the file back gives the store's (L, 10) actions."""
     h5py = pytest.importorskip("h5py")
-    from rtpolicy.datasets.collect import collect_demos
+    from rtpolicy.datasets.collect import main as collect_main
     from rtpolicy.datasets.convert import main as convert
     from rtpolicy.datasets.formats import FORMATS
     from rtpolicy.datasets.replay_buffer import ReplayBuffer
     from rtpolicy.envs.robosuite.env import MODEL_SEED, import_robosuite, numpy_global_seed
 
-    task = {"env": "robosuite", "name": "Lift", "max_episode_steps": 120, "env_kwargs": {"action_mode": "absolute"}}
-    collect_demos(task, tmp_path / "lift.zarr", episodes=1, seed=3, progress=False)
+    collect_main(["--env", "robosuite", "--task", "Lift", "--episodes", "1", "--seed", "3", "--max-steps", "120",
+                  "--env-kwarg", "action_mode=absolute", "--out", str(tmp_path / "lift.zarr"), "--no-progress"])
     assert convert([str(tmp_path / "lift.zarr"), str(tmp_path / "lift.hdf5")]) == 0
     ours = ReplayBuffer.open(tmp_path / "lift.zarr").get_episode(0, ["action"])["action"]
     with h5py.File(tmp_path / "lift.hdf5", "r") as f:

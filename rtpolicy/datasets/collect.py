@@ -293,10 +293,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--post-success", type=int, default=0, help="expert steps kept after each episode's first success")
     parser.add_argument("--cameras", nargs="*", default=[], help="also store rgb_<camera> frames, e.g. corner topview")
     parser.add_argument("--image-size", type=int, default=84, help="side of the stored camera frames")
+    parser.add_argument("--env-kwarg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an env constructor argument (task.env_kwargs), e.g. action_mode=absolute (robosuite)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     out = args.out or f"data/{args.env}/{args.task}.zarr"
-    task = TaskConfig(env=args.env, name=args.task, max_episode_steps=args.max_steps,
+    env_kwargs = {}
+    for item in args.env_kwarg:
+        key, eq, value = item.partition("=")
+        if not key or not eq:
+            parser.exit(2, f"error: --env-kwarg {item!r}: expected KEY=VALUE\n")
+        try:
+            env_kwargs[key] = json.loads(value)  # numbers, true/false, lists; anything else is a string
+        except json.JSONDecodeError:
+            env_kwargs[key] = value
+    task = TaskConfig(env=args.env, name=args.task, max_episode_steps=args.max_steps, env_kwargs=env_kwargs,
                       obs_keys=["state", *(f"rgb_{c}" for c in args.cameras)], image_size=args.image_size)
     try:
         result = collect_demos(task, out, args.episodes, args.seed, action_noise=args.noise, progress=not args.no_progress,
