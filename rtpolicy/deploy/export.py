@@ -61,10 +61,9 @@ def _env_spec(task: dict[str, Any]) -> dict[str, Any]:
     from rtpolicy.envs import ENVS
 
     try:
-        cls = ENVS.get(task.get("env", ""))
+        cls = ENVS.get(task.get("env", "")).cls
     except KeyError:
         return {}
-    cls = cls.cls
     if hasattr(cls, "deploy_spec"):
         return dict(cls.deploy_spec(dict(task.get("env_kwargs") or {})))
     return dict(getattr(cls, "DEPLOY_SPEC", {}))

@@ -37,7 +37,8 @@ killed at any moment leaves the store at its last complete episode. An episode o
 than ``min_length`` rows, or begun before the recorder was connected to every source (more than ``max_age_s``
 before the subscription matched a publisher and before the topic's first message: discovery still going, a
 node started late; only for an episode a reset or Bool started, whose start the robot announced) is discarded,
-with a warning naming the topic; in the bag it is left unended, so conversion drops it too. ``max_episodes`` > 0 exits after that many episodes.
+with a warning naming the topic; in the bag it is left unended, so conversion drops it too. ``max_episodes`` > 0
+exits after that many episodes.
 
 ``bag``: also write every message of the sources, as received (serialized, receive time), into a rosbag2 bag
 (``bag_storage`` mcap or sqlite3, written with ``rosbags``), with a std_msgs/Bool on ``episode_topic`` at

@@ -99,8 +99,7 @@ def absolute_to_axis_angle(actions: np.ndarray) -> np.ndarray:
     from scipy.spatial.transform import Rotation
 
     a = np.asarray(actions, np.float64)
-    rot = Rotation.from_matrix(np.stack([rot6d_to_matrix(r) for r in a[:, 3:9]])) if len(a) else None
-    rotvec = rot.as_rotvec() if rot is not None else np.zeros((0, 3))
+    rotvec = Rotation.from_matrix(np.stack([rot6d_to_matrix(r) for r in a[:, 3:9]])).as_rotvec() if len(a) else np.zeros((0, 3))
     return np.concatenate([a[:, :3], rotvec, a[:, 9:10]], axis=1).astype(np.asarray(actions).dtype)
 
 
