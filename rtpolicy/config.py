@@ -34,7 +34,7 @@ class TaskConfig:
     dataset_cache: str = "data/cache"  # non-zarr datasets are converted once into a zarr store in this folder
     demos: int = 50  # episodes to collect when the dataset is missing
     demo_seed: int = 0
-    action_noise: float = 0.0  # Gaussian std added to expert actions while collecting
+    action_noise: float = 0.0  # Gaussian std added to expert actions while collecting (times the env's action_noise_scale)
     # collected single-task demos go on for this many expert steps after their first success (envs with
     # resume_after_success), so the states at and past the goal are training inputs; 0: end at the success
     post_success_steps: int = 0

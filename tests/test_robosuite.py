@@ -233,6 +233,17 @@ def test_absolute_actions_set_the_same_targets_as_the_deltas(task_env):
         np.testing.assert_allclose(abs_obs["robot0_eef_pos"], obs["robot0_eef_pos"], atol=5e-3)  # 30 steps: 2 mm apart
         info = run(abs_env, abs_expert, 5)
         assert info["success"], info
+        # DART noise (task.action_noise) means the same in both modes: 0.1 moves a target by about 5 mm, not 10 cm
+        from rtpolicy.datasets.collect import run_expert_episode
+
+        executed, step = [], abs_env.step
+        abs_env.step = lambda action: (executed.append(np.array(action)), step(action))[1]  # record, then step
+        try:
+            episode, _ = run_expert_episode(abs_env, abs_expert, 5, action_noise=0.1)
+        finally:
+            del abs_env.step
+        offset = np.array(executed) - episode["action"]
+        assert 0.003 < offset[:, :3].std() < 0.008 and 0.03 < offset[:, 3:9].std() < 0.08, offset.std(axis=0)
         abs_env.reset(seed=0)
         for match, action in {r"shape \(10,\) \(action_mode absolute\), got \(7,\)": np.zeros(7),
                               "a zero or parallel column": np.r_[0.5, 0.0, 0.1, np.zeros(6), 1.0],

@@ -43,7 +43,9 @@ def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0,
 
     With ``action_noise`` the env executes the expert's action plus Gaussian noise while the stored
     ``action`` is the expert's clean action from the observation it saw (DART: the demos then hold the
-    expert's corrections from the states the noise led to, not the noise).
+    expert's corrections from the states the noise led to, not the noise). An env whose action dims are not
+    in comparable units gives ``action_noise_scale`` (Da,): the per-dim std of noise 1.0 (e.g. robosuite's
+    absolute targets: metres and rotation columns scaled so that the noise means what it does for deltas).
 
     ``post_success_steps`` > 0 (envs with ``resume_after_success``, e.g. calvin_like): a solved episode goes on
     for up to that many more expert steps. A window sampler never conditions on an episode's last
@@ -51,6 +53,7 @@ def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0,
     or two of a rotate or place demo) is never a training input."""
     rng = np.random.default_rng(seed)
     low, high = env.action_space.low, env.action_space.high  # the env's action bounds (most: [-1, 1])
+    scale = np.broadcast_to(np.asarray(getattr(env, "action_noise_scale", 1.0), np.float64), low.shape)
     obs, _ = env.reset(seed=seed)
     steps: dict[str, list[np.ndarray]] = {key: [] for key in obs}
     steps["action"] = []
@@ -72,7 +75,7 @@ def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0,
         label = np.clip(expert(obs), low, high).astype(np.float32)
         action = label
         if action_noise > 0:
-            action = np.clip(label + rng.normal(0.0, action_noise, size=label.shape), low, high).astype(np.float32)
+            action = np.clip(label + scale * rng.normal(0.0, action_noise, size=label.shape), low, high).astype(np.float32)
         for key, value in obs.items():
             steps[key].append(value)
         steps["action"].append(label)

@@ -258,6 +258,11 @@ class RobosuiteEnv(gymnasium.Env):
         else:  # positions unbounded here; rotation columns and the gripper in [-1, 1]
             low = np.array([-np.inf] * 3 + [-1.0] * 7, np.float32)
             self.action_space = spaces.Box(low, -low, (self.action_dim,), np.float32)
+        # collection noise (task.action_noise) per unit, per dim: in absolute mode a delta's metres and radians
+        # per unit, so that noise 0.1 moves the target as far as it moves a delta (5 mm, 0.05 rad), not 10 cm
+        self.action_noise_scale = np.ones(self.action_dim, np.float32)
+        if self.action_mode == "absolute":
+            self.action_noise_scale[:3], self.action_noise_scale[3:9] = DELTA_SCALE
 
         self.render_mode = "rgb_array" if render else None
         self._renderers: dict[tuple[int, int], Any] = {}
