@@ -15,7 +15,8 @@ setting of a trained checkpoint. Run each under the machine's CPU lock. ``table`
 every cell that exists (default path ``<runs>/<column run name>_<head run>[_s<seed>]/results.json`` or the
 ``eval.out`` of its ``eval.py``; ``--result CELL=PATH`` points a cell elsewhere), recomputes the Wilson 95%
 interval from the per-episode results, prints the markdown table (missing cells: "not run") and writes
-the rows as JSON. Every cell is one training seed unless several seeds' files are given.
+the rows as JSON. A cell is one training seed; ``--result`` given more than once for a cell (one file per training
+seed) makes it the mean +- std over those seeds, with the Wilson interval of all their episodes pooled.
 """
 
 from __future__ import annotations
@@ -108,20 +109,30 @@ def commands(seed: int, steps: int, episodes: int, mode: str = "delta") -> list[
     return out
 
 
-def table(results: dict[str, str], seed: int, mode: str = "delta") -> dict[str, Any]:
+def table(results: dict[str, list[str]], seed: int, mode: str = "delta") -> dict[str, Any]:
     rows = []
     for head in HEADS:
         for column in COLUMNS:
             cell = f"{column}/{head}"
-            path = Path(results.get(cell, cell_path(column, head, seed, mode)))
-            row: dict[str, Any] = {"head": head, "label": HEADS[head][3], "column": column, "task": COLUMNS[column][0], "path": str(path)}
-            if path.exists():
-                r = json.loads(path.read_text())
-                k, n = sum(bool(e["success"]) for e in r["per_episode"]), len(r["per_episode"])
-                row |= {"episodes": n, "successes": k, "success": k / n, "wilson95": list(wilson(k, n)),
-                        "eval_seeds": [r["per_episode"][0]["seed"], r["per_episode"][-1]["seed"]],
-                        "mean_length": r.get("mean_length"), "chunk_ms_p50": r.get("chunk_ms_p50"),
-                        "train_steps": r.get("step"), "train_seconds": r.get("train_seconds"), "training_seeds": 1}
+            paths = [Path(p) for p in results.get(cell, [cell_path(column, head, seed, mode)])]
+            row: dict[str, Any] = {"head": head, "label": HEADS[head][3], "column": column, "task": COLUMNS[column][0],
+                                   "path": str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]}
+            runs = [json.loads(p.read_text()) for p in paths if p.exists()]
+            if len(runs) < len(paths) and len(paths) > 1:
+                raise SystemExit(f"{cell}: missing result files {[str(p) for p in paths if not p.exists()]}")
+            if runs:
+                per_seed = [(sum(bool(e["success"]) for e in r["per_episode"]), len(r["per_episode"])) for r in runs]
+                k, n = sum(a for a, _ in per_seed), sum(b for _, b in per_seed)
+                rates = [a / b for a, b in per_seed]
+                mean = sum(rates) / len(rates)
+                row |= {"episodes": n, "successes": k, "success": mean, "wilson95": list(wilson(k, n)),
+                        "eval_seeds": [runs[0]["per_episode"][0]["seed"], runs[0]["per_episode"][-1]["seed"]],
+                        "mean_length": sum(r.get("mean_length") or 0.0 for r in runs) / len(runs),
+                        "chunk_ms_p50": runs[0].get("chunk_ms_p50"), "train_steps": runs[0].get("step"),
+                        "train_seconds": runs[0].get("train_seconds"), "training_seeds": len(runs)}
+                if len(runs) > 1:
+                    row |= {"success_per_seed": rates,
+                            "success_std": math.sqrt(sum((x - mean) ** 2 for x in rates) / (len(rates) - 1))}
             rows.append(row)
     return {"demos_per_task": 50, "action_mode": mode, "rows": rows, "chi_et_al": CHI}
 
@@ -133,8 +144,13 @@ def markdown(result: dict[str, Any]) -> str:
         cells = []
         for c in cols:
             row = next(r for r in result["rows"] if r["head"] == head and r["column"] == c)
-            cells.append(f"{row['success']:.2f} [{row['wilson95'][0]:.2f}, {row['wilson95'][1]:.2f}] ({row['successes']}/{row['episodes']})"
-                         if "success" in row else "not run")
+            if "success" not in row:
+                cells.append("not run")
+                continue
+            several = row["training_seeds"] > 1  # a mean of several seeds' rates: three decimals, then its spread
+            mean = f"{row['success']:.3f} +- {row['success_std']:.2f} over {row['training_seeds']} seeds" if several else f"{row['success']:.2f}"
+            cells.append(f"{mean} [{row['wilson95'][0]:.2f}, {row['wilson95'][1]:.2f}] "
+                         f"({row['successes']}/{row['episodes']})")
         lines.append(f"| {HEADS[head][3]} | " + " | ".join(cells) + " |")
     for name, ref in result["chi_et_al"].items():
         lines.append(f"| {name} | " + " | ".join(ref[c] for c in cols) + " |")
@@ -152,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--seed", type=int, default=0)
     for q in (c, t):
         q.add_argument("--action-mode", choices=["delta", "absolute"], default="delta")
-    t.add_argument("--result", action="append", default=[], metavar="COLUMN/HEAD=PATH")
+    t.add_argument("--result", action="append", default=[], metavar="COLUMN/HEAD=PATH",
+                   help="a cell's results JSON; repeat a cell for its further training seeds")
     t.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.cmd == "commands":
@@ -164,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         column, _, head = cell.rpartition("/")
         if column not in COLUMNS or head not in HEADS or not path:
             p.error(f"--result {item!r}: expected COLUMN/HEAD=PATH with COLUMN in {list(COLUMNS)} and HEAD in {list(HEADS)}")
-        results[cell] = path
+        results.setdefault(cell, []).append(path)
     result = table(results, args.seed, args.action_mode)
     print(markdown(result))
     if args.out:
