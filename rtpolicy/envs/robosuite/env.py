@@ -311,6 +311,12 @@ class RobosuiteEnv(gymnasium.Env):
         self._record()
         return self._copy_obs(), float(reward), self._terminated, self._truncated, dict(self._info)
 
+    def resume_after_success(self) -> None:
+        """Let a solved episode go on (demo collection with ``task.post_success_steps``); the next step reports
+        success again from ``_check_success``. A truncated episode stays absorbing."""
+        if self._terminated and not self._truncated:
+            self._terminated = False
+
     def render(self) -> np.ndarray:
         """The scene from ``camera`` as (height, width, 3) uint8 (needs ``render=True``)."""
         if self.render_mode is None:
