@@ -268,6 +268,12 @@ def test_collect_two_episodes_with_robomimic_keys(tmp_path):
     assert {"state", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object", "action"} <= set(buf.keys)
     assert buf.shape("action") == (7,) and buf.shape("object") == (OBJECT_DIMS["Lift"],) and buf.shape("state") == (19,)
     assert buf.attrs["env"] == "robosuite" and buf.attrs["task"] == "Lift" and buf.attrs["fps"] == 20.0
+    # post_success_steps: the same starts go on for 5 expert steps past the success (the lift's last states become
+    # training inputs for a head that executes one action per observation)
+    collect_demos(task, tmp_path / "post.zarr", episodes=2, seed=0, action_noise=0.05, progress=False, post_success_steps=5)
+    post = ReplayBuffer.open(tmp_path / "post.zarr")
+    assert post.episode_lengths.tolist() == [n + 5 for n in buf.episode_lengths.tolist()]
+    assert post.get_episode(0)["object"][-1][2] > buf.get_episode(0)["object"][-1][2]  # the cube goes on rising
 
 
 def test_demos_export_to_robomimic_hdf5_whose_env_args_build_our_env(tmp_path, lift_env):
