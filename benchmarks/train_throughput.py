@@ -74,7 +74,7 @@ class Setting:
         arrays = cached_keypoints(policy, buffer, torch.device("cpu"))
         self.cache_s = time.perf_counter() - t0 if arrays else 0.0
         ds = SequenceDataset(buffer, list(cfg.task.obs_keys), "action", policy.obs_horizon, policy.data_horizon,
-                             policy.action_horizon, arrays=arrays)
+                             policy.action_horizon, arrays=arrays, pad_after=policy.pad_after)
         policy.prepare(policy.normalizer.normalize("action", ds.action_windows()))
         self.loader = DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True)
         self.batches = iter(())

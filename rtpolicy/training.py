@@ -212,7 +212,7 @@ def _train(cfg, dist: distributed.Dist, device: torch.device) -> dict[str, Any]:
     policy.processor = processor
     train_mask, val_mask = split_episodes(buffer.n_episodes, cfg.train.val_fraction, cfg.train.seed)
     ds_kw = dict(obs_keys=processor.raw_keys(cfg.task.obs_keys), action_key=cfg.task.action_key, obs_horizon=policy.obs_horizon,
-                 horizon=policy.data_horizon, action_horizon=policy.action_horizon,
+                 horizon=policy.data_horizon, action_horizon=policy.action_horizon, pad_after=policy.pad_after,
                  arrays=cached_keypoints(policy, buffer, device, dist))
     train_ds = SequenceDataset(buffer, episode_mask=train_mask, **ds_kw)
     sampler = dist.sampler(train_ds, cfg.train.seed)  # None in one process: the loader shuffles

@@ -113,6 +113,26 @@ def test_dataset_episode_mask(buffer):
     assert len(ds) == 9 - 4 + 2 + 1 and {int(ds[i]["task_id"]) for i in range(len(ds))} == {1}
 
 
+
+@pytest.mark.parametrize("head, current_steps", [("truncated", 6), ("streaming", 9)])
+def test_heads_pad_after_the_episode_end(buffer, head, current_steps):
+    """Chunked heads keep diffusion_policy's windows (the Ha executed actions are real); the streaming head,
+    one action per tick, makes every step a current step once, so an episode's last steps are trained on."""
+    from rtpolicy.factory import build_policy, denoiser_config, policy_config
+    from rtpolicy.policies import load_all
+
+    load_all()
+    over = {"horizon": 8, "obs_horizon": 2, "action_horizon": 1 if head == "streaming" else 4, "cond_dim": 16}
+    policy = build_policy(policy_config(head, over, {}), denoiser_config("unet1d", {"down_dims": [16, 32]}, {}),
+                          {"state": [3], "action": [2]})
+    ds = SequenceDataset(buffer, ["state"], "action", policy.obs_horizon, policy.data_horizon, policy.action_horizon,
+                         episode_mask=np.array([False, True, False]), pad_after=policy.pad_after)
+    now = [int(ds[i]["obs"]["state"][-1, 0]) for i in range(len(ds))]  # the current step of each window
+    assert now == list(range(current_steps))  # truncated: the last 3 steps never are (9 - 8 + 1 + 3 + 1 windows)
+    last = ds[len(ds) - 1]["action"][:, 0]  # its actions, steps t-1 .. : real ones, then the last repeated
+    assert last[-1] == 8 and (last[-policy.pad_after - 1:] == 8).all()
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [

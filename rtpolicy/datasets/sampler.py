@@ -121,6 +121,8 @@ class SequenceDataset(Dataset):
     Obs steps are t-To+1 .. t and action steps t-To+1 .. t-To+H, the window every policy head reads.
     ``arrays``: in-memory per-step arrays (n_steps, ...) served in place of stored obs keys, e.g. the
     cached keypoints of a frozen image encoder (computed by the training loop).
+    ``pad_after``: action steps a window may repeat past its episode's end; None is Ha - 1 (the head's
+    ``pad_after``; the streaming head's is H - 1).
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class SequenceDataset(Dataset):
         action_horizon: int,
         episode_mask: np.ndarray | None = None,
         arrays: dict[str, np.ndarray] | None = None,
+        pad_after: int | None = None,
     ):
         if obs_horizon < 1 or horizon < obs_horizon:
             raise ValueError(f"need 1 <= obs_horizon <= horizon, got obs_horizon={obs_horizon} horizon={horizon}")
@@ -162,7 +165,8 @@ class SequenceDataset(Dataset):
         data = (buffer.load([k for k in keys if k not in self.image_keys and k not in arrays])
                 | {k: buffer[k] for k in self.image_keys} | arrays)
         self.sampler = SequenceSampler(
-            data, buffer.episode_ends, horizon, pad_before=obs_horizon - 1, pad_after=action_horizon - 1,
+            data, buffer.episode_ends, horizon, pad_before=obs_horizon - 1,
+            pad_after=action_horizon - 1 if pad_after is None else pad_after,
             episode_mask=episode_mask, key_horizon=key_horizon,
         )
         if len(self.sampler) == 0:

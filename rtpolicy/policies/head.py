@@ -114,6 +114,9 @@ class DenoisingHead(Policy, NoiseDraws):
         self.cfg = cfg
         self.obs_horizon, self.horizon, self.action_horizon = cfg.obs_horizon, cfg.horizon, cfg.action_horizon
         self.data_horizon = cfg.horizon  # action steps per training window, from t-To+1
+        # action steps a window may pad past an episode's end (repeating its last action); with Ha - 1
+        # (diffusion_policy's convention) the Ha executed actions are always real ones
+        self.pad_after = cfg.action_horizon - 1
         self.obs_shapes = {k: list(v) for k, v in shapes.items() if k != "action"}
         self.action_dim = int(shapes["action"][0])
         self.num_tasks = num_tasks

@@ -47,6 +47,9 @@ class StreamingPolicy(DenoisingHead):
             raise ValueError(f"policy.prediction_type must be 'epsilon' or 'sample', got {cfg.prediction_type!r}")
         super().__init__(cfg, denoiser_cfg, shapes, num_tasks)
         self.data_horizon = cfg.obs_horizon - 1 + cfg.horizon
+        # every step of an episode is a window's current step once, its buffer padded with the last action:
+        # with Ha - 1 = 0 the last H - 1 steps never were, and Lift's whole lift phase lies there (RESULTS.md)
+        self.pad_after = cfg.horizon - 1
         abar = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule).alphas_cumprod
         self.register_buffer("log_abar", torch.cat([torch.zeros(1), abar.double().log().float()]), persistent=False)
         self.K = cfg.num_train_timesteps
