@@ -113,7 +113,6 @@ def test_dataset_episode_mask(buffer):
     assert len(ds) == 9 - 4 + 2 + 1 and {int(ds[i]["task_id"]) for i in range(len(ds))} == {1}
 
 
-
 @pytest.mark.parametrize("head, current_steps", [("truncated", 6), ("streaming", 9)])
 def test_heads_pad_after_the_episode_end(buffer, head, current_steps):
     """Chunked heads keep diffusion_policy's windows (the Ha executed actions are real); the streaming head,

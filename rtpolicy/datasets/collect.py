@@ -48,9 +48,9 @@ def run_expert_episode(env, expert, seed: int, action_noise: float = 0.0,
     absolute targets: metres and rotation columns scaled so that the noise means what it does for deltas).
 
     ``post_success_steps`` > 0 (envs with ``resume_after_success``, e.g. calvin_like): a solved episode goes on
-    for up to that many more expert steps. A window sampler never conditions on an episode's last
-    ``action_horizon`` steps, so without them the state in which the expert lets go of a block (the last step
-    or two of a rotate or place demo) is never a training input."""
+    for up to that many more expert steps. A chunked head's windows never condition on an episode's last
+    H - Ha - To + 1 steps (the streaming head's pad to every step), so without them the state in which the expert
+    lets go of a block (the last step or two of a rotate or place demo) is never a chunked head's training input."""
     rng = np.random.default_rng(seed)
     low, high = env.action_space.low, env.action_space.high  # the env's action bounds (most: [-1, 1])
     scale = np.broadcast_to(np.asarray(getattr(env, "action_noise_scale", 1.0), np.float64), low.shape)

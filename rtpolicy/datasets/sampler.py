@@ -3,7 +3,8 @@
 For an episode of length L, windows of ``horizon`` steps start at s in
 ``range(-pad_before, L - horizon + pad_after + 1)``; steps outside the episode repeat its first or last
 step (never a neighbouring episode's). With pad_before = To - 1 the first window's current step
-(index To - 1) is the episode's first step; with pad_after = Ha - 1 the last windows keep Ha actions.
+(index To - 1) is the episode's first step; with pad_after = Ha - 1 the last windows keep Ha actions
+(a head sets its own ``pad_after``: the streaming head's H - 1 makes every step a current step once).
 """
 
 from __future__ import annotations
