@@ -82,18 +82,21 @@ def task_config(stored: Mapping[str, Any] | DictConfig, source: str = "task") ->
         raise ConfigError(f"{source}: task config does not fit TaskConfig: {str(e).splitlines()[0]}") from e
 
 
-def build_policy(policy_cfg, denoiser_cfg, shapes: Mapping[str, Sequence[int]], num_tasks: int = 0):
+def build_policy(policy_cfg, denoiser_cfg, shapes: Mapping[str, Sequence[int]], num_tasks: int = 0,
+                 processor: ObservationProcessor | None = None):
     """Build a registered head from typed configs (:func:`policy_config`, :func:`denoiser_config`).
 
     shapes: {obs_key: feature shape, ..., "action": [Da]}; the head builds its normalizer, encoder and
-    denoiser from them, so an artifact needs only configs + shapes + weights.
+    denoiser from them, so an artifact needs only configs + shapes + processor + weights.
+    processor: the policy's :class:`ObservationProcessor` (None: none, the network reads the raw observation).
     """
     policies, _ = _registries()
     shapes = {k: list(v) for k, v in shapes.items()}
-    policy = policies.build(policy_cfg.name, policy_cfg, denoiser_cfg, shapes, num_tasks)
+    processor = processor if processor is not None else ObservationProcessor()
+    policy = policies.build(policy_cfg.name, policy_cfg, denoiser_cfg, shapes, num_tasks, processor=processor)
     # what policy_from_stored needs to build it again (e.g. on a Ray evaluation worker, with its state dict)
     policy.spec = {"policy": _plain(policy_cfg), "denoiser": _plain(denoiser_cfg), "shapes": shapes, "num_tasks": num_tasks}
-    policy.processor = ObservationProcessor()  # none: the network reads the raw observation (training sets its own)
+    policy.processor = processor
     return policy
 
 
@@ -128,7 +131,11 @@ def policy_from_stored(stored: Mapping[str, Any], weights: Mapping[str, torch.Te
     except ConfigError as e:
         raise error(str(e)) from e
     try:
-        policy = build_policy(pol, den, shapes, int(stored.get("num_tasks") or 0))
+        processor = ObservationProcessor.from_config(stored.get("processor"))
+    except (ValueError, TypeError) as e:
+        raise error(f"{source}: bad processor config: {e}") from e
+    try:
+        policy = build_policy(pol, den, shapes, int(stored.get("num_tasks") or 0), processor)
     except (ValueError, TypeError, KeyError) as e:
         raise error(f"{source}: its config does not build a policy: {e}") from e
     if weights is not None:
@@ -137,10 +144,6 @@ def policy_from_stored(stored: Mapping[str, Any], weights: Mapping[str, torch.Te
         except RuntimeError as e:  # missing/unexpected keys or size mismatches, all listed by torch
             raise error(f"{source}: weights do not match the policy its config builds: "
                         f"{' '.join(str(e).split())[:400]}") from e
-    try:
-        policy.processor = ObservationProcessor.from_config(stored.get("processor"))
-    except (ValueError, TypeError) as e:
-        raise error(f"{source}: bad processor config: {e}") from e
     return policy.eval()
 
 

@@ -15,6 +15,19 @@ Every instruction is featurized alone (a batch of one) and memoized per text, so
 are the same bits whichever path asks first. Normalization stays the first layer of the policy (its
 stats live in the weights and the exported graphs); a frozen image encoder's keypoints are cached by
 training (``rtpolicy.training.cached_keypoints``) from the same encoder the policy runs.
+
+Orientations: ``rotations`` {vector key: [start, ...]} names the quaternions (x, y, z, w) inside a vector
+observation (an env family declares them, :func:`rtpolicy.envs.env_rotations`). A quaternion and its
+negation are one rotation, and simulators pick the sign freely: robosuite's ``*_to_robot0_eef_quat``
+flips sign several times per episode, a jump across the whole fitted range of an input. The policy's
+input layer (:meth:`ObservationProcessor.rotate`, after normalization, inside the network and its
+exported graphs) replaces each by the first two columns of its rotation matrix, which are continuous
+and the same for q and -q:
+
+    raw (..., D) and its normalized copy (..., D) -> (..., D + 2 * len(starts))
+
+The raw observation keeps its shape, so stores, envs, the bundle's observation spec and the node's range
+checks are unchanged.
 """
 
 from __future__ import annotations
@@ -51,43 +64,57 @@ class ObservationProcessor:
         language: None (the policy reads no instruction) or {"key": "lang_emb", "kind": "sentence_embedding",
             "model": "minilm"} / {"key": "lang_tokens", "kind": "token_ids", "model": <backbone>, "length": L}.
         instructions: the texts ``obs["instruction_id"]`` indexes (the env family's instruction list).
+        rotations: {vector key: [start, ...]}: the quaternions (x, y, z, w) at ``[start, start + 4)`` that the
+            network reads as rotation-matrix columns (:meth:`rotate`); {} / None: none.
     """
 
-    def __init__(self, language: Mapping[str, Any] | None = None, instructions: Sequence[str] = ()):
+    def __init__(self, language: Mapping[str, Any] | None = None, instructions: Sequence[str] = (),
+                 rotations: Mapping[str, Sequence[int]] | None = None):
         self.language = dict(language) if language else None
         self.instructions = [str(t) for t in instructions]
         if self.language is not None and self.language.get("key") not in LANG_KEYS:
             raise ValueError(f"processor language key must be one of {LANG_KEYS}, got {self.language.get('key')!r}")
+        self.rotations: dict[str, list[int]] = {}
+        for key, starts in (rotations or {}).items():
+            starts = [int(i) for i in starts]
+            if starts != sorted(starts) or any(b - a < 4 for a, b in zip(starts, starts[1:])) or (starts and starts[0] < 0):
+                raise ValueError(f"processor rotations[{key!r}] must be increasing quaternion starts >= 0, 4 apart; got {starts}")
+            if starts:
+                self.rotations[str(key)] = starts
 
     def __deepcopy__(self, memo):  # immutable: an EMA copy of the policy shares it
         return self
 
     # -- building and saving ------------------------------------------------------------------------
     @classmethod
-    def for_policy(cls, policy_cfg: Any, obs_keys: Sequence[str], instructions: Sequence[str] = ()) -> ObservationProcessor:
+    def for_policy(cls, policy_cfg: Any, obs_keys: Sequence[str], instructions: Sequence[str] = (),
+                   rotations: Mapping[str, Sequence[int]] | None = None) -> ObservationProcessor:
         """The processor of a policy config reading ``obs_keys``: a language step when they name ``lang_emb``
-        (MiniLM) or ``lang_tokens`` (the ``encoder.vla_backbone`` tokenizer, ``encoder.lang_tokens_len`` ids)."""
+        (MiniLM) or ``lang_tokens`` (the ``encoder.vla_backbone`` tokenizer, ``encoder.lang_tokens_len`` ids);
+        the env's ``rotations`` of the keys it reads."""
         enc = _get(policy_cfg, "encoder") or {}
+        rotations = {k: v for k, v in (rotations or {}).items() if k in obs_keys}
         if "lang_tokens" in obs_keys:
             language = {"key": "lang_tokens", "kind": "token_ids", "model": str(_get(enc, "vla_backbone") or "minilm"),
                         "length": int(_get(enc, "lang_tokens_len") or 16)}
         elif "lang_emb" in obs_keys:
             language = {"key": "lang_emb", "kind": "sentence_embedding", "model": "minilm"}
         else:
-            return cls()
+            return cls(rotations=rotations)
         if not instructions:
             raise ValueError(f"obs key {language['key']!r} needs the env's instruction list (obs['instruction_id'] indexes "
                              "it); this env family has none")
-        return cls(language, instructions)
+        return cls(language, instructions, rotations)
 
     def config(self) -> dict[str, Any]:
-        """JSON-able; :meth:`from_config` rebuilds the same processor."""
-        return {"language": self.language, "instructions": list(self.instructions)}
+        """JSON-able; :meth:`from_config` rebuilds the same processor (``rotations`` only when there are any)."""
+        cfg: dict[str, Any] = {"language": self.language, "instructions": list(self.instructions)}
+        return cfg | ({"rotations": dict(self.rotations)} if self.rotations else {})
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> ObservationProcessor:
         cfg = cfg or {}
-        return cls(cfg.get("language"), cfg.get("instructions") or ())
+        return cls(cfg.get("language"), cfg.get("instructions") or (), cfg.get("rotations"))
 
     # -- keys and shapes ---------------------------------------------------------------------------
     @property
@@ -103,6 +130,30 @@ class ObservationProcessor:
         if not self.language:
             return {}
         return {self.lang_key: list(self.instruction(self.instructions[0]).shape)}
+
+    def feature_shapes(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+        """{key: raw shape} -> {key: the shape the network's encoder reads}: 2 more dims per rotation."""
+        out = {k: list(v) for k, v in shapes.items()}
+        for key, starts in self.rotations.items():
+            if key in out:
+                if len(out[key]) != 1 or starts[-1] + 4 > out[key][0]:
+                    raise ValueError(f"processor rotations[{key!r}] = {starts} do not fit obs {key!r} of shape {out[key]}")
+                out[key] = [out[key][0] + 2 * len(starts)]
+        return out
+
+    def rotate(self, key: str, raw: torch.Tensor, normalized: torch.Tensor) -> torch.Tensor:
+        """raw (..., D) and normalized (..., D) -> (..., D + 2 n): the normalized vector with each of the
+        key's n quaternions (x, y, z, w), read from ``raw``, replaced by its rotation matrix's first two
+        columns (6,); ``normalized`` itself when the key has none."""
+        starts = self.rotations.get(key)
+        if not starts:
+            return normalized
+        parts, i = [], 0
+        for s in starts:
+            parts += [normalized[..., i:s], quat_to_rot6d(raw[..., s : s + 4].to(normalized.dtype))]
+            i = s + 4
+        parts.append(normalized[..., i:])
+        return torch.cat(parts, dim=-1)
 
     # -- featurizing -------------------------------------------------------------------------------
     def instruction(self, text: str) -> np.ndarray:
@@ -132,6 +183,15 @@ class ObservationProcessor:
             raise ValueError(f"{INSTRUCTION_KEY} out of range [0, {len(self.instructions)}): {ids.unique().tolist()[:8]}")
         out[self.lang_key] = self._table[ids.cpu()].to(ids.device)
         return out
+
+
+def quat_to_rot6d(q: torch.Tensor) -> torch.Tensor:
+    """Quaternions (..., 4) (x, y, z, w), unit -> (..., 6) the first two columns of their rotation matrices
+    (column-major: R00, R10, R20, R01, R11, R21). Quadratic in q, so q and -q give the same features. An
+    all-zero q (robosuite's relative quaternions before its first step) gives the identity's columns."""
+    x, y, z, w = q.unbind(-1)
+    return torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y + z * w), 2 * (x * z - y * w),
+                        2 * (x * y - z * w), 1 - 2 * (x * x + z * z), 2 * (y * z + x * w)], dim=-1)
 
 
 def _get(cfg: Any, key: str) -> Any:

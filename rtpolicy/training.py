@@ -200,16 +200,17 @@ def _train(cfg, dist: distributed.Dist, device: torch.device) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
-    from rtpolicy.envs import env_instructions
+    from rtpolicy.envs import env_instructions, env_rotations
 
-    # the processor makes the features the store does not hold (instruction_id -> lang_emb / lang_tokens)
-    processor = ObservationProcessor.for_policy(cfg.policy, list(cfg.task.obs_keys), env_instructions(cfg.task.env))
+    # the processor makes the features the store does not hold (instruction_id -> lang_emb / lang_tokens) and
+    # names the quaternions the network reads as rotation-matrix columns
+    processor = ObservationProcessor.for_policy(cfg.policy, list(cfg.task.obs_keys), env_instructions(cfg.task.env),
+                                                env_rotations(cfg.task))
     made = processor.output_shapes()
     shapes = ({k: made.get(k) or list(buffer.shape(k)) for k in cfg.task.obs_keys}
               | {"action": list(buffer.shape(cfg.task.action_key))})
     num_tasks = cfg.task.num_tasks if cfg.task.condition_on_task_id else 0  # 0: the policy sees no task id
-    policy = build_policy(cfg.policy, cfg.denoiser, shapes, num_tasks)
-    policy.processor = processor
+    policy = build_policy(cfg.policy, cfg.denoiser, shapes, num_tasks, processor)
     train_mask, val_mask = split_episodes(buffer.n_episodes, cfg.train.val_fraction, cfg.train.seed)
     ds_kw = dict(obs_keys=processor.raw_keys(cfg.task.obs_keys), action_key=cfg.task.action_key, obs_horizon=policy.obs_horizon,
                  horizon=policy.data_horizon, action_horizon=policy.action_horizon, pad_after=policy.pad_after,

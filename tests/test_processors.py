@@ -106,3 +106,45 @@ def test_one_processor_gives_bit_identical_inputs_in_training_evaluation_and_the
         assert training[k].dtype == evaluation[k].dtype == node[k].dtype, k
         assert torch.equal(training[k], evaluation[k]) and torch.equal(training[k], node[k]), k
     assert training["lang_emb"].abs().sum() > 0
+
+
+def test_quaternion_sign_is_invisible_to_the_network_and_round_trips():
+    """rotations: the network reads each named quaternion (x, y, z, w) as rotation-matrix columns, so q and -q (one
+    rotation; robosuite flips the sign of its relative quaternions mid-episode) give the same features; without them
+    the flip changes the features. The config round-trips; bad starts are refused."""
+    from rtpolicy.factory import build_policy, denoiser_config, policy_config
+    from rtpolicy.processors import quat_to_rot6d
+
+    proc = ObservationProcessor(rotations={"state": [3]})
+    assert ObservationProcessor.from_config(proc.config()).config() == proc.config() == {
+        "language": None, "instructions": [], "rotations": {"state": [3]}}
+    assert ObservationProcessor().config() == {"language": None, "instructions": []}  # older artifacts' form
+    assert proc.feature_shapes({"state": [9], "image": [8, 8, 3]}) == {"state": [11], "image": [8, 8, 3]}
+    q = torch.nn.functional.normalize(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    r6 = quat_to_rot6d(q)
+    assert torch.allclose(r6, quat_to_rot6d(-q))
+    from scipy.spatial.transform import Rotation
+
+    m = torch.from_numpy(Rotation.from_quat(q.double().numpy()).as_matrix()).float()  # scipy: (x, y, z, w)
+    assert torch.allclose(r6, torch.cat([m[..., :, 0], m[..., :, 1]], -1), atol=1e-5)
+    for bad in ({"state": [3, 5]}, {"state": [-1]}, {"state": [7, 3]}):
+        with pytest.raises(ValueError, match="increasing quaternion starts"):
+            ObservationProcessor(rotations=bad)
+    with pytest.raises(ValueError, match="do not fit obs 'state'"):
+        ObservationProcessor(rotations={"state": [6]}).feature_shapes({"state": [9]})
+
+    pol = policy_config({"name": "truncated", "obs_horizon": 2, "horizon": 8, "action_horizon": 4, "num_anchors": 4,
+                         "cond_dim": 16})
+    den = denoiser_config({"name": "unet1d", "down_dims": [16, 32]})
+    shapes = {"state": [9], "action": [2]}
+    obs = {"state": torch.randn(5, 2, 9, generator=torch.Generator().manual_seed(1))}
+    obs["state"][..., 3:7] = torch.nn.functional.normalize(obs["state"][..., 3:7], dim=-1)
+    flipped = {"state": obs["state"].clone()}
+    flipped["state"][..., 3:7] *= -1
+    for processor, same in ((proc, True), (None, False)):
+        torch.manual_seed(0)
+        policy = build_policy(pol, den, shapes, 0, processor).eval()
+        policy.normalizer.fit({"state": torch.randn(100, 9) * 2, "action": torch.rand(100, 2)})
+        with torch.no_grad():
+            a, b = policy.features(obs), policy.features(flipped)
+        assert torch.allclose(a, b, atol=1e-6) is same

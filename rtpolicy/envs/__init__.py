@@ -125,6 +125,17 @@ def env_instructions(family: str) -> list[str]:
     return list(getattr(ENVS.get(family).cls, "INSTRUCTIONS", ()))
 
 
+def env_rotations(task: Any) -> dict[str, list[int]]:
+    """{vector obs key: [start, ...]}: where a task's observations hold quaternions (x, y, z, w), which the policy
+    reads as rotation-matrix columns (:mod:`rtpolicy.processors`); {} for a family that declares none. A family
+    declares them with a classmethod ``rotations(fields) -> dict`` on its env class, given :func:`task_fields`
+    plus ``tasks`` (a suite's member names)."""
+    fields = task_fields(task)
+    fields["tasks"] = [str(t) for t in ((task.get("tasks") if isinstance(task, Mapping) else getattr(task, "tasks", None)) or [])]
+    rotations = getattr(ENVS.get(fields["env"]).cls, "rotations", None)
+    return {k: [int(i) for i in v] for k, v in rotations(fields).items()} if rotations is not None else {}
+
+
 def env_factory(fields: dict[str, Any], seed: int | None, render: bool, kwargs: dict[str, Any]) -> gymnasium.Env:
     """Top-level (picklable by reference) builder for worker processes; use with ``functools.partial``."""
     return make_env(fields, seed=seed, render=render, **kwargs)

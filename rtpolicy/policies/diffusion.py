@@ -34,12 +34,12 @@ _SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 
 @POLICIES.register("diffusion", config=DiffusionConfig)
 class DiffusionPolicy(DenoisingHead):
-    def __init__(self, cfg: DiffusionConfig, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0):
+    def __init__(self, cfg: DiffusionConfig, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0, processor=None):
         if cfg.sampler not in _SAMPLERS:
             raise ValueError(f"policy.sampler must be one of {sorted(_SAMPLERS)}, got {cfg.sampler!r}")
         if cfg.prediction_type not in ("epsilon", "sample"):
             raise ValueError(f"policy.prediction_type must be 'epsilon' or 'sample', got {cfg.prediction_type!r}")
-        super().__init__(cfg, denoiser_cfg, shapes, num_tasks)
+        super().__init__(cfg, denoiser_cfg, shapes, num_tasks, processor)
         sched_kwargs = dict(
             num_train_timesteps=cfg.num_train_timesteps,
             beta_schedule=cfg.beta_schedule,

@@ -53,12 +53,12 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> tor
 class EDMPolicy(DenoisingHead):
     SAMPLERS = ("euler", "heun", "dpmpp_2m")
 
-    def __init__(self, cfg: EDMConfig, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0):
+    def __init__(self, cfg: EDMConfig, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0, processor=None):
         if cfg.sampler not in self.SAMPLERS:
             raise ValueError(f"policy.sampler must be one of {list(self.SAMPLERS)}, got {cfg.sampler!r}")
         if cfg.num_inference_steps < 1:
             raise ValueError(f"policy.num_inference_steps must be >= 1, got {cfg.num_inference_steps}")
-        super().__init__(cfg, denoiser_cfg, shapes, num_tasks)
+        super().__init__(cfg, denoiser_cfg, shapes, num_tasks, processor)
         self.register_buffer("sigmas", karras_sigmas(cfg.num_inference_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho), persistent=False)
 
     # -- preconditioned denoiser -------------------------------------------------------------

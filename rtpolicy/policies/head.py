@@ -104,10 +104,17 @@ class NoiseDraws:
 
 
 class DenoisingHead(Policy, NoiseDraws):
-    """cfg needs obs_horizon, horizon, action_horizon, normalizer ('minmax'|'meanstd'), cond_dim."""
+    """cfg needs obs_horizon, horizon, action_horizon, normalizer ('minmax'|'meanstd'), cond_dim.
 
-    def __init__(self, cfg, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0):
+    ``processor`` (rtpolicy.processors; None: none) is the policy's observation processor; its ``rotations``
+    widen the encoder's input for those keys (quaternions read as rotation-matrix columns, :meth:`features`).
+    """
+
+    def __init__(self, cfg, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0, processor=None):
         super().__init__()
+        from rtpolicy.processors import ObservationProcessor
+
+        self.processor = processor if processor is not None else ObservationProcessor()
         validate_horizons(cfg)
         if "action" not in shapes:
             raise ValueError(f"shapes must include 'action'; got {sorted(shapes)}")
@@ -125,7 +132,8 @@ class DenoisingHead(Policy, NoiseDraws):
         self.norm_keys = vector  # images are scaled inside the image encoder, embeddings are unit vectors already
         modes = {k: cfg.normalizer for k in vector} | {"action": "minmax"}
         self.normalizer = Normalizer({k: list(shapes[k]) for k in [*vector, "action"]}, modes=modes)
-        self.encoder = build_obs_encoder(self.obs_shapes, cfg.obs_horizon, cfg.cond_dim, num_tasks, enc_cfg)
+        features = self.obs_shapes | self.processor.feature_shapes({k: self.obs_shapes[k] for k in vector})
+        self.encoder = build_obs_encoder(features, cfg.obs_horizon, cfg.cond_dim, num_tasks, enc_cfg)
         self.denoiser = DENOISERS.build(
             denoiser_cfg.name, denoiser_cfg, self.action_dim, cfg.horizon, cfg.cond_dim, self.encoder.n_tokens
         )
@@ -141,8 +149,10 @@ class DenoisingHead(Policy, NoiseDraws):
         """Stateless between chunks: nothing to reset."""
 
     def features(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Raw obs (validated) -> condition tokens (B, N, Dc): vector keys normalized, the rest as they are."""
-        x = {k: self.normalizer.normalize(k, obs[k].float()) if k in self.norm_keys else obs[k] for k in self.obs_shapes}
+        """Raw obs (validated) -> condition tokens (B, N, Dc): vector keys normalized (their quaternions, if the
+        processor names any, as rotation-matrix columns), the rest as they are."""
+        x = {k: self.processor.rotate(k, obs[k], self.normalizer.normalize(k, obs[k].float())) if k in self.norm_keys
+             else obs[k] for k in self.obs_shapes}
         return self.encoder(x, obs.get("task_id"))
 
     def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -38,14 +38,14 @@ class StreamingConfig(HeadConfig):
 
 @POLICIES.register("streaming", config=StreamingConfig)
 class StreamingPolicy(DenoisingHead):
-    def __init__(self, cfg: StreamingConfig, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0):
+    def __init__(self, cfg: StreamingConfig, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0, processor=None):
         if cfg.action_horizon != 1:
             raise ValueError(f"streaming executes one action per tick: policy.action_horizon must be 1, got {cfg.action_horizon}")
         if cfg.steps_per_tick < 1 or cfg.warmup_steps < 1:
             raise ValueError("policy.steps_per_tick and policy.warmup_steps must be >= 1")
         if cfg.prediction_type not in ("epsilon", "sample"):
             raise ValueError(f"policy.prediction_type must be 'epsilon' or 'sample', got {cfg.prediction_type!r}")
-        super().__init__(cfg, denoiser_cfg, shapes, num_tasks)
+        super().__init__(cfg, denoiser_cfg, shapes, num_tasks, processor)
         self.data_horizon = cfg.obs_horizon - 1 + cfg.horizon
         # every step of an episode is a window's current step once, its buffer padded with the last action:
         # with Ha - 1 = 0 the last H - 1 steps never were, and Lift's whole lift phase lies there (RESULTS.md)

@@ -45,12 +45,12 @@ class TruncatedConfig(HeadConfig):
 
 @POLICIES.register("truncated", config=TruncatedConfig)
 class TruncatedPolicy(DenoisingHead):
-    def __init__(self, cfg: TruncatedConfig, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0):
+    def __init__(self, cfg: TruncatedConfig, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0, processor=None):
         if cfg.mode_select not in ("argmax", "sample"):
             raise ValueError(f"policy.mode_select must be 'argmax' or 'sample', got {cfg.mode_select!r}")
         if not 1 <= cfg.num_inference_steps <= cfg.trunc_steps <= cfg.num_train_timesteps:
             raise ValueError("need 1 <= policy.num_inference_steps <= policy.trunc_steps <= policy.num_train_timesteps")
-        super().__init__(cfg, denoiser_cfg, shapes, num_tasks)
+        super().__init__(cfg, denoiser_cfg, shapes, num_tasks, processor)
         self.register_buffer("anchors", torch.zeros(cfg.num_anchors, cfg.horizon, self.action_dim))
         self.register_buffer("anchors_fitted", torch.zeros((), dtype=torch.bool))
         n_tok = self.encoder.n_tokens

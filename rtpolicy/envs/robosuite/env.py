@@ -57,6 +57,8 @@ CONTROL_HZ = 20
 MODEL_SEED = 0  # numpy's global seed while robosuite builds the model (object sizes)
 IMAGE_PREFIX = "rgb_"
 OBJECT_DIMS = {"Lift": 10, "Stack": 23, "PickPlaceCan": 14, "NutAssemblySquare": 14}
+# where "object" holds quaternions (x, y, z, w): the *_quat sensors of RobosuiteEnv.object_layout (tests check it)
+OBJECT_QUATS = {"Lift": [3], "Stack": [3, 10], "PickPlaceCan": [3, 10], "NutAssemblySquare": [3, 10]}
 
 
 def _get(task_cfg: Any, key: str, default: Any = None) -> Any:
@@ -188,6 +190,16 @@ class RobosuiteEnv(gymnasium.Env):
             raise UserError(f"robosuite action_mode={mode}: the ROS 2 node has no command for absolute end-effector targets "
                             "yet (it publishes deltas as a Twist); export a policy trained with action_mode=delta")
         return dict(cls.DEPLOY_SPEC)
+
+    @classmethod
+    def rotations(cls, fields: Mapping[str, Any]) -> dict[str, list[int]]:
+        """Where the observations of a task (``rtpolicy.envs.task_fields`` plus ``tasks``) hold quaternions:
+        ``robot0_eef_quat``, the object sensors' (``*_quat``, e.g. ``SquareNut_to_robot0_eef_quat``, whose sign
+        flips several times an episode) and both inside ``state``. A suite takes every member's."""
+        names = [check_task_name(t) for t in (fields.get("tasks") or [fields["name"]])]
+        obj = sorted({i for n in names for i in OBJECT_QUATS[n]})
+        robot = 3  # robot0_eef_quat's start in state: after robot0_eef_pos
+        return {"robot0_eef_quat": [0], "object": obj, "state": [robot, *(sum(ROBOT_DIMS.values()) + i for i in obj)]}
 
     def __init__(
         self,
