@@ -227,6 +227,8 @@ def _train(cfg, dist: distributed.Dist, device: torch.device) -> dict[str, Any]:
     fit_keys = [k for k in cfg.task.obs_keys if k in policy.normalizer.shapes]  # images, embeddings: no stats
     data = buffer.load([*fit_keys, cfg.task.action_key])
     policy.normalizer.fit({k: data[k] for k in fit_keys} | {"action": data[cfg.task.action_key]})
+    for key, starts in processor.rotations.items():  # unit quaternions, either sign: their range is [-1, 1]
+        policy.normalizer.set_range(key, [i for s in starts for i in range(s, s + 4)], -1.0, 1.0)
     policy.prepare(policy.normalizer.normalize("action", train_ds.action_windows()))  # data-dependent state, e.g. anchors
     policy.to(device)
     ema = EMA(policy, cfg.train.ema_decay)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from rtpolicy.envs import make_env  # first: picks MuJoCo's GL backend before robosuite's import loads it
 from rtpolicy.envs.robosuite import OBJECT_DIMS, TASKS
@@ -392,6 +394,28 @@ def test_absolute_action_mode_from_the_task_config(tmp_path):
     delta = compose(["task=robosuite_lift", f"task.dataset={tmp_path}/delta.zarr", "eval.episodes=0",
                      f"run_dir={tmp_path}/delta", *small])
     train(delta)
+    # the checkpoint and the bundle carry the quaternions of the state (robot0_eef_quat, cube_quat), and the policy
+    # they load reads the store's observation and its sign-flipped quaternions (one rotation each) alike
+    from rtpolicy.deploy.export import load_bundle
+
+    export_bundle(tmp_path / "delta" / "checkpoints" / "last.safetensors", tmp_path / "delta_bundle", onnx=True)
+    state = torch.from_numpy(ReplayBuffer.open(tmp_path / "delta.zarr")["state"][5:7])[None]  # (1, To=2, 19)
+    flipped = state.clone()
+    flipped[..., 3:7] *= -1
+    flipped[..., 12:16] *= -1
+    for backend in ("torch", "ort"):
+        policy, bundle = load_bundle(tmp_path / "delta_bundle", backend=backend)
+        assert bundle["processor"]["rotations"] == {"state": [3, 12]} and bundle["observation"]["state"]["shape"] == [19]
+        # the quaternion dims' range is a unit quaternion's: neither the normalizer nor the node's range check objects
+        assert bundle["normalizer"]["state.min"][3:7] == bundle["normalizer"]["state.min"][12:16] == [-1.0] * 4
+        chunks = []
+        for obs in (state, flipped):
+            torch.manual_seed(0)
+            policy.reset()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                chunks.append(torch.as_tensor(policy.predict_chunk({"state": obs})))
+        assert torch.allclose(chunks[0], chunks[1], atol=1e-5), backend
     absolute = ["task=robosuite_lift", "task.env_kwargs.action_mode=absolute", "eval.episodes=1", "eval.num_envs=1", *small]
     with pytest.raises(UserError, match=rf"task.dataset={tmp_path}/delta.zarr holds actions of shape \(7,\), but robosuite "
                                         r"Lift with env_kwargs \{'action_mode': 'absolute'\} takes \(10,\)"):

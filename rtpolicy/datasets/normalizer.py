@@ -197,6 +197,23 @@ class Normalizer(nn.Module):
         x = x if x.is_floating_point() else x.float()
         return x / s.scale.to(x) + s.offset.to(x)
 
+    @torch.no_grad()
+    def set_range(self, key: str, dims: list[int], low: float, high: float) -> None:
+        """Fitted ``dims`` of 1-D ``key`` take the known range [low, high] instead of the data's (e.g. a unit
+        quaternion's components, whichever sign the demos happened to carry): min/max become it, minmax maps it to
+        [-1, 1], meanstd leaves those dims as they are (mean 0, std 1)."""
+        s = self._module(key)
+        if not bool(s.fitted) or len(self.shapes[key]) != 1 or not all(0 <= d < self.shapes[key][0] for d in dims):
+            raise ValueError(f"set_range: {key!r} must be a fitted 1-D key and dims {dims} inside its {self.shapes[key]}")
+        if not low < high:
+            raise ValueError(f"set_range: need low < high, got [{low}, {high}]")
+        i = torch.as_tensor(dims, dtype=torch.long)
+        s.min[i], s.max[i] = low, high
+        if self.modes[key] == "minmax":
+            s.scale[i], s.offset[i] = 2 / (high - low), (high + low) / 2
+        elif self.modes[key] == "meanstd":
+            s.mean[i], s.std[i], s.scale[i], s.offset[i] = 0.0, 1.0, 1.0, 0.0
+
     def get_stats(self, key: str) -> dict[str, torch.Tensor]:
         """{scale, offset, min, max, mean, std} of ``key`` (copies), for inspection and export."""
         s = self._module(key)
