@@ -20,11 +20,11 @@ Orientations: ``rotations`` {vector key: [start, ...]} names the quaternions (x,
 observation (an env family declares them, :func:`rtpolicy.envs.env_rotations`). A quaternion and its
 negation are one rotation, and simulators pick the sign freely: robosuite's ``*_to_robot0_eef_quat``
 flips sign several times per episode, a jump across the whole fitted range of an input. The policy's
-input layer (:meth:`ObservationProcessor.rotate`, after normalization, inside the network and its
-exported graphs) replaces each by the first two columns of its rotation matrix, which are continuous
-and the same for q and -q:
+input layer (inside the network and its exported graphs) replaces each by the first two columns of its
+rotation matrix, which are continuous and the same for q and -q, normalized like any other input (their
+own normalizer key, :func:`rotation_key`):
 
-    raw (..., D) and its normalized copy (..., D) -> (..., D + 2 * len(starts))
+    raw (..., D) -> normalized (..., D) with each quaternion's 4 dims replaced by its 6 -> (..., D + 2 * len(starts))
 
 The raw observation keeps its shape, so stores, envs, the bundle's observation spec and the node's range
 checks are unchanged.
@@ -141,16 +141,17 @@ class ObservationProcessor:
                 out[key] = [out[key][0] + 2 * len(starts)]
         return out
 
-    def rotate(self, key: str, raw: torch.Tensor, normalized: torch.Tensor) -> torch.Tensor:
-        """raw (..., D) and normalized (..., D) -> (..., D + 2 n): the normalized vector with each of the
-        key's n quaternions (x, y, z, w), read from ``raw``, replaced by its rotation matrix's first two
-        columns (6,); ``normalized`` itself when the key has none."""
-        starts = self.rotations.get(key)
-        if not starts:
-            return normalized
+    def rotation_features(self, key: str, raw: torch.Tensor) -> torch.Tensor:
+        """raw (..., D) -> (..., 6 n): the rotation-matrix columns of the key's n quaternions (x, y, z, w), in order.
+        The policy normalizes them as their own normalizer key :func:`rotation_key` (fitted by training)."""
+        return torch.cat([quat_to_rot6d(raw[..., s : s + 4]) for s in self.rotations[key]], dim=-1)
+
+    def rotate(self, key: str, normalized: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        """normalized (..., D) and the key's normalized :meth:`rotation_features` (..., 6 n) -> (..., D + 2 n): each
+        quaternion's 4 dims replaced by its 6 rotation features."""
         parts, i = [], 0
-        for s in starts:
-            parts += [normalized[..., i:s], quat_to_rot6d(raw[..., s : s + 4].to(normalized.dtype))]
+        for j, s in enumerate(self.rotations[key]):
+            parts += [normalized[..., i:s], rotations[..., 6 * j : 6 * j + 6]]
             i = s + 4
         parts.append(normalized[..., i:])
         return torch.cat(parts, dim=-1)
@@ -183,6 +184,11 @@ class ObservationProcessor:
             raise ValueError(f"{INSTRUCTION_KEY} out of range [0, {len(self.instructions)}): {ids.unique().tolist()[:8]}")
         out[self.lang_key] = self._table[ids.cpu()].to(ids.device)
         return out
+
+
+def rotation_key(key: str) -> str:
+    """The normalizer key of obs ``key``'s rotation features (:meth:`ObservationProcessor.rotation_features`)."""
+    return f"{key}:rotations"
 
 
 def quat_to_rot6d(q: torch.Tensor) -> torch.Tensor:

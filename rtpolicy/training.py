@@ -25,7 +25,7 @@ from rtpolicy.config import default_dataset
 from rtpolicy.datasets.replay_buffer import ReplayBuffer
 from rtpolicy.datasets.sampler import SequenceDataset, split_episodes
 from rtpolicy.factory import ConfigError, build_policy
-from rtpolicy.processors import ObservationProcessor
+from rtpolicy.processors import ObservationProcessor, rotation_key
 
 #: config keys a resumed run may change (how long, how often, where, how fast); any other change is refused
 RESUMABLE = ("resume", "run_dir", "device", "eval", "task.collect", "task.demos", "train.steps", "train.log_every", "train.val_every",
@@ -226,7 +226,9 @@ def _train(cfg, dist: distributed.Dist, device: torch.device) -> dict[str, Any]:
 
     fit_keys = [k for k in cfg.task.obs_keys if k in policy.normalizer.shapes]  # images, embeddings: no stats
     data = buffer.load([*fit_keys, cfg.task.action_key])
-    policy.normalizer.fit({k: data[k] for k in fit_keys} | {"action": data[cfg.task.action_key]})
+    rotated = {rotation_key(k): processor.rotation_features(k, torch.as_tensor(np.asarray(data[k])).float())
+               for k in fit_keys if k in processor.rotations}  # a key's quaternions, as the network reads them
+    policy.normalizer.fit({k: data[k] for k in fit_keys} | rotated | {"action": data[cfg.task.action_key]})
     for key, starts in processor.rotations.items():  # unit quaternions, either sign: their range is [-1, 1]
         policy.normalizer.set_range(key, [i for s in starts for i in range(s, s + 4)], -1.0, 1.0)
     policy.prepare(policy.normalizer.normalize("action", train_ds.action_windows()))  # data-dependent state, e.g. anchors

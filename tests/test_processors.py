@@ -113,7 +113,7 @@ def test_quaternion_sign_is_invisible_to_the_network_and_round_trips():
     rotation; robosuite flips the sign of its relative quaternions mid-episode) give the same features; without them
     the flip changes the features. The config round-trips; bad starts are refused."""
     from rtpolicy.factory import build_policy, denoiser_config, policy_config
-    from rtpolicy.processors import quat_to_rot6d
+    from rtpolicy.processors import quat_to_rot6d, rotation_key
 
     proc = ObservationProcessor(rotations={"state": [3]})
     assert ObservationProcessor.from_config(proc.config()).config() == proc.config() == {
@@ -144,7 +144,12 @@ def test_quaternion_sign_is_invisible_to_the_network_and_round_trips():
     for processor, same in ((proc, True), (None, False)):
         torch.manual_seed(0)
         policy = build_policy(pol, den, shapes, 0, processor).eval()
-        policy.normalizer.fit({"state": torch.randn(100, 9) * 2, "action": torch.rand(100, 2)})
+        data = {"state": torch.randn(100, 9) * 2}
+        data["state"][:, 3:7] = torch.nn.functional.normalize(data["state"][:, 3:7], dim=-1)
+        if processor is not None:  # the quaternions' rotation features are normalized as their own key
+            assert policy.normalizer.shapes["state:rotations"] == (6,)
+            data[rotation_key("state")] = processor.rotation_features("state", data["state"])
+        policy.normalizer.fit(data | {"action": torch.rand(100, 2)})
         with torch.no_grad():
             a, b = policy.features(obs), policy.features(flipped)
         assert torch.allclose(a, b, atol=1e-6) is same

@@ -21,6 +21,7 @@ from rtpolicy.datasets.normalizer import Normalizer
 from rtpolicy.policies.base import Policy, check_obs
 from rtpolicy.policies.denoisers.base import DENOISERS
 from rtpolicy.policies.encoders.observation import build_obs_encoder, split_keys
+from rtpolicy.processors import ObservationProcessor, rotation_key
 
 
 def validate_horizons(cfg) -> None:
@@ -112,8 +113,6 @@ class DenoisingHead(Policy, NoiseDraws):
 
     def __init__(self, cfg, denoiser_cfg, shapes: dict[str, list[int]], num_tasks: int = 0, processor=None):
         super().__init__()
-        from rtpolicy.processors import ObservationProcessor
-
         self.processor = processor if processor is not None else ObservationProcessor()
         validate_horizons(cfg)
         if "action" not in shapes:
@@ -130,8 +129,10 @@ class DenoisingHead(Policy, NoiseDraws):
         enc_cfg = getattr(cfg, "encoder", None)  # an EncoderConfig (policy.encoder.*); None: its defaults
         vector, _, self.lang_key = split_keys(self.obs_shapes, getattr(enc_cfg, "lang_key", None) or "lang_emb")
         self.norm_keys = vector  # images are scaled inside the image encoder, embeddings are unit vectors already
-        modes = {k: cfg.normalizer for k in vector} | {"action": "minmax"}
-        self.normalizer = Normalizer({k: list(shapes[k]) for k in [*vector, "action"]}, modes=modes)
+        # a key's quaternions (processor.rotations) are read as rotation-matrix columns, normalized as their own key
+        rotated = {rotation_key(k): [6 * len(self.processor.rotations[k])] for k in vector if k in self.processor.rotations}
+        modes = {k: cfg.normalizer for k in [*vector, *rotated]} | {"action": "minmax"}
+        self.normalizer = Normalizer({k: list(shapes[k]) for k in [*vector, "action"]} | rotated, modes=modes)
         features = self.obs_shapes | self.processor.feature_shapes({k: self.obs_shapes[k] for k in vector})
         self.encoder = build_obs_encoder(features, cfg.obs_horizon, cfg.cond_dim, num_tasks, enc_cfg)
         self.denoiser = DENOISERS.build(
@@ -151,8 +152,11 @@ class DenoisingHead(Policy, NoiseDraws):
     def features(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Raw obs (validated) -> condition tokens (B, N, Dc): vector keys normalized (their quaternions, if the
         processor names any, as rotation-matrix columns), the rest as they are."""
-        x = {k: self.processor.rotate(k, obs[k], self.normalizer.normalize(k, obs[k].float())) if k in self.norm_keys
-             else obs[k] for k in self.obs_shapes}
+        x = {k: self.normalizer.normalize(k, obs[k].float()) if k in self.norm_keys else obs[k] for k in self.obs_shapes}
+        for k in self.processor.rotations:
+            if k in self.norm_keys:
+                rot = self.normalizer.normalize(rotation_key(k), self.processor.rotation_features(k, obs[k].float()))
+                x[k] = self.processor.rotate(k, x[k], rot)
         return self.encoder(x, obs.get("task_id"))
 
     def encode(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
