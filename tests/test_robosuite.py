@@ -62,6 +62,19 @@ def test_obs_keys_and_shapes_match_robomimic(task, task_env):
     assert env.action_space.shape == (7,) and info["success"] is False
     obs, _, terminated, truncated, info = env.step(np.zeros(7))
     assert not (terminated or truncated or info["success"]) and env.observation_space.contains(obs)
+    # the quaternions a policy reads as rotations (rtpolicy.processors) are the layout's *_quat sensors
+    from rtpolicy.envs import env_rotations
+    from rtpolicy.envs.robosuite.env import OBJECT_QUATS, ROTATION_TASKS
+
+    assert [s.start for name, s in env.object_layout.items() if name.endswith("_quat")] == OBJECT_QUATS[task]
+    rotations = env_rotations({"env": "robosuite", "name": task})
+    if task in ROTATION_TASKS:
+        assert rotations == {"robot0_eef_quat": [0], "object": OBJECT_QUATS[task], "state": [3, *(9 + i for i in OBJECT_QUATS[task])]}
+        for key, starts in rotations.items():
+            for i in starts:
+                np.testing.assert_allclose(np.linalg.norm(obs[key][i : i + 4]), 1.0, atol=1e-4)
+    else:
+        assert rotations == {}
 
 
 @pytest.mark.parametrize("task", list(TASKS))

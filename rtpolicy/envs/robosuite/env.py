@@ -59,6 +59,9 @@ IMAGE_PREFIX = "rgb_"
 OBJECT_DIMS = {"Lift": 10, "Stack": 23, "PickPlaceCan": 14, "NutAssemblySquare": 14}
 # where "object" holds quaternions (x, y, z, w): the *_quat sensors of RobosuiteEnv.object_layout (tests check it)
 OBJECT_QUATS = {"Lift": [3], "Stack": [3, 10], "PickPlaceCan": [3, 10], "NutAssemblySquare": [3, 10]}
+# tasks whose policies read their quaternions as rotations (RobosuiteEnv.rotations). Not PickPlaceCan: the can is a
+# cylinder, its orientation carries no grasp information, and reading it as rotations measured worse (RESULTS.md)
+ROTATION_TASKS = ("Lift", "Stack", "NutAssemblySquare")
 
 
 def _get(task_cfg: Any, key: str, default: Any = None) -> Any:
@@ -193,10 +196,13 @@ class RobosuiteEnv(gymnasium.Env):
 
     @classmethod
     def rotations(cls, fields: Mapping[str, Any]) -> dict[str, list[int]]:
-        """Where the observations of a task (``rtpolicy.envs.task_fields`` plus ``tasks``) hold quaternions:
-        ``robot0_eef_quat``, the object sensors' (``*_quat``, e.g. ``SquareNut_to_robot0_eef_quat``, whose sign
-        flips several times an episode) and both inside ``state``. A suite takes every member's."""
+        """Where the observations of a task (``rtpolicy.envs.task_fields`` plus ``tasks``) hold quaternions for the
+        policy to read as rotations: ``robot0_eef_quat``, the object sensors' (``*_quat``, e.g.
+        ``SquareNut_to_robot0_eef_quat``, whose sign flips several times an episode) and both inside ``state``; {}
+        for a task outside :data:`ROTATION_TASKS` (PickPlaceCan). A suite takes every member's."""
         names = [check_task_name(t) for t in (fields.get("tasks") or [fields["name"]])]
+        if not any(n in ROTATION_TASKS for n in names):
+            return {}
         obj = sorted({i for n in names for i in OBJECT_QUATS[n]})
         robot = 3  # robot0_eef_quat's start in state: after robot0_eef_pos
         return {"robot0_eef_quat": [0], "object": obj, "state": [robot, *(sum(ROBOT_DIMS.values()) + i for i in obj)]}
