@@ -64,9 +64,14 @@ def task_fields(task_cfg: Any) -> dict[str, Any]:
     return out
 
 
+def _suite_tasks(task_cfg: Any) -> list[str]:
+    """A task config's ``tasks`` (a suite's member names; [] for one task)."""
+    return [str(t) for t in ((task_cfg.get("tasks") if isinstance(task_cfg, Mapping) else getattr(task_cfg, "tasks", None)) or [])]
+
+
 def suite_members(task_cfg: Any) -> list[dict[str, Any]]:
     """The member tasks of a suite config (``tasks`` non-empty) as env fields with their task ids; [] otherwise."""
-    tasks = list((task_cfg.get("tasks") if isinstance(task_cfg, Mapping) else getattr(task_cfg, "tasks", None)) or [])
+    tasks = _suite_tasks(task_cfg)
     if not tasks:
         return []
     fields = task_fields(task_cfg)
@@ -130,8 +135,7 @@ def env_rotations(task: Any) -> dict[str, list[int]]:
     reads as rotation-matrix columns (:mod:`rtpolicy.processors`); {} for a family that declares none. A family
     declares them with a classmethod ``rotations(fields) -> dict`` on its env class, given :func:`task_fields`
     plus ``tasks`` (a suite's member names)."""
-    fields = task_fields(task)
-    fields["tasks"] = [str(t) for t in ((task.get("tasks") if isinstance(task, Mapping) else getattr(task, "tasks", None)) or [])]
+    fields = task_fields(task) | {"tasks": _suite_tasks(task)}
     rotations = getattr(ENVS.get(fields["env"]).cls, "rotations", None)
     return {k: [int(i) for i in v] for k, v in rotations(fields).items()} if rotations is not None else {}
 
