@@ -42,9 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     import rtpolicy.envs  # noqa: F401  (GL before torch's friends)
+    from dagger import rollout  # this folder: one episode, chunks executed as the evaluation does
+
     from rtpolicy.checkpoint import load_policy
     from rtpolicy.envs import make_env
-    from rtpolicy.evaluation.rollout import _predict, _to_torch
     from rtpolicy.factory import compose
 
     torch.set_num_threads(1)
@@ -55,31 +56,17 @@ def main(argv: list[str] | None = None) -> None:
     layout = env._object_layout()
     nut_pos = layout["SquareNut_pos"]
     rs = env.robosuite_env
+    expert = env.expert()  # rollout() labels every state with it; unused here
     rows = []
     for seed in range(args.seed, args.seed + args.episodes):
-        torch.manual_seed(seed)
-        policy.reset()
-        obs, _ = env.reset(seed=seed)
+        steps, success = rollout(policy, env, expert, seed, ["object"])
         peg = np.asarray(rs.sim.data.body_xpos[rs.peg1_body_id])[:2]
-        to, ha = policy.obs_horizon, policy.action_horizon
-        hist = {k: np.repeat(np.asarray(v)[None, None], to, axis=1) for k, v in obs.items() if k != "task_id"}
-        chunk, pos, terminated, truncated, t = None, ha, False, False, 0
-        zs, near = [], np.inf
-        while not (terminated or truncated):
-            if pos == ha:
-                chunk = _predict(policy, _to_torch(policy, hist, None, torch.device("cpu")), 1, env.action_space.shape[0])[0]
-                pos = 0
-            obs, _, terminated, truncated, _ = env.step(chunk[pos])
-            pos, t = pos + 1, t + 1
-            for k in hist:
-                hist[k] = np.concatenate([hist[k][:, 1:], np.asarray(obs[k])[None, None]], axis=1)
-            nut = np.asarray(obs["object"][nut_pos])
-            zs.append(float(nut[2]))
-            near = min(near, float(np.linalg.norm(nut[:2] - peg)))
-        rest = min(zs[:SETTLE])
-        rose = max(zs[SETTLE:]) - rest
-        outcome = ("success" if terminated else "no_grasp" if rose < RISE else "at_peg" if near < NEAR else "dropped")
-        rows.append({"seed": seed, "outcome": outcome, "steps": t, "rose_m": round(rose, 4), "nearest_to_peg_m": round(near, 4)})
+        nut = steps["object"][:, nut_pos]  # (T, 3): the observation before each executed action
+        zs = nut[:, 2]
+        near = float(np.linalg.norm(nut[:, :2] - peg, axis=1).min())
+        rose = float(zs[SETTLE:].max() - zs[:SETTLE].min())
+        outcome = ("success" if success else "no_grasp" if rose < RISE else "at_peg" if near < NEAR else "dropped")
+        rows.append({"seed": seed, "outcome": outcome, "steps": len(steps["action"]), "rose_m": round(rose, 4), "nearest_to_peg_m": round(near, 4)})
         print(json.dumps(rows[-1]), flush=True)
     env.close()
     counts = Counter(r["outcome"] for r in rows)
