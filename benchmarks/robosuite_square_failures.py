@@ -10,7 +10,7 @@ Each episode gets one outcome:
 
 - ``success``: the env's ``_check_success()``;
 - ``no_grasp``: the nut never rose 5 cm above where it settled after reset (a pinch that slips lifts it less);
-- ``dropped``: it rose, but its centre never came within 1.2 cm of the peg's axis;
+- ``dropped``: it rose that far, but its centre never came within 1.2 cm of the peg's axis;
 - ``at_peg``: its centre came within 1.2 cm of the peg's axis, but it was not lowered down the peg.
 
 This is a diagnostic, not a success figure: its starts are few and its rows say which checkpoint they read.
